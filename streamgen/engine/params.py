@@ -1,0 +1,148 @@
+"""Sampling parameters: one frozen dataclass, validated once at the edge.
+
+`SamplingParams.from_mapping` is the single place where untrusted input
+(CLI flags, later JSON from a socket) becomes a typed value. Everything
+downstream trusts it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from streamgen.errors import ValidationError
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 128
+MAX_STOP_TOKEN_IDS = 64
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick each token and when to stop.
+
+    temperature 0 means greedy. Filters apply in the order: penalties,
+    temperature, top-k, top-p, min-p (the order vLLM uses).
+    """
+
+    temperature: float = 0.7
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; applies to prompt and output tokens
+    presence_penalty: float = 0.0  # applies to output tokens (OpenAI semantics)
+    frequency_penalty: float = 0.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
+    seed: int | None = None
+    logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> SamplingParams:
+        """Build from untrusted key/values; raises ValidationError naming the parameter."""
+        if not isinstance(raw, Mapping):
+            raise ValidationError(f"params must be an object, got {_type_name(raw)}", param="params")
+        known = {f.name for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                allowed = ", ".join(sorted(known))
+                raise ValidationError(f"unknown parameter {key!r}; allowed: {allowed}", param=str(key))
+        values = {name: _CHECKS[name](name, raw[name]) for name in raw}
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------
+# Checks: each takes (name, value) and returns the normalised value.
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(f"{name} must be a number, got {_type_name(value)}", param=name)
+    value = float(value)
+    lo_ok = value > lo if lo_open else value >= lo
+    if not math.isfinite(value) or not lo_ok or value > hi:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ValidationError(f"{name} must be in {interval}, got {value:g}", param=name)
+    return value
+
+
+def _integer(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"{name} must be an integer, got {_type_name(value)}", param=name)
+    if not lo <= value <= hi:
+        raise ValidationError(f"{name} must be in [{lo}, {hi}], got {value}", param=name)
+    return value
+
+
+def _stop(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValidationError(f"{name} must be a string or a list of strings, got {_type_name(value)}", param=name)
+    if len(value) > MAX_STOP_STRINGS:
+        raise ValidationError(f"{name} allows at most {MAX_STOP_STRINGS} strings, got {len(value)}", param=name)
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise ValidationError(f"{name} entries must be non-empty strings, got {item!r:.40}", param=name)
+        if len(item) > MAX_STOP_STRING_CHARS:
+            raise ValidationError(
+                f"{name} entries must be at most {MAX_STOP_STRING_CHARS} characters, got {len(item)}", param=name
+            )
+    return tuple(value)
+
+
+def _stop_token_ids(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ValidationError(f"{name} must be a list of integers, got {_type_name(value)}", param=name)
+    if len(value) > MAX_STOP_TOKEN_IDS:
+        raise ValidationError(f"{name} allows at most {MAX_STOP_TOKEN_IDS} ids, got {len(value)}", param=name)
+    # The upper bound is the vocabulary size, checked where the model is known.
+    return tuple(_integer(name, item, 0, 2**31 - 1) for item in value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(f"{name} must be true or false, got {_type_name(value)}", param=name)
+    return value
+
+
+def _seed(name: str, value: Any) -> int | None:
+    return None if value is None else _integer(name, value, 0, MAX_SEED)
+
+
+_CHECKS = {
+    "temperature": lambda n, v: _number(n, v, 0.0, 10.0),
+    "top_k": lambda n, v: _integer(n, v, 0, 1_000_000),
+    "top_p": lambda n, v: _number(n, v, 0.0, 1.0, lo_open=True),
+    "min_p": lambda n, v: _number(n, v, 0.0, 1.0),
+    "repetition_penalty": lambda n, v: _number(n, v, 0.0, 10.0, lo_open=True),
+    "presence_penalty": lambda n, v: _number(n, v, -2.0, 2.0),
+    "frequency_penalty": lambda n, v: _number(n, v, -2.0, 2.0),
+    "max_tokens": lambda n, v: _integer(n, v, 1, 1_000_000),
+    "stop": _stop,
+    "stop_token_ids": _stop_token_ids,
+    "ignore_eos": _flag,
+    "seed": _seed,
+    "logprobs": _flag,
+}
+
+assert set(_CHECKS) == {f.name for f in fields(SamplingParams)}, "every parameter needs a check"
+
+__all__ = ["SamplingParams"]

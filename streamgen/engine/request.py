@@ -1,0 +1,106 @@
+"""Requests and what comes back from them, as small typed values.
+
+`prepare_request` is the edge: it turns a prompt or chat messages plus
+parameters into a GenerationRequest the engine can trust, or raises a
+ValidationError that names the offending field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from streamgen.engine.params import SamplingParams
+from streamgen.engine.tokenizer import ChatMessage, TextTokenizer
+from streamgen.errors import ValidationError
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # end-of-sequence token, stop token or stop string
+    LENGTH = "length"  # max_tokens or the context window
+    CANCELLED = "cancelled"  # the caller cancelled or went away
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    stop_token_ids: frozenset[int]  # the model's end-of-sequence ids plus the request's own
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    row: int  # position of the request in the batch it was submitted with
+    index: int  # 0-based index of this token in the output
+    token_id: int
+    text: str  # newly streamable text; empty while bytes or a possible stop string are held back
+    logprob: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    queue_s: float
+    time_to_first_token_s: float
+    prefill_s: float
+    decode_tokens_per_s: float  # after the first token
+    total_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class FinishEvent:
+    row: int
+    finish_reason: FinishReason
+    tail: str  # text held back until the end (an unfinished stop-string prefix); stream it before finishing
+    text: str  # the whole output text, tail included
+    usage: Usage
+    timings: Timings
+    seed: int  # the seed used, so a sampled answer can be reproduced
+
+
+Event = TokenEvent | FinishEvent
+
+
+def prepare_request(
+    tokenizer: TextTokenizer,
+    context_length: int,
+    params: SamplingParams,
+    *,
+    prompt: str | None = None,
+    messages: Sequence[ChatMessage] | None = None,
+    request_id: str = "",
+) -> GenerationRequest:
+    """Tokenize and check a request against the model's limits."""
+    if (prompt is None) == (messages is None):
+        raise ValidationError("give exactly one of prompt or messages", param="prompt", code="invalid_request")
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            raise ValidationError("prompt must be a non-empty string", param="prompt", code="invalid_request")
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = tokenizer.encode(tokenizer.render_chat(messages))
+    if not ids:
+        raise ValidationError("the prompt encodes to no tokens", param="prompt", code="invalid_request")
+    if len(ids) + params.max_tokens > context_length:
+        raise ValidationError(
+            f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
+            f"of {context_length} tokens; shorten the prompt or lower max_tokens",
+            param="max_tokens" if len(ids) < context_length else "prompt",
+            code="context_length_exceeded",
+        )
+    for tid in params.stop_token_ids:
+        if tid >= tokenizer.vocab_size:
+            raise ValidationError(
+                f"stop_token_ids entries must be below the vocabulary size {tokenizer.vocab_size}, got {tid}",
+                param="stop_token_ids",
+            )
+    stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else tokenizer.stop_token_ids)
+    return GenerationRequest(tuple(ids), params, stops, request_id)

@@ -1,0 +1,126 @@
+"""ONNX Runtime session over Optimum's text-generation-with-past graph.
+
+The only module that runs the model. It keeps the KV cache on the device:
+each step binds the previous step's `present.*` OrtValues as this step's
+`past_key_values.*` through IOBinding, so the cache never passes through
+numpy or the host. Only the logits come back, and the exported graph is
+edited at pull time to produce them for the last position only.
+
+The runner takes a batch. Rows are left-padded to a common length and the
+attention mask marks the padding, so each row sees only its own tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from streamgen.engine.device import Device
+
+_PAST_PREFIX = "past_key_values."
+_PRESENT_PREFIX = "present."
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the engine needs to know about a model, read from its config."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+
+    @classmethod
+    def from_config(cls, config_path: Path) -> ModelInfo:
+        c = json.loads(config_path.read_text())
+        heads = c["num_attention_heads"]
+        return cls(
+            num_layers=c["num_hidden_layers"],
+            num_kv_heads=c.get("num_key_value_heads", heads),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            vocab_size=c["vocab_size"],
+            context_length=c["max_position_embeddings"],
+        )
+
+
+@dataclass(slots=True)
+class KVState:
+    """The KV cache of one batch between steps. Owned by the runner."""
+
+    past: list[ort.OrtValue]  # one per past input, in session input order; on the device
+    attention_mask: np.ndarray  # [B, L] int64, 0 = left padding
+    next_positions: np.ndarray  # [B] int64, position id of each row's next token
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+
+class OnnxRunner:
+    def __init__(self, model_dir: Path, device: Device, threads: int = 0) -> None:
+        self.device = device
+        self.info = ModelInfo.from_config(model_dir / "config.json")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=device.providers)
+        inputs = self.session.get_inputs()
+        self._past_names = [i.name for i in inputs if i.name.startswith(_PAST_PREFIX)]
+        self._present_names = [_PRESENT_PREFIX + n[len(_PAST_PREFIX) :] for n in self._past_names]
+        self.kv_dtype = _ORT_TO_NUMPY[next(i.type for i in inputs if i.name.startswith(_PAST_PREFIX))]
+        self._ort_device = "cuda" if device.kind == "cuda" else "cpu"
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[KVState, np.ndarray]:
+        """Run the prompts from an empty cache. Returns the state and last logits [B, V]."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prefill needs at least one non-empty prompt")
+        width = max(len(p) for p in prompts)
+        ids = np.zeros((len(prompts), width), dtype=np.int64)  # [B, S]
+        mask = np.zeros((len(prompts), width), dtype=np.int64)  # [B, S]
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = prompt
+            mask[row, width - len(prompt) :] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # [B, S]
+        empty = np.zeros((len(prompts), self.info.num_kv_heads, 0, self.info.head_dim), dtype=self.kv_dtype)
+        past = [ort.OrtValue.ortvalue_from_numpy(empty, self._ort_device, self.device.index) for _ in self._past_names]
+        state = KVState(past, np.zeros((len(prompts), 0), dtype=np.int64), positions[:, -1] + 1)
+        return state, self._run(state, ids, mask, positions)
+
+    def decode(self, state: KVState, token_ids: np.ndarray) -> np.ndarray:
+        """Feed one token per row ([B]); returns logits [B, V] and advances the state."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(state.batch_size, 1)  # [B, 1]
+        positions = state.next_positions.reshape(-1, 1)  # [B, 1]
+        state.next_positions = state.next_positions + 1
+        return self._run(state, ids, np.ones_like(ids), positions)
+
+    def _run(self, state: KVState, ids: np.ndarray, new_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        mask = np.concatenate([state.attention_mask, new_mask], axis=1)  # [B, L + S]
+        # A fresh binding per step is cheap (~0.1 ms) and avoids stale shapes.
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", positions)
+        for name, value in zip(self._past_names, state.past, strict=True):
+            io.bind_ortvalue_input(name, value)
+        # Logits come to the host (last position only, see models/graph.py);
+        # the presents stay where the model runs and become the next past.
+        io.bind_output("logits", "cpu")
+        for name in self._present_names:
+            io.bind_output(name, self._ort_device, self.device.index)
+        self.session.run_with_iobinding(io)
+        outputs = io.get_outputs()  # in binding order: logits first
+        state.past = list(outputs[1:])
+        state.attention_mask = mask
+        return np.array(outputs[0].numpy()[:, -1, :], dtype=np.float32)  # [B, V], owned copy

@@ -1,0 +1,97 @@
+"""Cache layout and manifests. Pure stdlib: the serving path imports this.
+
+    $STREAMGEN_HOME/                      (default ~/.cache/streamgen)
+      downloads/                          wheels fetched from the package index
+      models/<slug>/<quantization>/       one published model
+        model.onnx  tokenizer.json  chat_template.jinja
+        config.json  generation_config.json  manifest.json
+      tmp/                                builds in progress (same filesystem,
+                                          so publishing is one atomic rename)
+
+A model directory only ever appears through `os.replace` of a finished build,
+and `manifest.json` is written last inside it, so a directory that exists
+without a manifest is never treated as a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamgen.errors import ModelNotFoundError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+QUANTIZATIONS = ("none", "int8", "int4")
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def streamgen_home(override: str | os.PathLike[str] | None = None) -> Path:
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get("STREAMGEN_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "streamgen"
+
+
+def model_slug(model: str) -> str:
+    """A filesystem-safe name for a model name, hub id or absolute path.
+
+    Hub ids keep their namespace ("org--name", as the Hugging Face cache does)
+    so they never collide with the embedded default of the same name.
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", model).strip("-.") or "model"
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    model: str  # the name the user pulled
+    source: dict[str, Any]  # kind (wheel|hub|local) and where from
+    quantization: str
+    graph: str  # "plain": Optimum's text-generation-with-past export
+    files: dict[str, str]  # file name -> sha256
+    tools: dict[str, str]  # tool versions that built it
+    notes: list[str] = field(default_factory=list)
+    version: int = MANIFEST_VERSION
+
+    def write(self, directory: Path) -> None:
+        tmp = directory / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, directory / MANIFEST)
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        data = json.loads((directory / MANIFEST).read_text())
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLayout:
+    home: Path
+
+    @property
+    def downloads(self) -> Path:
+        return self.home / "downloads"
+
+    @property
+    def tmp(self) -> Path:
+        return self.home / "tmp"
+
+    def model_dir(self, model: str, quantization: str) -> Path:
+        return self.home / "models" / model_slug(model) / quantization
+
+    def is_published(self, model: str, quantization: str) -> bool:
+        return (self.model_dir(model, quantization) / MANIFEST).is_file()
+
+    def find(self, model: str, quantization: str) -> Path:
+        """The published directory, or ModelNotFoundError that says how to pull it."""
+        if not self.is_published(model, quantization):
+            quant = "" if quantization == "none" else f" --quantize {quantization}"
+            raise ModelNotFoundError(
+                f"model {model!r} ({quantization}) is not in the cache at {self.home}; "
+                f"run `streamgen pull {model}{quant}` first"
+            )
+        return self.model_dir(model, quantization)

@@ -1,0 +1,116 @@
+"""Convert and export with transformers and Optimum. Export extra only.
+
+Nothing here is imported by the serving path; the heavy imports happen
+inside the functions so that `streamgen --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+from streamgen.errors import PullError
+
+EXPORT_TASK = "text-generation-with-past"
+_TOOLS = ("optimum", "optimum-onnx", "transformers", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "gguf")
+
+
+def require_export_tools() -> None:
+    missing = []
+    for module in ("optimum.exporters.onnx", "transformers", "torch", "onnx"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module.split(".")[0])
+    if missing:
+        raise PullError(
+            f"pulling a model needs the export tools ({', '.join(missing)} missing); "
+            "install them with: pip install 'streamgen[export]'"
+        )
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for name in _TOOLS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF into a Hugging Face directory (safetensors, fp32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def export_onnx(model: str | Path, out_dir: Path) -> None:
+    """Optimum's text-generation-with-past export, with its own validation."""
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(model), output=out_dir, task=EXPORT_TASK, device="cpu", do_validation=True)
+    if not (out_dir / "model.onnx").is_file():
+        raise PullError(f"Optimum finished without writing {out_dir / 'model.onnx'}")
+    if not (out_dir / "tokenizer.json").is_file():
+        raise PullError("the model has no fast tokenizer (tokenizer.json); streamgen needs one")
+
+
+def fix_gguf_tokenizer(model_dir: Path) -> str:
+    """Give a GGUF-converted tokenizer a plain ByteLevel decoder.
+
+    The converter builds a decoder chain (ByteFallback, Replace, ByteLevel with
+    trimming) meant for sentencepiece vocabularies; for a byte-level vocabulary
+    the plain ByteLevel decoder is the correct one and never strips spaces.
+    """
+    from tokenizers import Tokenizer, decoders
+
+    path = model_dir / "tokenizer.json"
+    tok = Tokenizer.from_file(str(path))
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path))
+    return "tokenizer decoder replaced by plain ByteLevel (GGUF conversion adds a trimming chain)"
+
+
+def write_chat_template(model_dir: Path) -> None:
+    """Keep the chat template in chat_template.jinja, whatever file it came in."""
+    target = model_dir / "chat_template.jinja"
+    if target.exists():
+        return
+    config = model_dir / "tokenizer_config.json"
+    if config.exists():
+        template = json.loads(config.read_text()).get("chat_template")
+        if isinstance(template, str):
+            target.write_text(template)
+
+
+def prepare_graph(model_path: Path) -> None:
+    """Apply streamgen's graph edits (see models/graph.py) in place."""
+    import onnx
+
+    from streamgen.models.graph import keep_last_logits
+
+    model = onnx.load(str(model_path))
+    if keep_last_logits(model):
+        save_model(model, model_path)
+
+
+def save_model(model, model_path: Path) -> None:  # model: onnx.ModelProto
+    """Save in one file when it fits protobuf's 2 GB limit, else with external data."""
+    import onnx
+
+    external = model.ByteSize() > 1_800_000_000
+    for stale in model_path.parent.glob(model_path.name + "_data"):
+        stale.unlink()
+    onnx.save(
+        model,
+        str(model_path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=model_path.name + "_data",
+    )
