@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import warnings
 from pathlib import Path
 
 from streamgen.errors import PullError
@@ -54,7 +55,11 @@ def export_onnx(model: str | Path, out_dir: Path) -> None:
     """Optimum's text-generation-with-past export, with its own validation."""
     from optimum.exporters.onnx import main_export
 
-    main_export(str(model), output=out_dir, task=EXPORT_TASK, device="cpu", do_validation=True)
+    # Tracing warns about every data-dependent branch in transformers' code;
+    # they are expected for this export and Optimum's validation checks the result.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_export(str(model), output=out_dir, task=EXPORT_TASK, device="cpu", do_validation=True)
     if not (out_dir / "model.onnx").is_file():
         raise PullError(f"Optimum finished without writing {out_dir / 'model.onnx'}")
     if not (out_dir / "tokenizer.json").is_file():

@@ -1,0 +1,120 @@
+"""The model pipeline: atomic publishing, idempotence, checksums, quantization."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import onnx
+import pytest
+
+from streamgen.engine.generate import generate
+from streamgen.engine.loader import load_model
+from streamgen.engine.params import SamplingParams
+from streamgen.engine.request import FinishEvent, prepare_request
+from streamgen.errors import ModelNotFoundError, PullError
+from streamgen.models.cache import DEFAULT_MODEL, CacheLayout, Manifest
+from streamgen.models.progress import StageProgress
+from streamgen.models.pull import pull
+from streamgen.models.sources import DEFAULT_WHEEL
+
+from conftest import CPU
+
+
+def _quiet() -> StageProgress:
+    return StageProgress(0, io.StringIO())
+
+
+def test_interrupted_pull_leaves_nothing_loadable_and_next_pull_completes(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    cmd = [sys.executable, "-m", "streamgen", "pull", str(tiny_hf_dir), "--home", str(home)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # kill it as soon as the export has started
+        if "Exporting to ONNX" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the pull must still have been running when killed"
+
+    cache = CacheLayout(home)
+    name = str(tiny_hf_dir.resolve())
+    leftovers = list(cache.tmp.iterdir())
+    assert leftovers, "the killed pull was building in tmp/"
+    assert not cache.model_dir(name, "none").exists()
+    with pytest.raises(ModelNotFoundError, match="streamgen pull"):
+        cache.find(name, "none")
+
+    directory = pull(str(tiny_hf_dir), "none", cache, _quiet())
+    assert Manifest.read(directory).quantization == "none"
+    assert not any(p.exists() for p in leftovers), "the dead pull's build was cleaned up"
+    load_model(directory, CPU)
+
+
+def test_second_pull_does_nothing(tiny_model_dir: Path, tiny_hf_dir: Path, tiny_cache: CacheLayout) -> None:
+    before = (tiny_model_dir / "model.onnx").stat().st_mtime_ns
+    start = time.monotonic()
+    assert pull(str(tiny_hf_dir), "none", tiny_cache, _quiet()) == tiny_model_dir
+    assert time.monotonic() - start < 1.0
+    assert (tiny_model_dir / "model.onnx").stat().st_mtime_ns == before
+
+
+def _fake_wheel(path: Path, gguf_bytes: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(DEFAULT_WHEEL.member, gguf_bytes)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "is not a valid wheel"),  # truncated / garbage download
+        (b"GGUF" + b"\0" * 1000, "checksum mismatch"),  # a wheel holding the wrong file
+    ],
+)
+def test_corrupt_download_is_refused_and_removed(tmp_path: Path, content: bytes | None, message: str) -> None:
+    cache = CacheLayout(tmp_path / "home")
+    wheel = cache.downloads / DEFAULT_WHEEL.wheel_name
+    if content is None:
+        wheel.parent.mkdir(parents=True)
+        wheel.write_bytes(b"PK\x03\x04 truncated")
+    else:
+        _fake_wheel(wheel, content)
+    with pytest.raises(PullError, match=message) as err:
+        pull(DEFAULT_MODEL, "none", cache, _quiet())
+    assert "run the pull again" in err.value.message
+    assert not wheel.exists(), "the bad download is deleted so the next pull fetches it again"
+    assert not cache.is_published(DEFAULT_MODEL, "none")
+
+
+def test_unknown_model_names_say_what_is_accepted(tmp_path: Path) -> None:
+    with pytest.raises(PullError, match="neither the default model"):
+        pull("not a model", "none", CacheLayout(tmp_path), _quiet())
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_builds_quantize_the_untied_lm_head_and_still_generate(
+    tiny_model_dir: Path, tiny_hf_dir: Path, tiny_cache: CacheLayout, quantization: str
+) -> None:
+    directory = pull(str(tiny_hf_dir), quantization, tiny_cache, _quiet())
+    manifest = Manifest.read(directory)
+    assert manifest.quantization == quantization
+    assert any("lm_head untied" in n for n in manifest.notes)
+
+    graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    fp32_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and any(i in inits for i in n.input)]
+    assert fp32_matmuls == [], "every weight MatMul, lm_head included, is quantized"
+    assert os.path.getsize(directory / "model.onnx") < os.path.getsize(tiny_model_dir / "model.onnx")
+
+    model = load_model(directory, CPU)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    req = prepare_request(model.tokenizer, model.context_length, params, prompt="Hello world")
+    final = [e for e in generate(model.runner, model.tokenizer, [req]) if isinstance(e, FinishEvent)]
+    assert final[0].usage.completion_tokens == 8
