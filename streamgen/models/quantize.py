@@ -43,6 +43,8 @@ def quantize_model(src: Path, dst: Path, method: str) -> list[str]:
 
 
 def _int8(model, dst: Path) -> None:
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from streamgen.models.export import save_model
@@ -52,7 +54,15 @@ def _int8(model, dst: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         untied = Path(tmp) / "untied.onnx"
         save_model(model, untied)
-        quantize_dynamic(untied, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+        # It logs a generic "consider pre-processing" advice on the root logger
+        # on every call; shape inference pre-processing does not apply here.
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(untied, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
 
 
 def _int4(model, dst: Path) -> None:

@@ -1,0 +1,93 @@
+"""Integration: the real default model, pulled once into the cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from streamgen.engine.detok import IncrementalDetokenizer
+from streamgen.engine.generate import generate
+from streamgen.engine.loader import LoadedModel
+from streamgen.engine.params import SamplingParams
+from streamgen.engine.request import FinishEvent, TokenEvent, prepare_request
+from streamgen.engine.tokenizer import ChatMessage
+
+pytestmark = pytest.mark.integration
+
+
+def _chat(model: LoadedModel, question: str, **params) -> tuple[str, FinishEvent, list[TokenEvent]]:
+    req = prepare_request(
+        model.tokenizer, model.context_length, SamplingParams(**params), messages=[ChatMessage("user", question)]
+    )
+    tokens, final = [], None
+    for e in generate(model.runner, model.tokenizer, [req]):
+        if isinstance(e, TokenEvent):
+            tokens.append(e)
+        else:
+            final = e
+    return "".join(t.text for t in tokens) + final.tail, final, tokens
+
+
+def test_greedy_chat_answer_names_paris(real_model: LoadedModel) -> None:
+    text, final, _ = _chat(real_model, "What is the capital of France?", temperature=0.0, max_tokens=32)
+    assert "Paris" in text
+    assert final.finish_reason == "stop", "the answer ends on <|im_end|>, not on max_tokens"
+    assert final.text == text
+
+
+def test_stop_ids_come_from_config_and_template_not_the_swapped_eos(real_model: LoadedModel) -> None:
+    tok = real_model.tokenizer
+    assert tok.token_to_id("<|im_end|>") in tok.stop_token_ids
+    # The GGUF conversion reports <|im_start|> as eos; it must not stop generation.
+    assert tok.token_to_id("<|im_start|>") not in tok.stop_token_ids
+
+
+def test_streamed_text_keeps_spaces_and_equals_a_full_decode(real_model: LoadedModel) -> None:
+    text, final, tokens = _chat(real_model, "Name three colours.", temperature=0.0, max_tokens=40)
+    full = real_model.tokenizer.decode([t.token_id for t in tokens])
+    assert text == full
+    assert " " in text.strip()
+
+
+def test_real_tokenizer_detokenizes_cjk_and_emoji(real_model: LoadedModel) -> None:
+    tok = real_model.tokenizer
+    text = "Bonjour ! 你好，世界 🎉🚀 naïve café"
+    detok = IncrementalDetokenizer(tok.decode, tok.encode("Say:"), ())
+    deltas = [detok.add(t).delta for t in tok.encode(text)]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + detok.flush() == text
+
+
+def test_seeded_sampling_is_reproducible(real_model: LoadedModel) -> None:
+    runs = [_chat(real_model, "Tell me a fact.", temperature=1.0, top_p=0.9, seed=11, max_tokens=24)[0] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_generate_cli_streams_tokens_over_time(real_model_dir: Path) -> None:
+    home = real_model_dir.parents[2]
+    cmd = [
+        sys.executable, "-m", "streamgen", "generate", "--home", str(home), "--no-pull",
+        "--temperature", "0", "--max-tokens", "64", "--ignore-eos", "Tell me a long story about a dragon.",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    arrivals: list[tuple[float, bytes]] = []
+    fd = proc.stdout.fileno()
+    while chunk := os.read(fd, 4096):
+        arrivals.append((time.monotonic(), chunk))
+    proc.wait(timeout=60)
+    summary = proc.stderr.read().decode()
+    assert proc.returncode == 0, summary
+    assert "64 tokens" in summary and "tokens/s" in summary and "time to first token" in summary
+    # Tokens arrive as they are sampled: many separate writes, spread over the
+    # generation rather than bunched at its end.
+    assert len(arrivals) >= 16
+    span = arrivals[-1][0] - arrivals[0][0]
+    first_half = [t for t, _ in arrivals if t < arrivals[0][0] + span / 2]
+    assert span > 0.2
+    assert len(first_half) >= 5
+    assert len(b"".join(c for _, c in arrivals).decode().split()) > 10
