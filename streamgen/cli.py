@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+from streamgen.config import add_settings_flags, settings_from_args
 from streamgen.errors import StreamgenError
 from streamgen.models.cache import DEFAULT_MODEL, QUANTIZATIONS, CacheLayout, streamgen_home
 
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(g)
     _add_sampling_flags(g)
 
+    s = sub.add_parser("serve", help="run the WebSocket service and the browser client",
+                       description="Pull the model if needed, load and warm it up, then serve the browser "
+                                   "client on / and the streaming WebSocket on /v1/ws (protocol: docs/protocol.md). "
+                                   "/health/ready turns 200 once the model is warm.")
+    add_settings_flags(s)
+    s.add_argument("--no-pull", action="store_true", help="fail instead of pulling a missing model")
+
     b = sub.add_parser("bench", help="benchmarks that compare against a named baseline in the same run")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
     be = bsub.add_parser("engine", help="greedy tokens/s: streamgen vs Optimum ORTModelForCausalLM.generate",
@@ -119,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_pull(args)
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
         if args.command == "bench":
             from streamgen.bench.engine import run_engine_bench
 
@@ -155,6 +165,32 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         print(f"streamgen: {args.model} ({args.quantize}) is already in the cache", file=sys.stderr)
     directory = pull(args.model, args.quantize, cache)
     print(directory)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from streamgen.engine.device import resolve_device
+    from streamgen.engine.engine import Engine, EngineLimits
+    from streamgen.engine.loader import load_model
+    from streamgen.server.app import create_app
+
+    settings = settings_from_args(args)
+    device = resolve_device(settings.device)
+    directory = ensure_model(settings.model, settings.quantize, settings.home, allow_pull=not args.no_pull)
+    engine = Engine(
+        lambda: load_model(directory, device, settings.threads),
+        EngineLimits(max_batch=settings.max_batch, max_queued=settings.max_queued),
+    )
+    print(f"streamgen: loading {directory} on {device}", file=sys.stderr, flush=True)
+    uvicorn.run(
+        create_app(settings, engine),
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=settings.max_message_bytes,
+        log_level="warning",
+    )
     return 0
 
 

@@ -42,6 +42,7 @@ class _Sequence:
         self.output_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
         self.start = start
+        self.arrival = request.arrival if request.arrival is not None else start
         self.prefill_s = 0.0
         self.first_token_at: float | None = None
 
@@ -78,7 +79,7 @@ class _Sequence:
             tail,
             self.detok.text,
             Usage(len(self.request.prompt_ids), n),
-            Timings(0.0, first - self.start, self.prefill_s, decode_rate, now - self.start),
+            Timings(self.start - self.arrival, first - self.arrival, self.prefill_s, decode_rate, now - self.arrival),
             self.sampler.seed,
         )
 

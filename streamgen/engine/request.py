@@ -29,6 +29,7 @@ class GenerationRequest:
     params: SamplingParams
     stop_token_ids: frozenset[int]  # the model's end-of-sequence ids plus the request's own
     request_id: str = ""
+    arrival: float | None = None  # time.perf_counter() when accepted; queue time counts from here
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,16 @@ class FinishEvent:
     seed: int  # the seed used, so a sampled answer can be reproduced
 
 
-Event = TokenEvent | FinishEvent
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """The request failed inside the engine; the final event instead of FinishEvent."""
+
+    row: int
+    code: str  # stable error code, e.g. "internal"
+    message: str  # safe to show to a client: no stack traces
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
 
 
 def prepare_request(

@@ -63,7 +63,9 @@ class TextTokenizer:
 
     def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
         if self._template is None:
-            raise ValidationError("this model has no chat template; send a plain prompt", param="messages")
+            raise ValidationError(
+                "this model has no chat template; send a plain prompt", param="messages", code="invalid_request"
+            )
         try:
             return self._template.render(
                 messages=[{"role": m.role, "content": m.content} for m in messages],
@@ -72,22 +74,31 @@ class TextTokenizer:
                 eos_token="",
             )
         except TemplateError as exc:
-            raise ValidationError(f"the chat template rejected these messages: {exc}", param="messages") from exc
+            raise ValidationError(
+                f"the chat template rejected these messages: {exc}", param="messages", code="invalid_request"
+            ) from exc
 
 
 def parse_messages(raw: Any) -> tuple[ChatMessage, ...]:
     """Validate untrusted chat messages: a non-empty list of {role, content}."""
     if not isinstance(raw, list) or not raw:
-        raise ValidationError("messages must be a non-empty list of {role, content} objects", param="messages")
+        raise ValidationError(
+            "messages must be a non-empty list of {role, content} objects", param="messages", code="invalid_request"
+        )
     out = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, Mapping) or set(m) != {"role", "content"}:
-            raise ValidationError(f"{where} must be an object with exactly 'role' and 'content'", param=where)
+            raise ValidationError(
+                f"{where} must be an object with exactly 'role' and 'content'", param=where, code="invalid_request"
+            )
         if m["role"] not in CHAT_ROLES:
-            raise ValidationError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {m['role']!r:.40}", param=where)
+            raise ValidationError(
+                f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {str(m['role'])[:40]!r}",
+                param=where, code="invalid_request",
+            )
         if not isinstance(m["content"], str):
-            raise ValidationError(f"{where}.content must be a string", param=where)
+            raise ValidationError(f"{where}.content must be a string", param=where, code="invalid_request")
         out.append(ChatMessage(m["role"], m["content"]))
     return tuple(out)
 

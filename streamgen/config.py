@@ -1,0 +1,93 @@
+"""Server settings: one frozen object, built once from flags and environment.
+
+Every setting has a flag (`--max-batch`) and an environment variable
+(`STREAMGEN_MAX_BATCH`); the flag wins. The environment is read when the
+command line is parsed, never at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from streamgen.models.cache import DEFAULT_MODEL, QUANTIZATIONS
+
+ENV_PREFIX = "STREAMGEN_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = DEFAULT_MODEL
+    quantize: str = "none"
+    device: str = "auto"
+    threads: int = 0
+    home: str | None = None
+    max_batch: int = 8
+    max_queued: int = 64
+    max_requests_per_connection: int = 8
+    max_message_bytes: int = 65536
+
+
+_HELP: dict[str, str] = {
+    "host": "interface to listen on; 0.0.0.0 for all",
+    "port": "TCP port",
+    "model": "model name, hub id or local Hugging Face directory; pulled when missing",
+    "quantize": f"weight quantization, one of {', '.join(QUANTIZATIONS)}",
+    "device": "auto, cpu or cuda; auto uses CUDA only when it is really usable",
+    "threads": "ONNX Runtime intra-op threads; 0 = one per physical core",
+    "home": "model cache directory (default ~/.cache/streamgen)",
+    "max_batch": "requests decoded together in one forward pass",
+    "max_queued": "requests waiting for the engine; beyond it requests are refused with 'overloaded'",
+    "max_requests_per_connection": "requests in flight at once on one WebSocket",
+    "max_message_bytes": "largest WebSocket message accepted; larger ones close the socket with 1009",
+}
+_CHOICES: dict[str, tuple[str, ...]] = {"quantize": QUANTIZATIONS, "device": ("auto", "cpu", "cuda")}
+_MINIMUM: dict[str, int] = {
+    "port": 0, "threads": 0, "max_batch": 1, "max_queued": 1, "max_requests_per_connection": 1,
+    "max_message_bytes": 1024,
+}
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server settings (flag, or environment variable)")
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        group.add_argument(
+            flag, dest=f.name, default=None, choices=_CHOICES.get(f.name),
+            type=int if f.type == "int" else str,
+            help=f"{_HELP[f.name]} [env {env_name(f.name)}, default {f.default}]",
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flag, else environment variable, else default; checked with clear messages."""
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        value = getattr(args, f.name, None)
+        if value is None and (raw := os.environ.get(env_name(f.name))) not in (None, ""):
+            value = _from_env(f.name, f.type, raw)
+        if value is None:
+            continue
+        if f.name in _CHOICES and value not in _CHOICES[f.name]:
+            raise SystemExit(f"streamgen: {env_name(f.name)} must be one of {', '.join(_CHOICES[f.name])}, got {value!r}")
+        if f.name in _MINIMUM and value < _MINIMUM[f.name]:
+            raise SystemExit(f"streamgen: --{f.name.replace('_', '-')} must be at least {_MINIMUM[f.name]}, got {value}")
+        values[f.name] = value
+    return Settings(**values)
+
+
+def _from_env(name: str, type_name: str, raw: str) -> Any:
+    if type_name != "int":
+        return raw
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"streamgen: {env_name(name)} must be an integer, got {raw!r}") from None

@@ -1,0 +1,109 @@
+"""The Starlette app: routes, lifespan, and the browser client's static files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from streamgen.config import Settings
+from streamgen.engine.engine import Engine, EngineState
+from streamgen.server.protocol import PROTOCOL_VERSION
+from streamgen.server.ws import Connection
+
+log = logging.getLogger("streamgen.server")
+STATIC = Path(__file__).parent / "static"
+WS_PATH = "/v1/ws"
+
+
+def create_app(settings: Settings, engine: Engine) -> Starlette:
+    connections = 0
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        engine.start()
+        announce = asyncio.create_task(_announce_when_ready(settings, engine))
+        try:
+            yield
+        finally:
+            announce.cancel()
+            await asyncio.to_thread(engine.stop)
+
+    async def index(request: Request) -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    async def live(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "live"})
+
+    async def ready(request: Request) -> JSONResponse:
+        body = {"status": str(engine.state)}
+        if engine.failure:
+            body["error"] = engine.failure
+        return JSONResponse(body, status_code=200 if engine.state == EngineState.READY else 503)
+
+    async def models(request: Request) -> JSONResponse:
+        model = engine.model
+        if model is None:
+            return JSONResponse({"error": f"the engine is {engine.state}"}, status_code=503)
+        return JSONResponse({
+            "object": "list",
+            "data": [{
+                "id": model.manifest.model,
+                "object": "model",
+                "context_length": model.context_length,
+                "device": str(model.runner.device),
+                "quantization": model.manifest.quantization,
+                "graph": model.manifest.graph,
+            }],
+            "websocket": {"path": WS_PATH, "protocol_version": PROTOCOL_VERSION},
+        })
+
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse({
+            "state": str(engine.state),
+            "active_requests": engine.active_requests,
+            "queued_requests": engine.queued_requests,
+            "open_connections": connections,
+        })
+
+    async def websocket(ws: WebSocket) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            await Connection(ws, engine, settings).serve()
+        finally:
+            connections -= 1
+
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/health/live", live),
+            Route("/health/ready", ready),
+            Route("/v1/models", models),
+            Route("/v1/stats", stats),
+            WebSocketRoute(WS_PATH, websocket),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        lifespan=lifespan,
+    )
+
+
+async def _announce_when_ready(settings: Settings, engine: Engine) -> None:
+    ok = await asyncio.to_thread(engine.wait_ready)
+    if ok:
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        model = engine.model
+        print(f"streamgen: ready, {model.manifest.model} ({model.manifest.quantization}) on {model.runner.device}; "
+              f"open http://{host}:{settings.port}/", file=sys.stderr, flush=True)
+    else:
+        print(f"streamgen: the engine failed to start: {engine.failure}", file=sys.stderr, flush=True)

@@ -1,0 +1,171 @@
+"""WebSocket protocol v1: parse client messages, build server messages.
+
+Parsing is the edge: a frame becomes a typed message or a ProtocolError with
+a stable code, the offending field, and the request id when one could be
+read. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from streamgen.engine.params import SamplingParams
+from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from streamgen.engine.tokenizer import ChatMessage, parse_messages
+from streamgen.errors import ValidationError
+
+PROTOCOL_VERSION = 1
+MAX_ID_CHARS = 128
+_GENERATE_FIELDS = {"type", "id", "prompt", "messages", "params"}
+_CANCEL_FIELDS = {"type", "id"}
+_PING_FIELDS = {"type", "id"}
+
+
+class ProtocolError(ValidationError):
+    """A client message that cannot be accepted. `request_id` when known."""
+
+    def __init__(self, message: str, *, code: str, param: str | None = None, request_id: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.request_id = request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Generate:
+    id: str
+    prompt: str | None
+    messages: tuple[ChatMessage, ...] | None
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: str | None
+
+
+ClientMessage = Generate | Cancel | Ping
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    try:
+        raw = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"the message is not valid JSON: {str(exc)[:120]}", code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"a message must be a JSON object, got {type(raw).__name__}", code="invalid_message")
+    kind = raw.get("type")
+    request_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    if kind == "generate":
+        return _parse_generate(raw, request_id)
+    if kind == "cancel":
+        _only(raw, _CANCEL_FIELDS, request_id)
+        return Cancel(_require_id(raw))
+    if kind == "ping":
+        _only(raw, _PING_FIELDS, request_id)
+        return Ping(_require_id(raw) if "id" in raw else None)
+    if kind is None:
+        raise ProtocolError("the message has no 'type'; expected generate, cancel or ping",
+                            code="invalid_message", param="type", request_id=request_id)
+    raise ProtocolError(f"unknown message type {str(kind)[:40]!r}; expected generate, cancel or ping",
+                        code="unknown_type", param="type", request_id=request_id)
+
+
+def _parse_generate(raw: dict, request_id: str | None) -> Generate:
+    _only(raw, _GENERATE_FIELDS, request_id)
+    rid = _require_id(raw)
+    has_prompt, has_messages = "prompt" in raw, "messages" in raw
+    if has_prompt == has_messages:
+        raise ProtocolError("generate needs exactly one of 'prompt' or 'messages'",
+                            code="invalid_request", param="prompt", request_id=rid)
+    prompt, messages = None, None
+    try:
+        if has_prompt:
+            prompt = raw["prompt"]
+            if not isinstance(prompt, str) or not prompt:
+                raise ValidationError("prompt must be a non-empty string", param="prompt", code="invalid_request")
+        else:
+            messages = parse_messages(raw["messages"])
+        params = SamplingParams.from_mapping(raw.get("params", {}))
+    except ValidationError as exc:
+        raise ProtocolError(exc.message, code=exc.code, param=exc.param, request_id=rid) from None
+    return Generate(rid, prompt, messages, params)
+
+
+def _require_id(raw: Mapping[str, Any]) -> str:
+    rid = raw.get("id")
+    if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_CHARS:
+        raise ProtocolError(f"'id' must be a non-empty string of at most {MAX_ID_CHARS} characters",
+                            code="invalid_message", param="id")
+    return rid
+
+
+def _only(raw: Mapping[str, Any], allowed: set[str], request_id: str | None) -> None:
+    extra = sorted(set(raw) - allowed)
+    if extra:
+        raise ProtocolError(f"unknown field {extra[0][:40]!r} in a {raw['type']} message; allowed: "
+                            f"{', '.join(sorted(allowed))}", code="invalid_message", param=extra[0][:40],
+                            request_id=request_id)
+
+
+# ---- server -> client ---------------------------------------------------------
+
+
+def start_message(request_id: str, prompt_tokens: int, trace_id: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "start", "id": request_id, "prompt_tokens": prompt_tokens}
+    if trace_id:
+        msg["trace_id"] = trace_id
+    return msg
+
+
+def token_message(request_id: str, event: TokenEvent) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "token", "id": request_id, "index": event.index, "token_id": event.token_id,
+                           "text": event.text}
+    if event.logprob is not None:
+        msg["logprob"] = round(event.logprob, 6)
+    return msg
+
+
+def done_message(request_id: str, event: FinishEvent) -> dict[str, Any]:
+    t = event.timings
+    return {
+        "type": "done",
+        "id": request_id,
+        "finish_reason": str(event.finish_reason),
+        "tail": event.tail,
+        "text": event.text,
+        "usage": {"prompt_tokens": event.usage.prompt_tokens, "completion_tokens": event.usage.completion_tokens},
+        "timings": {
+            "queue_ms": round(t.queue_s * 1000, 2),
+            "time_to_first_token_ms": round(t.time_to_first_token_s * 1000, 2),
+            "prefill_ms": round(t.prefill_s * 1000, 2),
+            "decode_tokens_per_s": round(t.decode_tokens_per_s, 2),
+            "total_ms": round(t.total_s * 1000, 2),
+        },
+        "seed": event.seed,
+    }
+
+
+def error_message(request_id: str | None, code: str, message: str, param: str | None = None,
+                  **extra: Any) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "error", "id": request_id, "code": code, "message": message, "param": param}
+    msg.update(extra)
+    return msg
+
+
+def engine_error_message(request_id: str, event: ErrorEvent) -> dict[str, Any]:
+    return error_message(request_id, event.code, event.message)
+
+
+def pong_message(ping_id: str | None) -> dict[str, Any]:
+    return {"type": "pong", "id": ping_id} if ping_id else {"type": "pong"}

@@ -1,0 +1,136 @@
+"""One WebSocket connection: a reader loop, a writer loop, a task per request.
+
+The reader parses each frame and dispatches it at once, so a `ping` or a
+`cancel` is handled while generations stream. Every outgoing message goes
+through one queue to one writer, so messages of concurrent requests never
+interleave mid-frame. When the client goes away, every request it had in
+flight is cancelled; the engine drops them within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketState
+
+from streamgen.config import Settings
+from streamgen.engine.engine import Engine, EngineOverloaded, RequestHandle
+from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from streamgen.errors import StreamgenError
+from streamgen.server import protocol
+from streamgen.server.protocol import Cancel, Generate, Ping, ProtocolError
+
+log = logging.getLogger("streamgen.ws")
+
+CLOSE_TOO_BIG = 1009
+
+
+@dataclass(slots=True)
+class _InFlight:
+    handle: RequestHandle
+    task: asyncio.Task
+
+
+class Connection:
+    def __init__(self, websocket: WebSocket, engine: Engine, settings: Settings) -> None:
+        self.ws = websocket
+        self.engine = engine
+        self.settings = settings
+        self._out: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._inflight: dict[str, _InFlight] = {}
+
+    async def serve(self) -> None:
+        await self.ws.accept()
+        writer = asyncio.create_task(self._write_loop())
+        try:
+            await self._read_loop()
+        finally:
+            for item in self._inflight.values():
+                item.handle.cancel()  # the engine stops them within one step
+                item.task.cancel()
+            self._out.put_nowait(None)
+            await asyncio.gather(writer, *(i.task for i in self._inflight.values()), return_exceptions=True)
+
+    # ---- reading -------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        limit = self.settings.max_message_bytes
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                self._send(protocol.error_message(
+                    None, "binary_not_supported", "binary frames are not supported; send JSON text frames"))
+                continue
+            if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+                await self.ws.close(CLOSE_TOO_BIG, f"message larger than {limit} bytes")
+                return
+            try:
+                self._dispatch(protocol.parse_client_message(text))
+            except ProtocolError as exc:
+                self._send(protocol.error_message(exc.request_id, exc.code, exc.message, exc.param))
+
+    def _dispatch(self, msg: Generate | Cancel | Ping) -> None:
+        if isinstance(msg, Ping):
+            self._send(protocol.pong_message(msg.id))
+        elif isinstance(msg, Cancel):
+            item = self._inflight.get(msg.id)
+            if item is None:
+                raise ProtocolError(f"no request with id {msg.id[:40]!r} is in flight on this connection",
+                                    code="unknown_id", param="id", request_id=msg.id)
+            item.handle.cancel()
+        else:
+            self._start(msg)
+
+    def _start(self, msg: Generate) -> None:
+        if msg.id in self._inflight:
+            raise ProtocolError(f"a request with id {msg.id[:40]!r} is already in flight on this connection",
+                                code="duplicate_id", param="id", request_id=msg.id)
+        if len(self._inflight) >= self.settings.max_requests_per_connection:
+            raise ProtocolError(
+                f"at most {self.settings.max_requests_per_connection} requests may be in flight on one connection",
+                code="too_many_requests", request_id=msg.id)
+        try:
+            request = self.engine.prepare(msg.params, prompt=msg.prompt, messages=msg.messages, request_id=msg.id)
+            handle = self.engine.submit(request)
+        except EngineOverloaded as exc:
+            self._send(protocol.error_message(msg.id, exc.code, exc.message, retry_after_ms=exc.retry_after_ms))
+            return
+        except StreamgenError as exc:
+            self._send(protocol.error_message(msg.id, exc.code, exc.message, getattr(exc, "param", None)))
+            return
+        self._send(protocol.start_message(msg.id, len(request.prompt_ids)))
+        task = asyncio.create_task(self._stream(msg.id, handle))
+        self._inflight[msg.id] = _InFlight(handle, task)
+
+    # ---- streaming and writing ----------------------------------------------
+
+    async def _stream(self, request_id: str, handle: RequestHandle) -> None:
+        try:
+            async for event in handle.events():
+                if isinstance(event, TokenEvent):
+                    self._send(protocol.token_message(request_id, event))
+                elif isinstance(event, FinishEvent):
+                    self._send(protocol.done_message(request_id, event))
+                elif isinstance(event, ErrorEvent):
+                    self._send(protocol.engine_error_message(request_id, event))
+        finally:
+            self._inflight.pop(request_id, None)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._out.put_nowait(message)
+
+    async def _write_loop(self) -> None:
+        while (message := await self._out.get()) is not None:
+            if self.ws.client_state != WebSocketState.CONNECTED:
+                return
+            try:
+                await self.ws.send_text(json.dumps(message, ensure_ascii=False))
+            except Exception:  # noqa: BLE001 - the peer is gone; the reader sees the disconnect
+                return
