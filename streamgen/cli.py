@@ -24,7 +24,7 @@ _PARAM_HELP = {
     "repetition_penalty": "divide logits of tokens already in prompt or output; 1 = off (default 1)",
     "presence_penalty": "subtract from logits of tokens already generated, in [-2, 2] (default 0)",
     "frequency_penalty": "subtract per occurrence in the output, in [-2, 2] (default 0)",
-    "max_tokens": "maximum tokens to generate (default 256)",
+    "max_tokens": "maximum tokens to generate (default 256, or less when the context window is shorter)",
     "stop": "stop string; repeat the flag for several; never printed",
     "stop_token_ids": "extra token id that ends generation; repeat for several",
     "ignore_eos": "keep generating past end-of-sequence tokens (benchmarks)",
@@ -65,7 +65,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
             group.add_argument("--stop-token-id", dest=f.name, type=int, action="append", metavar="ID",
                                help=_PARAM_HELP[f.name])
         else:
-            kind = int if f.type in ("int", "int | None") else float
+            kind = int if f.type.startswith("int") else float
             group.add_argument(flag, type=kind, default=None, help=_PARAM_HELP[f.name])
 
 

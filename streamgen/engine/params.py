@@ -18,6 +18,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 128
 MAX_STOP_TOKEN_IDS = 64
 MAX_SEED = 2**63 - 1
+DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +36,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off; applies to prompt and output tokens
     presence_penalty: float = 0.0  # applies to output tokens (OpenAI semantics)
     frequency_penalty: float = 0.0
-    max_tokens: int = 256
+    max_tokens: int | None = None  # None: DEFAULT_MAX_TOKENS, or less when the context is shorter
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
@@ -135,7 +136,7 @@ _CHECKS = {
     "repetition_penalty": lambda n, v: _number(n, v, 0.0, 10.0, lo_open=True),
     "presence_penalty": lambda n, v: _number(n, v, -2.0, 2.0),
     "frequency_penalty": lambda n, v: _number(n, v, -2.0, 2.0),
-    "max_tokens": lambda n, v: _integer(n, v, 1, 1_000_000),
+    "max_tokens": lambda n, v: None if v is None else _integer(n, v, 1, 1_000_000),
     "stop": _stop,
     "stop_token_ids": _stop_token_ids,
     "ignore_eos": _flag,

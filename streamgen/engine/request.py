@@ -8,10 +8,10 @@ ValidationError that names the offending field.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from streamgen.engine.params import SamplingParams
+from streamgen.engine.params import DEFAULT_MAX_TOKENS, SamplingParams
 from streamgen.engine.tokenizer import ChatMessage, TextTokenizer
 from streamgen.errors import ValidationError
 
@@ -26,7 +26,7 @@ class FinishReason(StrEnum):
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     prompt_ids: tuple[int, ...]
-    params: SamplingParams
+    params: SamplingParams  # max_tokens always resolved to a number (prepare_request does it)
     stop_token_ids: frozenset[int]  # the model's end-of-sequence ids plus the request's own
     request_id: str = ""
     arrival: float | None = None  # time.perf_counter() when accepted; queue time counts from here
@@ -99,11 +99,20 @@ def prepare_request(
         ids = tokenizer.encode(tokenizer.render_chat(messages))
     if not ids:
         raise ValidationError("the prompt encodes to no tokens", param="prompt", code="invalid_request")
-    if len(ids) + params.max_tokens > context_length:
+    if len(ids) >= context_length:
+        raise ValidationError(
+            f"the prompt has {len(ids)} tokens but the context window is {context_length}; shorten it",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    if params.max_tokens is None:
+        # Not given: the default, or whatever room the context leaves.
+        params = replace(params, max_tokens=min(DEFAULT_MAX_TOKENS, context_length - len(ids)))
+    elif len(ids) + params.max_tokens > context_length:
         raise ValidationError(
             f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
             f"of {context_length} tokens; shorten the prompt or lower max_tokens",
-            param="max_tokens" if len(ids) < context_length else "prompt",
+            param="max_tokens",
             code="context_length_exceeded",
         )
     for tid in params.stop_token_ids:

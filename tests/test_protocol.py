@@ -1,0 +1,277 @@
+"""WebSocket protocol v1 through Starlette's test client, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from streamgen.config import Settings
+from streamgen.engine.engine import Engine, EngineLimits
+from streamgen.engine.loader import load_model
+from streamgen.server.app import create_app
+
+from conftest import CPU
+
+LONG = {"temperature": 0, "max_tokens": 200, "ignore_eos": True}
+
+
+def _client(model_dir: Path, settings: Settings = Settings(), limits: EngineLimits = EngineLimits()) -> TestClient:
+    engine = Engine(lambda: load_model(model_dir, CPU), limits)
+    return TestClient(create_app(settings, engine))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_dir: Path) -> Iterator[TestClient]:
+    with _client(tiny_model_dir, Settings(max_requests_per_connection=3, max_message_bytes=4096)) as c:
+        _wait_ready(c)
+        yield c
+
+
+def _wait_ready(c: TestClient, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while c.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, "engine never became ready"
+        time.sleep(0.05)
+
+
+def _gen(rid: str, prompt: str = "Hello world", **params) -> str:
+    return json.dumps({"type": "generate", "id": rid, "prompt": prompt, "params": params})
+
+
+def _collect(ws, ids: set[str]) -> dict[str, list[dict]]:
+    """Read until every id got its final message; returns messages per id."""
+    out: dict[str, list[dict]] = {i: [] for i in ids}
+    pending = set(ids)
+    while pending:
+        msg = ws.receive_json()
+        out[msg["id"]].append(msg)
+        if msg["type"] in ("done", "error"):
+            assert msg["id"] in pending, f"second final message for {msg['id']}"
+            pending.discard(msg["id"])
+    return out
+
+
+def _next_for(ws, rid: str) -> dict:
+    """The next message about rid, skipping other requests' start and token messages."""
+    while (msg := ws.receive_json())["id"] != rid:
+        assert msg["type"] in ("start", "token"), msg
+    return msg
+
+
+def _check_stream(msgs: list[dict]) -> dict:
+    """start, then tokens with consecutive indices, then exactly one done; returns done."""
+    assert msgs[0]["type"] == "start" and msgs[0]["prompt_tokens"] > 0
+    tokens = [m for m in msgs if m["type"] == "token"]
+    assert [t["index"] for t in tokens] == list(range(len(tokens)))
+    finals = [m for m in msgs if m["type"] in ("done", "error")]
+    assert len(finals) == 1 and msgs[-1] is finals[0]
+    done = finals[0]
+    assert done["type"] == "done", done
+    assert "".join(t["text"] for t in tokens) + done["tail"] == done["text"]
+    assert done["usage"]["completion_tokens"] == len(tokens)
+    return done
+
+
+def test_generate_streams_start_tokens_done(client: TestClient) -> None:
+    with client.websocket_connect("/v1/ws") as ws:
+        ws.send_text(_gen("a", temperature=0, max_tokens=12, ignore_eos=True, logprobs=True))
+        msgs = _collect(ws, {"a"})["a"]
+    done = _check_stream(msgs)
+    assert done["finish_reason"] == "length"
+    assert all(m["logprob"] <= 0 for m in msgs if m["type"] == "token")
+    t = done["timings"]
+    assert t["total_ms"] >= t["time_to_first_token_ms"] >= t["prefill_ms"] > 0
+    assert t["decode_tokens_per_s"] > 0
+
+
+def test_concurrent_requests_on_one_socket_each_match_their_solo_run(client: TestClient) -> None:
+    prompts = {"x": "The quick brown fox", "y": "Paris is", "z": "Numbers: 1 2 3"}
+    solo = {}
+    with client.websocket_connect("/v1/ws") as ws:
+        for rid, p in prompts.items():
+            ws.send_text(_gen(rid, p, temperature=0, max_tokens=10, ignore_eos=True))
+            solo[rid] = _check_stream(_collect(ws, {rid})[rid])["text"]
+        for rid, p in prompts.items():
+            ws.send_text(_gen(rid, p, temperature=0, max_tokens=10, ignore_eos=True))
+        together = _collect(ws, set(prompts))
+    for rid in prompts:
+        assert _check_stream(together[rid])["text"] == solo[rid]
+
+
+def test_multi_turn_chat_over_one_socket(client: TestClient) -> None:
+    history = [{"role": "user", "content": "Hello"}]
+    with client.websocket_connect("/v1/ws") as ws:
+        for turn in range(3):
+            ws.send_text(json.dumps({"type": "generate", "id": f"t{turn}", "messages": history,
+                                     "params": {"temperature": 0, "max_tokens": 6, "ignore_eos": True}}))
+            msgs = _collect(ws, {f"t{turn}"})[f"t{turn}"]
+            done = _check_stream(msgs)
+            history += [{"role": "assistant", "content": done["text"]}, {"role": "user", "content": "More"}]
+            if turn:
+                assert msgs[0]["prompt_tokens"] > previous_prompt, "each turn carries the conversation"
+            previous_prompt = msgs[0]["prompt_tokens"]
+
+
+def test_cancel_stops_within_a_step_and_keeps_the_connection(client: TestClient) -> None:
+    with client.websocket_connect("/v1/ws") as ws:
+        ws.send_text(_gen("c", **LONG))
+        assert ws.receive_json()["type"] == "start"
+        assert ws.receive_json()["type"] == "token"
+        ws.send_text(json.dumps({"type": "cancel", "id": "c"}))
+        msgs = _collect(ws, {"c"})["c"]
+        done = msgs[-1]
+        assert done["type"] == "done" and done["finish_reason"] == "cancelled"
+        assert done["usage"]["completion_tokens"] < 200
+        ws.send_text(json.dumps({"type": "ping", "id": "p1"}))
+        assert ws.receive_json() == {"type": "pong", "id": "p1"}
+
+
+def test_disconnect_aborts_the_clients_requests(client: TestClient) -> None:
+    with client.websocket_connect("/v1/ws") as ws:
+        ws.send_text(_gen("d1", **LONG))
+        ws.send_text(_gen("d2", **LONG))
+        while ws.receive_json()["type"] != "token":
+            pass
+    deadline = time.monotonic() + 5
+    while client.get("/v1/stats").json()["active_requests"]:
+        assert time.monotonic() < deadline, "abandoned requests kept running"
+        time.sleep(0.01)
+
+
+ERROR_CASES = [
+    ("{not json", "invalid_json", None),
+    ('{"type": "generate", "id": "n", "prompt": "x", "params": {"temperature": NaN}}', "invalid_json", None),
+    ("[1, 2]", "invalid_message", None),
+    ('{"id": "q"}', "invalid_message", "type"),
+    ('{"type": "dance", "id": "q"}', "unknown_type", "type"),
+    ('{"type": "generate", "prompt": "x"}', "invalid_message", "id"),
+    ('{"type": "generate", "id": 5, "prompt": "x"}', "invalid_message", "id"),
+    ('{"type": "generate", "id": "q", "prompt": "x", "colour": "red"}', "invalid_message", "colour"),
+    ('{"type": "generate", "id": "q"}', "invalid_request", "prompt"),
+    ('{"type": "generate", "id": "q", "prompt": "x", "messages": []}', "invalid_request", "prompt"),
+    ('{"type": "generate", "id": "q", "prompt": ""}', "invalid_request", "prompt"),
+    ('{"type": "generate", "id": "q", "messages": [{"role": "robot", "content": "x"}]}', "invalid_request", "messages[0]"),
+    ('{"type": "generate", "id": "q", "prompt": "x", "params": {"temperature": -1}}', "invalid_parameter", "temperature"),
+    ('{"type": "generate", "id": "q", "prompt": "x", "params": {"top_p": 2}}', "invalid_parameter", "top_p"),
+    ('{"type": "generate", "id": "q", "prompt": "x", "params": {"warp": 9}}', "invalid_parameter", "warp"),
+    ('{"type": "generate", "id": "q", "prompt": "x", "params": {"max_tokens": 100000}}', "context_length_exceeded", "max_tokens"),
+    ('{"type": "generate", "id": "q", "prompt": "x", "params": {"stop_token_ids": [999999]}}', "invalid_parameter", "stop_token_ids"),
+    ('{"type": "cancel", "id": "never-sent"}', "unknown_id", "id"),
+]
+
+
+@pytest.mark.parametrize(("frame", "code", "param"), ERROR_CASES)
+def test_bad_input_gets_a_typed_error_and_the_connection_stays_up(client: TestClient, frame: str, code: str, param) -> None:
+    with client.websocket_connect("/v1/ws") as ws:
+        ws.send_text(frame)
+        err = ws.receive_json()
+        assert err["type"] == "error" and err["code"] == code and err["param"] == param, err
+        assert err["message"]
+        ws.send_text(_gen("ok", temperature=0, max_tokens=3))
+        _check_stream(_collect(ws, {"ok"})["ok"])
+
+
+def test_prompt_longer_than_the_context_is_refused(client: TestClient) -> None:
+    with client.websocket_connect("/v1/ws") as ws:
+        ws.send_text(_gen("long", "word " * 400, max_tokens=1))
+        err = ws.receive_json()
+        assert err["code"] == "context_length_exceeded" and err["param"] == "prompt" and err["id"] == "long"
+
+
+def test_duplicate_id_and_per_connection_limit(client: TestClient) -> None:
+    with client.websocket_connect("/v1/ws") as ws:
+        ws.send_text(_gen("same", **LONG))
+        assert ws.receive_json()["type"] == "start"
+        ws.send_text(_gen("same", **LONG))
+        msg = ws.receive_json()
+        while msg["type"] == "token":
+            msg = ws.receive_json()
+        assert msg["type"] == "error" and msg["code"] == "duplicate_id" and msg["id"] == "same"
+        ws.send_text(_gen("two", **LONG))
+        ws.send_text(_gen("three", **LONG))
+        ws.send_text(_gen("four", **LONG))  # limit is 3 in flight
+        msg = _next_for(ws, "four")
+        assert msg["type"] == "error" and msg["code"] == "too_many_requests"
+        for rid in ("same", "two", "three"):
+            ws.send_text(json.dumps({"type": "cancel", "id": rid}))
+
+
+def test_binary_frames_are_rejected_with_a_clear_error(client: TestClient) -> None:
+    with client.websocket_connect("/v1/ws") as ws:
+        ws.send_bytes(b"\x00\x01binary")
+        err = ws.receive_json()
+        assert err["code"] == "binary_not_supported" and "JSON text" in err["message"]
+        ws.send_text(json.dumps({"type": "ping"}))
+        assert ws.receive_json() == {"type": "pong"}
+
+
+def test_oversized_message_closes_with_1009(client: TestClient) -> None:
+    with client.websocket_connect("/v1/ws") as ws:
+        ws.send_text(_gen("big", "x" * 5000))
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1009
+
+
+def test_queue_full_is_refused_at_once_with_retry_after(tiny_model_dir: Path) -> None:
+    with _client(tiny_model_dir, limits=EngineLimits(max_batch=1, max_queued=1)) as c:
+        _wait_ready(c)
+        with c.websocket_connect("/v1/ws") as ws:
+            ws.send_text(_gen("running", **LONG))
+            while ws.receive_json()["type"] != "token":
+                pass
+            ws.send_text(_gen("waiting", **LONG))
+            assert _next_for(ws, "waiting")["type"] == "start"
+            ws.send_text(_gen("refused", **LONG))
+            msg = _next_for(ws, "refused")
+            assert msg["type"] == "error" and msg["code"] == "overloaded" and msg["retry_after_ms"] > 0
+            for rid in ("running", "waiting"):
+                ws.send_text(json.dumps({"type": "cancel", "id": rid}))
+            finals = _collect(ws, {"running", "waiting"})
+            assert {m[-1]["finish_reason"] for m in finals.values()} == {"cancelled"}
+
+
+def test_http_endpoints(client: TestClient, tiny_model_dir: Path) -> None:
+    assert client.get("/health/live").json() == {"status": "live"}
+    assert client.get("/health/ready").json() == {"status": "ready"}
+    model = client.get("/v1/models").json()["data"][0]
+    assert model["id"] == str(Path(tiny_model_dir).parents[1].name) or model["context_length"] == 256
+    assert model["context_length"] == 256 and model["device"] == "cpu" and model["quantization"] == "none"
+    page = client.get("/")
+    assert page.status_code == 200 and "streamgen" in page.text and "/static/app.js" in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_ready_is_503_while_loading_and_after_a_failure(tiny_model_dir: Path) -> None:
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(10)
+        return load_model(tiny_model_dir, CPU)
+
+    with TestClient(create_app(Settings(), Engine(slow_load))) as c:
+        r = c.get("/health/ready")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert c.get("/health/live").status_code == 200
+        with c.websocket_connect("/v1/ws") as ws:
+            ws.send_text(_gen("early"))
+            assert ws.receive_json()["code"] == "engine_unavailable"
+        release.set()
+        _wait_ready(c)
+
+    def broken_load():
+        raise RuntimeError("model file is corrupt")
+
+    with TestClient(create_app(Settings(), Engine(broken_load))) as c:
+        deadline = time.monotonic() + 5
+        while (r := c.get("/health/ready")).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert r.status_code == 503 and r.json()["status"] == "failed" and "corrupt" in r.json()["error"]
