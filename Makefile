@@ -4,9 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: install run test bench clean
+.PHONY: install chromium run generate test bench clean
 
 install: $(STAMP)
 
@@ -15,10 +14,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[export,test]'
 	touch $(STAMP)
 
-run: install
-	$(BIN)/streamgen generate "$(PROMPT)"
+# The browser tests drive Debian's chromium (Playwright downloads no browser).
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing chromium (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "the browser tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; \
+	  fi; \
+	fi
 
-test: install
+# Pulls the default model on first use, then serves the browser client and the WebSocket.
+run: install
+	$(BIN)/streamgen serve
+
+test: install chromium
 	$(BIN)/python -m pytest
 
 bench: install

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,71 @@ def real_model_dir(real_cache: CacheLayout) -> Path:
 @pytest.fixture(scope="session")
 def real_model(real_model_dir: Path) -> LoadedModel:
     return load_model(real_model_dir, CPU)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`streamgen serve` as its own process on a free loopback port."""
+
+    def __init__(self, home: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        import subprocess
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/v1/ws"
+        cmd = [sys.executable, "-m", "streamgen", "serve", "--home", str(home), "--port", str(self.port),
+               "--no-pull", *extra]
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout}s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stats(self) -> dict:
+        import httpx
+
+        return httpx.get(self.url + "/v1/stats", timeout=5).json()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def real_server(real_model_dir: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(real_model_dir.parents[2])
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

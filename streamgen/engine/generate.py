@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from streamgen.engine.detok import IncrementalDetokenizer
+from streamgen.engine.params import MAX_SEED
 from streamgen.engine.request import (
     Event,
     FinishEvent,
@@ -35,7 +36,7 @@ class _Sequence:
         self.row = row
         self.request = request
         params = request.params
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1)
         self.sampler = RowSampler(params, tokenizer.vocab_size, request.prompt_ids, seed)
         self.detok = IncrementalDetokenizer(tokenizer.decode, request.prompt_ids, params.stop)
         self.max_tokens = min(params.max_tokens, context_length - len(request.prompt_ids))

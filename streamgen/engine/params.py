@@ -17,7 +17,7 @@ from streamgen.errors import ValidationError
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 128
 MAX_STOP_TOKEN_IDS = 64
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**53 - 1  # largest integer a JSON client (JavaScript) holds exactly
 DEFAULT_MAX_TOKENS = 256
 
 

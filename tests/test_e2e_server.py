@@ -1,0 +1,110 @@
+"""End to end: a real uvicorn server on the real default model, real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import websockets
+
+from streamgen.engine.generate import generate
+from streamgen.engine.params import SamplingParams
+from streamgen.engine.request import TokenEvent, prepare_request
+from streamgen.engine.tokenizer import ChatMessage
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "Write a short poem about the sea."
+
+
+def _generate_msg(rid: str, **params) -> str:
+    return json.dumps({"type": "generate", "id": rid, "messages": [{"role": "user", "content": QUESTION}],
+                       "params": params})
+
+
+async def _stream(url: str, rid: str, **params) -> list[tuple[float, dict]]:
+    async with websockets.connect(url) as ws:
+        await ws.send(_generate_msg(rid, **params))
+        out = []
+        while True:
+            msg = json.loads(await ws.recv())
+            out.append((time.monotonic(), msg))
+            if msg["type"] in ("done", "error"):
+                return out
+
+
+def test_tokens_stream_incrementally_and_match_the_engine(real_server, real_model) -> None:
+    timed = asyncio.run(_stream(real_server.ws_url, "poem", temperature=0, max_tokens=48))
+    msgs = [m for _, m in timed]
+    tokens = [(t, m) for t, m in timed if m["type"] == "token"]
+    done = msgs[-1]
+    assert msgs[0]["type"] == "start" and done["type"] == "done"
+    assert len(tokens) >= 10
+    # Arrival times are spread over the generation, not bunched at the end.
+    span = tokens[-1][0] - tokens[0][0]
+    gaps = [b[0] - a[0] for a, b in zip(tokens, tokens[1:])]
+    assert span > 0.2 and max(gaps) < span / 2
+    streamed = "".join(m["text"] for _, m in tokens) + done["tail"]
+    assert streamed == done["text"]
+
+    # The same request through the engine alone, in this process.
+    params = SamplingParams(temperature=0, max_tokens=48)
+    req = prepare_request(real_model.tokenizer, real_model.context_length, params,
+                          messages=[ChatMessage("user", QUESTION)])
+    ids = [e.token_id for e in generate(real_model.runner, real_model.tokenizer, [req]) if isinstance(e, TokenEvent)]
+    assert [m["token_id"] for _, m in tokens] == ids
+
+
+def test_disconnect_mid_stream_frees_the_request(real_server) -> None:
+    async def leave_early() -> None:
+        ws = await websockets.connect(real_server.ws_url)
+        await ws.send(_generate_msg("gone", temperature=0, max_tokens=400, ignore_eos=True))
+        while json.loads(await ws.recv())["type"] != "token":
+            pass
+        assert real_server.stats()["active_requests"] == 1
+        ws.transport.abort()  # no close handshake: the client just vanishes
+
+    asyncio.run(leave_early())
+    deadline = time.monotonic() + 5
+    while (stats := real_server.stats())["active_requests"] or stats["queued_requests"]:
+        assert time.monotonic() < deadline, f"the abandoned request kept running: {stats}"
+        time.sleep(0.02)
+
+
+def test_ping_is_answered_promptly_during_a_long_generation(real_server) -> None:
+    async def run() -> tuple[float, int, int]:
+        async with websockets.connect(real_server.ws_url) as ws:
+            await ws.send(_generate_msg("long", temperature=0, max_tokens=150, ignore_eos=True))
+            seen = 0
+            while seen < 5:
+                if json.loads(await ws.recv())["type"] == "token":
+                    seen += 1
+            sent = time.monotonic()
+            await ws.send(json.dumps({"type": "ping", "id": "p"}))
+            tokens_before_pong = 0
+            while (msg := json.loads(await ws.recv()))["type"] != "pong":
+                tokens_before_pong += msg["type"] == "token"
+            rtt = time.monotonic() - sent
+            remaining = 0
+            while (msg := json.loads(await ws.recv()))["type"] != "done":
+                remaining += 1
+            return rtt, tokens_before_pong, remaining
+
+    rtt, before, remaining = asyncio.run(run())
+    # The generation has ~145 tokens left (several seconds); the pong comes
+    # back within a step or two instead of after them.
+    assert rtt < 0.5, f"pong took {rtt:.3f}s"
+    assert before <= 10 and remaining > 100
+
+
+def test_oversized_frame_closes_with_1009(real_server) -> None:
+    async def run() -> int:
+        async with websockets.connect(real_server.ws_url, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "generate", "id": "big", "prompt": "x" * 70000}))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            return closed.value.rcvd.code
+
+    assert asyncio.run(run()) == 1009
