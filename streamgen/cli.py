@@ -117,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads for both (default 0)")
     be.add_argument("--home", default=None, help="cache directory")
     be.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+
+    bs = bsub.add_parser("socket", help="tokens/s over the WebSocket vs the engine alone, same request",
+                         description="Starts `streamgen serve` on a free loopback port and alternates the same "
+                                     "greedy request between the in-process engine and a WebSocket client.")
+    bs.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    bs.add_argument("--quantize", choices=QUANTIZATIONS, default="none", help="variant (default none)")
+    bs.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    bs.add_argument("--tokens", type=int, default=128, help="tokens per request (default 128)")
+    bs.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0)")
+    bs.add_argument("--home", default=None, help="cache directory")
     return parser
 
 
@@ -129,10 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "serve":
             return _cmd_serve(args)
-        if args.command == "bench":
+        if args.command == "bench" and args.bench == "engine":
             from streamgen.bench.engine import run_engine_bench
 
             return run_engine_bench(args)
+        if args.command == "bench" and args.bench == "socket":
+            from streamgen.bench.socket import run_socket_bench
+
+            return run_socket_bench(args)
     except StreamgenError as exc:
         print(f"streamgen: error: {exc.message}", file=sys.stderr)
         return 2
