@@ -275,3 +275,45 @@ def test_ready_is_503_while_loading_and_after_a_failure(tiny_model_dir: Path) ->
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert r.status_code == 503 and r.json()["status"] == "failed" and "corrupt" in r.json()["error"]
+
+
+class _BreakableRunner:
+    """Wraps the real runner; decode raises once `broken` is set (a failing ORT session)."""
+
+    def __init__(self, runner) -> None:
+        self._runner = runner
+        self.broken = False
+        self.info = runner.info
+        self.device = runner.device
+
+    def prefill(self, prompts):
+        return self._runner.prefill(prompts)
+
+    def decode(self, state, ids):
+        if self.broken:
+            raise RuntimeError("ORT session: CUDA error 700 at /secret/path.cc:42")
+        return self._runner.decode(state, ids)
+
+
+def test_engine_failure_ends_requests_with_internal_and_marks_not_ready(tiny_model_dir: Path) -> None:
+    from streamgen.engine.loader import LoadedModel
+
+    model = load_model(tiny_model_dir, CPU)
+    runner = _BreakableRunner(model.runner)
+    broken_model = LoadedModel(model.directory, model.manifest, runner, model.tokenizer)
+    with TestClient(create_app(Settings(), Engine(lambda: broken_model))) as c:
+        _wait_ready(c)
+        with c.websocket_connect("/v1/ws") as ws:
+            ws.send_text(_gen("victim", **LONG))
+            assert ws.receive_json()["type"] == "start"
+            assert ws.receive_json()["type"] == "token"
+            runner.broken = True
+            msg = _next_for(ws, "victim")
+            while msg["type"] == "token":
+                msg = _next_for(ws, "victim")
+            assert msg["type"] == "error" and msg["code"] == "internal"
+            assert "secret" not in msg["message"] and "Traceback" not in msg["message"], "no internals leak"
+            ws.send_text(_gen("after"))
+            assert ws.receive_json()["code"] == "engine_unavailable"
+        ready = c.get("/health/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
