@@ -189,8 +189,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from streamgen.engine.engine import Engine, EngineLimits
     from streamgen.engine.loader import load_model
     from streamgen.server.app import create_app
+    from streamgen.telemetry.logs import configure_logging
+    from streamgen.telemetry.setup import Telemetry
 
     settings = settings_from_args(args)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        telemetry = Telemetry.from_env(detail=settings.trace_detail, log_prompts=settings.log_prompts)
+    except ValueError as exc:  # an unsupported OTEL_* value
+        raise SystemExit(f"streamgen: {exc}") from None
     device = resolve_device(settings.device)
     directory = ensure_model(settings.model, settings.quantize, settings.home, allow_pull=not args.no_pull)
     engine = Engine(
@@ -199,11 +206,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     print(f"streamgen: loading {directory} on {device}", file=sys.stderr, flush=True)
     uvicorn.run(
-        create_app(settings, engine),
+        create_app(settings, engine, telemetry),
         host=settings.host,
         port=settings.port,
         ws_max_size=settings.max_message_bytes,
-        log_level="warning",
+        log_config=None,  # keep the structlog set-up: one log format for the whole process
+        log_level=settings.log_level,
     )
     return 0
 

@@ -30,6 +30,11 @@ class Settings:
     max_queued: int = 64
     max_requests_per_connection: int = 8
     max_message_bytes: int = 65536
+    trace_detail: str = "token"
+    log_level: str = "info"
+    log_format: str = "auto"
+    log_prompts: bool = False
+    jaeger_url: str | None = None
 
 
 _HELP: dict[str, str] = {
@@ -44,8 +49,19 @@ _HELP: dict[str, str] = {
     "max_queued": "requests waiting for the engine; beyond it requests are refused with 'overloaded'",
     "max_requests_per_connection": "requests in flight at once on one WebSocket",
     "max_message_bytes": "largest WebSocket message accepted; larger ones close the socket with 1009",
+    "trace_detail": "token: forward/sample/detokenize spans per generated token; request: one decode span per request",
+    "log_level": "debug, info, warning or error",
+    "log_format": "auto (JSON lines unless on a terminal), json or console",
+    "log_prompts": "log prompt text at info level (otherwise only at debug)",
+    "jaeger_url": "Jaeger UI base URL; the browser client links each answer's trace there",
 }
-_CHOICES: dict[str, tuple[str, ...]] = {"quantize": QUANTIZATIONS, "device": ("auto", "cpu", "cuda")}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "quantize": QUANTIZATIONS,
+    "device": ("auto", "cpu", "cuda"),
+    "trace_detail": ("token", "request"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "log_format": ("auto", "json", "console"),
+}
 _MINIMUM: dict[str, int] = {
     "port": 0, "threads": 0, "max_batch": 1, "max_queued": 1, "max_requests_per_connection": 1,
     "max_message_bytes": 1024,
@@ -60,10 +76,13 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server settings (flag, or environment variable)")
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
+        help_text = f"{_HELP[f.name]} [env {env_name(f.name)}, default {f.default}]"
+        if f.type == "bool":
+            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+            continue
         group.add_argument(
             flag, dest=f.name, default=None, choices=_CHOICES.get(f.name),
-            type=int if f.type == "int" else str,
-            help=f"{_HELP[f.name]} [env {env_name(f.name)}, default {f.default}]",
+            type=int if f.type == "int" else str, help=help_text,
         )
 
 
@@ -84,7 +103,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**values)
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _from_env(name: str, type_name: str, raw: str) -> Any:
+    if type_name == "bool":
+        if raw.lower() not in _TRUE + _FALSE:
+            raise SystemExit(f"streamgen: {env_name(name)} must be true or false, got {raw!r}")
+        return raw.lower() in _TRUE
     if type_name != "int":
         return raw
     try:

@@ -15,7 +15,6 @@ request stops within one step.
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import threading
 import time
@@ -23,8 +22,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+import structlog
+
 from streamgen.engine.generate import generate
 from streamgen.engine.loader import LoadedModel
+from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import (
     ErrorEvent,
@@ -38,7 +40,7 @@ from streamgen.engine.request import (
 )
 from streamgen.errors import StreamgenError
 
-log = logging.getLogger("streamgen.engine")
+log = structlog.get_logger("streamgen.engine")
 
 _STOP = object()  # queue sentinel
 
@@ -71,8 +73,9 @@ class EngineLimits:
 class RequestHandle:
     """One submitted request, seen from the event loop."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, observer: RequestObserver) -> None:
         self.request = request
+        self.observer = observer
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False  # read by the worker thread once per step
@@ -109,6 +112,8 @@ class Engine:
         self._active: list[RequestHandle] = []
         self._thread = threading.Thread(target=self._run, name="streamgen-engine", daemon=True)
         self._ready = threading.Event()
+        self.batch_listeners: list[Callable[[int], None]] = []  # told each batch's size (metrics)
+        self.max_batch_seen = 0
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -146,7 +151,7 @@ class Engine:
             model.tokenizer, model.context_length, params, prompt=prompt, messages=messages, request_id=request_id
         )
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
+    def submit(self, request: GenerationRequest, observer: RequestObserver = NULL_OBSERVER) -> RequestHandle:
         """Queue a validated request. Must be called from the event loop's thread."""
         self._require_ready()
         if self._queue.qsize() >= self.limits.max_queued:
@@ -154,7 +159,7 @@ class Engine:
                 f"the server is at capacity ({self.limits.max_queued} requests waiting); retry later",
                 retry_after_ms=1000,
             )
-        handle = RequestHandle(replace(request, arrival=time.perf_counter()), asyncio.get_running_loop())
+        handle = RequestHandle(replace(request, arrival=time.perf_counter()), asyncio.get_running_loop(), observer)
         self._queue.put(handle)
         return handle
 
@@ -172,7 +177,7 @@ class Engine:
             self._warm_up(self.model)
             self.state = EngineState.READY
         except Exception as exc:  # noqa: BLE001 - any load failure marks the engine failed
-            log.exception("engine failed to load")
+            log.exception("engine.load_failed")
             self.failure = f"{type(exc).__name__}: {exc}"
             self.state = EngineState.FAILED
             return
@@ -198,25 +203,36 @@ class Engine:
         live = []
         for handle in batch:
             if handle.cancelled:  # the client left while it waited: skip the work
-                handle._deliver(_cancelled_before_start(handle))
+                event = _cancelled_before_start(handle)
+                handle.observer.finished(event, time.perf_counter())
+                handle._deliver(event)
             else:
                 live.append(handle)
         if not live:
             return
         self._active = live
+        self.max_batch_seen = max(self.max_batch_seen, len(live))
+        for listener in self.batch_listeners:
+            listener(len(live))
         model = self.model
         try:
             for event in generate(
-                model.runner, model.tokenizer, [h.request for h in live], is_cancelled=lambda row: live[row].cancelled
+                model.runner,
+                model.tokenizer,
+                [h.request for h in live],
+                is_cancelled=lambda row: live[row].cancelled,
+                observers=[h.observer for h in live],
             ):
                 live[event.row]._deliver(event)
         except Exception as exc:  # noqa: BLE001 - the session itself failed
-            log.exception("engine step failed")
+            log.exception("engine.step_failed")
             self.failure = f"{type(exc).__name__}: {exc}"
             self.state = EngineState.FAILED
             for handle in live:
                 if not handle.finished:
-                    handle._deliver(ErrorEvent(0, "internal", "the model failed while generating; see the server log"))
+                    event = ErrorEvent(0, "internal", "the model failed while generating; see the server log")
+                    handle.observer.finished(event, time.perf_counter())
+                    handle._deliver(event)
             self._fail_queued()
         finally:
             self._active = []
@@ -230,7 +246,9 @@ class Engine:
             if handle is _STOP:
                 self._queue.put(_STOP)
                 return
-            handle._deliver(ErrorEvent(0, "engine_unavailable", "the engine failed; see /health/ready"))
+            event = ErrorEvent(0, "engine_unavailable", "the engine failed; see /health/ready")
+            handle.observer.finished(event, time.perf_counter())
+            handle._deliver(event)
 
     def _warm_up(self, model: LoadedModel) -> None:
         """One short generation so the first user does not pay for ORT's lazy set-up."""

@@ -19,6 +19,12 @@ class LoadedModel:
     tokenizer: TextTokenizer
 
     @property
+    def name(self) -> str:
+        """Display name: the model id, or a local directory's own name."""
+        model = self.manifest.model
+        return Path(model).name if model.startswith("/") else model
+
+    @property
     def context_length(self) -> int:
         return self.runner.info.context_length
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
@@ -20,24 +18,38 @@ from streamgen.config import Settings
 from streamgen.engine.engine import Engine, EngineState
 from streamgen.server.protocol import PROTOCOL_VERSION
 from streamgen.server.ws import Connection
+from streamgen.telemetry.logs import get_logger
+from streamgen.telemetry.metrics import PROMETHEUS_CONTENT_TYPE
+from streamgen.telemetry.setup import Telemetry
 
-log = logging.getLogger("streamgen.server")
+log = get_logger("streamgen.server")
 STATIC = Path(__file__).parent / "static"
 WS_PATH = "/v1/ws"
 
 
-def create_app(settings: Settings, engine: Engine) -> Starlette:
+def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None = None) -> Starlette:
+    """The app around an engine that is not started yet. Without telemetry, tracing is off
+    (trace ids are still made) and /metrics still works."""
+    telemetry = telemetry or Telemetry.from_env(env={})
     connections = 0
+
+    def current_stats() -> dict[str, int]:
+        return {"active_requests": engine.active_requests, "queued_requests": engine.queued_requests,
+                "open_connections": connections}
+
+    telemetry.metrics.observe(current_stats)
+    engine.batch_listeners.append(lambda size: telemetry.metrics.batch_size.record(size))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine.start()
-        announce = asyncio.create_task(_announce_when_ready(settings, engine))
+        announce = asyncio.create_task(_announce_when_ready(settings, engine, telemetry))
         try:
             yield
         finally:
             announce.cancel()
             await asyncio.to_thread(engine.stop)
+            await asyncio.to_thread(telemetry.shutdown)
 
     async def index(request: Request) -> FileResponse:
         return FileResponse(STATIC / "index.html")
@@ -66,21 +78,20 @@ def create_app(settings: Settings, engine: Engine) -> Starlette:
                 "graph": model.manifest.graph,
             }],
             "websocket": {"path": WS_PATH, "protocol_version": PROTOCOL_VERSION},
+            "ui": {"jaeger_url": settings.jaeger_url},
         })
 
     async def stats(request: Request) -> JSONResponse:
-        return JSONResponse({
-            "state": str(engine.state),
-            "active_requests": engine.active_requests,
-            "queued_requests": engine.queued_requests,
-            "open_connections": connections,
-        })
+        return JSONResponse({"state": str(engine.state), **current_stats(), "max_batch_size_seen": engine.max_batch_seen})
+
+    async def metrics(request: Request) -> Response:
+        return Response(telemetry.metrics.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     async def websocket(ws: WebSocket) -> None:
         nonlocal connections
         connections += 1
         try:
-            await Connection(ws, engine, settings).serve()
+            await Connection(ws, engine, settings, telemetry).serve()
         finally:
             connections -= 1
 
@@ -91,6 +102,7 @@ def create_app(settings: Settings, engine: Engine) -> Starlette:
             Route("/health/ready", ready),
             Route("/v1/models", models),
             Route("/v1/stats", stats),
+            Route("/metrics", metrics),
             WebSocketRoute(WS_PATH, websocket),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
@@ -98,12 +110,13 @@ def create_app(settings: Settings, engine: Engine) -> Starlette:
     )
 
 
-async def _announce_when_ready(settings: Settings, engine: Engine) -> None:
+async def _announce_when_ready(settings: Settings, engine: Engine, telemetry: Telemetry) -> None:
     ok = await asyncio.to_thread(engine.wait_ready)
-    if ok:
-        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        model = engine.model
-        print(f"streamgen: ready, {model.manifest.model} ({model.manifest.quantization}) on {model.runner.device}; "
-              f"open http://{host}:{settings.port}/", file=sys.stderr, flush=True)
-    else:
-        print(f"streamgen: the engine failed to start: {engine.failure}", file=sys.stderr, flush=True)
+    if not ok:
+        log.error("engine.failed", error=engine.failure)
+        return
+    model = engine.model
+    telemetry.model_name = model.name
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    log.info("server.ready", url=f"http://{host}:{settings.port}/", model=model.name,
+             quantization=model.manifest.quantization, device=str(model.runner.device))

@@ -19,7 +19,8 @@ from streamgen.errors import ValidationError
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
-_GENERATE_FIELDS = {"type", "id", "prompt", "messages", "params"}
+_GENERATE_FIELDS = {"type", "id", "prompt", "messages", "params", "traceparent"}
+MAX_TRACEPARENT_CHARS = 256
 _CANCEL_FIELDS = {"type", "id"}
 _PING_FIELDS = {"type", "id"}
 
@@ -38,6 +39,7 @@ class Generate:
     prompt: str | None
     messages: tuple[ChatMessage, ...] | None
     params: SamplingParams
+    traceparent: str | None = None  # W3C trace context of the caller, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,11 @@ def _parse_generate(raw: dict, request_id: str | None) -> Generate:
         params = SamplingParams.from_mapping(raw.get("params", {}))
     except ValidationError as exc:
         raise ProtocolError(exc.message, code=exc.code, param=exc.param, request_id=rid) from None
-    return Generate(rid, prompt, messages, params)
+    traceparent = raw.get("traceparent")
+    if traceparent is not None and (not isinstance(traceparent, str) or len(traceparent) > MAX_TRACEPARENT_CHARS):
+        raise ProtocolError(f"traceparent must be a W3C traceparent string of at most {MAX_TRACEPARENT_CHARS} characters",
+                            code="invalid_message", param="traceparent", request_id=rid)
+    return Generate(rid, prompt, messages, params, traceparent)
 
 
 def _require_id(raw: Mapping[str, Any]) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +22,7 @@ from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
 from streamgen.errors import StreamgenError
 from streamgen.server import protocol
 from streamgen.server.protocol import Cancel, Generate, Ping, ProtocolError
-
-log = logging.getLogger("streamgen.ws")
+from streamgen.telemetry.setup import Telemetry
 
 CLOSE_TOO_BIG = 1009
 
@@ -36,10 +34,14 @@ class _InFlight:
 
 
 class Connection:
-    def __init__(self, websocket: WebSocket, engine: Engine, settings: Settings) -> None:
+    def __init__(self, websocket: WebSocket, engine: Engine, settings: Settings, telemetry: Telemetry) -> None:
         self.ws = websocket
         self.engine = engine
         self.settings = settings
+        self.telemetry = telemetry
+        # A traceparent on the handshake parents every request of the connection
+        # that does not bring its own.
+        self._traceparent = websocket.headers.get("traceparent")
         self._out: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._inflight: dict[str, _InFlight] = {}
 
@@ -74,6 +76,7 @@ class Connection:
             try:
                 self._dispatch(protocol.parse_client_message(text))
             except ProtocolError as exc:
+                self.telemetry.rejected_early(exc.request_id, exc.code, exc.message, exc.param)
                 self._send(protocol.error_message(exc.request_id, exc.code, exc.message, exc.param))
 
     def _dispatch(self, msg: Generate | Cancel | Ping) -> None:
@@ -96,16 +99,22 @@ class Connection:
             raise ProtocolError(
                 f"at most {self.settings.max_requests_per_connection} requests may be in flight on one connection",
                 code="too_many_requests", request_id=msg.id)
+        operation = "chat" if msg.messages is not None else "text_completion"
+        tel = self.telemetry.start_request(msg.id, operation, msg.traceparent or self._traceparent)
         try:
-            request = self.engine.prepare(msg.params, prompt=msg.prompt, messages=msg.messages, request_id=msg.id)
-            handle = self.engine.submit(request)
+            with tel.tokenize():
+                request = self.engine.prepare(msg.params, prompt=msg.prompt, messages=msg.messages, request_id=msg.id)
+            tel.accepted(request.params, len(request.prompt_ids), msg.prompt or _last_user_text(msg))
+            handle = self.engine.submit(request, observer=tel)
         except EngineOverloaded as exc:
+            tel.rejected(exc.code, exc.message, None)
             self._send(protocol.error_message(msg.id, exc.code, exc.message, retry_after_ms=exc.retry_after_ms))
             return
         except StreamgenError as exc:
+            tel.rejected(exc.code, exc.message, getattr(exc, "param", None))
             self._send(protocol.error_message(msg.id, exc.code, exc.message, getattr(exc, "param", None)))
             return
-        self._send(protocol.start_message(msg.id, len(request.prompt_ids)))
+        self._send(protocol.start_message(msg.id, len(request.prompt_ids), tel.trace_id))
         task = asyncio.create_task(self._stream(msg.id, handle))
         self._inflight[msg.id] = _InFlight(handle, task)
 
@@ -134,3 +143,9 @@ class Connection:
                 await self.ws.send_text(json.dumps(message, ensure_ascii=False))
             except Exception:  # noqa: BLE001 - the peer is gone; the reader sees the disconnect
                 return
+
+
+def _last_user_text(msg: Generate) -> str:
+    """What to log as 'the prompt' of a chat: its last user message."""
+    users = [m.content for m in msg.messages or () if m.role == "user"]
+    return users[-1] if users else ""

@@ -8,8 +8,9 @@ const state = {
   socket: null,
   retryMs: 500,          // reconnection back-off, doubled up to 8 s
   history: [],           // [{role, content}] of the finished turns
-  current: null,         // the request being streamed: {id, el, text, started, firstAt, tokens}
+  current: null,         // the request being streamed: {id, el, text, started, firstAt, tokens, traceId}
   nextId: 1,
+  jaegerUrl: null,       // from /v1/models; links each answer to its trace
 };
 
 // ---- connection ----------------------------------------------------------------
@@ -59,6 +60,8 @@ function handle(msg) {
   switch (msg.type) {
     case "start":
       cur.promptTokens = msg.prompt_tokens;
+      cur.traceId = msg.trace_id || null;
+      showTrace(cur.traceId);
       break;
     case "token":
       if (cur.firstAt === null) {
@@ -107,6 +110,7 @@ function finish(msg, failed) {
       `${msg.timings.decode_tokens_per_s.toFixed(1)} tok/s · seed ${msg.seed}`;
     cur.el.appendChild(meta);
   }
+  if (cur.traceId) cur.el.appendChild(traceLink(cur.traceId));
   // Keep the turn in the conversation unless it failed before producing text.
   if (!failed || cur.text) {
     state.history.push({ role: "user", content: cur.prompt });
@@ -114,6 +118,23 @@ function finish(msg, failed) {
   }
   state.current = null;
   updateButtons();
+}
+
+function traceLink(traceId) {
+  const el = document.createElement(state.jaegerUrl ? "a" : "span");
+  el.className = "trace";
+  el.textContent = `trace ${traceId}`;
+  el.dataset.traceId = traceId;
+  if (state.jaegerUrl) {
+    el.href = `${state.jaegerUrl.replace(/\/$/, "")}/trace/${traceId}`;
+    el.target = "_blank";
+    el.rel = "noopener";
+  }
+  return el;
+}
+
+function showTrace(traceId) {
+  $("trace").replaceChildren(traceId ? traceLink(traceId) : document.createTextNode("–"));
 }
 
 // ---- sending -----------------------------------------------------------------
@@ -150,7 +171,7 @@ function submit(ev) {
   state.current = { id, el, body: el.querySelector(".body"), prompt, text: "", started: performance.now(),
                     firstAt: null, tokens: 0 };
   $("prompt").value = "";
-  for (const k of ["ttft", "tps", "finish"]) $(k).textContent = "–";
+  for (const k of ["ttft", "tps", "finish", "trace"]) $(k).textContent = "–";
   $("tokens").textContent = "0";
   updateButtons();
 }
@@ -194,7 +215,9 @@ async function loadModelInfo() {
   try {
     const res = await fetch("/v1/models");
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
-    const m = (await res.json()).data[0];
+    const body = await res.json();
+    const m = body.data[0];
+    state.jaegerUrl = (body.ui && body.ui.jaeger_url) || null;
     $("model").textContent = `${m.id} · ${m.quantization} · ${m.device} · context ${m.context_length}`;
   } catch (err) {
     $("model").textContent = "model not ready yet";

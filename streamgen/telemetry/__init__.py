@@ -1,0 +1,1 @@
+"""Traces, metrics and logs. Configured once, from the CLI; nothing else imports the SDKs' globals."""

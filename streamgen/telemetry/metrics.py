@@ -1,0 +1,92 @@
+"""Server metrics: OpenTelemetry instruments, read by Prometheus at /metrics
+and pushed over OTLP when that is configured.
+
+Histogram names and bucket boundaries follow the OpenTelemetry GenAI
+conventions for model servers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Boundaries from the GenAI semantic conventions (gen_ai.server.* metrics).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+Gauges = Callable[[], Mapping[str, int]]
+
+
+class Metrics:
+    def __init__(self, resource: Resource, otlp: bool = False, protocol: str = "http/protobuf") -> None:
+        self.registry = CollectorRegistry()
+        readers: list[MetricReader] = [PrometheusMetricReader(registry=self.registry)]
+        if otlp:
+            readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter(protocol)))
+        self.provider = MeterProvider(resource=resource, metric_readers=readers)
+        meter = self.provider.get_meter("streamgen")
+        self.time_to_first_token = meter.create_histogram(
+            "gen_ai.server.time_to_first_token", unit="s",
+            description="Time to generate the first token, queue and prefill included",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
+        self.time_per_output_token = meter.create_histogram(
+            "gen_ai.server.time_per_output_token", unit="s",
+            description="Time per output token after the first, per successful request",
+            explicit_bucket_boundaries_advisory=TPOT_BUCKETS)
+        self.request_duration = meter.create_histogram(
+            "gen_ai.server.request.duration", unit="s",
+            description="Time from acceptance to the final message",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.batch_size = meter.create_histogram(
+            "streamgen.engine.batch_size", unit="{request}",
+            description="Requests sharing each decode forward pass",
+            explicit_bucket_boundaries_advisory=BATCH_BUCKETS)
+        self.input_tokens = meter.create_counter(
+            "streamgen.tokens.input", unit="{token}", description="Prompt tokens of accepted requests")
+        self.output_tokens = meter.create_counter(
+            "streamgen.tokens.output", unit="{token}", description="Generated tokens")
+        self.requests = meter.create_counter(
+            "streamgen.requests", unit="{request}",
+            description="Finished requests, by finish_reason, or by error.type when they failed")
+        self._gauges: Gauges = dict
+        for name, key, description in (
+            ("streamgen.requests.active", "active_requests", "Requests being decoded"),
+            ("streamgen.requests.queued", "queued_requests", "Requests waiting for the engine"),
+            ("streamgen.connections.open", "open_connections", "Open WebSocket connections"),
+        ):
+            meter.create_observable_gauge(name, callbacks=[self._gauge_callback(key)], description=description)
+
+    def observe(self, gauges: Gauges) -> None:
+        """Where the gauges read their values: a callable returning a stats mapping."""
+        self._gauges = gauges
+
+    def _gauge_callback(self, key: str):
+        def callback(options: CallbackOptions):
+            yield Observation(int(self._gauges().get(key, 0)))
+
+        return callback
+
+    def prometheus_text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+def _otlp_metric_exporter(protocol: str):
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    return OTLPMetricExporter()
