@@ -120,10 +120,10 @@ function finish(msg, failed) {
   updateButtons();
 }
 
-function traceLink(traceId) {
+function traceLink(traceId, label = `trace ${traceId}`) {
   const el = document.createElement(state.jaegerUrl ? "a" : "span");
   el.className = "trace";
-  el.textContent = `trace ${traceId}`;
+  el.textContent = label;
   el.dataset.traceId = traceId;
   if (state.jaegerUrl) {
     el.href = `${state.jaegerUrl.replace(/\/$/, "")}/trace/${traceId}`;
@@ -134,7 +134,7 @@ function traceLink(traceId) {
 }
 
 function showTrace(traceId) {
-  $("trace").replaceChildren(traceId ? traceLink(traceId) : document.createTextNode("–"));
+  $("trace").replaceChildren(traceId ? traceLink(traceId, traceId.slice(0, 16) + "…") : document.createTextNode("–"));
 }
 
 // ---- sending -----------------------------------------------------------------
