@@ -127,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--tokens", type=int, default=128, help="tokens per request (default 128)")
     bs.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0)")
     bs.add_argument("--home", default=None, help="cache directory")
+
+    bt = bsub.add_parser("tracing", help="tokens/s with per-token spans exported vs tracing off",
+                         description="Interleaves the same greedy request with tracing off, per-request spans and "
+                                     "per-token spans, the latter two exported over OTLP/HTTP to a discarding sink.")
+    bt.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    bt.add_argument("--quantize", choices=QUANTIZATIONS, default="none", help="variant (default none)")
+    bt.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    bt.add_argument("--tokens", type=int, default=128, help="tokens per request (default 128)")
+    bt.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0)")
+    bt.add_argument("--home", default=None, help="cache directory")
     return parser
 
 
@@ -139,10 +149,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "serve":
             return _cmd_serve(args)
+        if args.command == "bench":
+            from streamgen.telemetry.logs import configure_logging
+
+            configure_logging("warning")  # request lifecycle lines would drown the results
         if args.command == "bench" and args.bench == "engine":
             from streamgen.bench.engine import run_engine_bench
 
             return run_engine_bench(args)
+        if args.command == "bench" and args.bench == "tracing":
+            from streamgen.bench.tracing import run_tracing_bench
+
+            return run_tracing_bench(args)
         if args.command == "bench" and args.bench == "socket":
             from streamgen.bench.socket import run_socket_bench
 
