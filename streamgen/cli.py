@@ -14,7 +14,7 @@ from pathlib import Path
 
 from streamgen.config import add_settings_flags, settings_from_args
 from streamgen.errors import StreamgenError
-from streamgen.models.cache import DEFAULT_MODEL, QUANTIZATIONS, CacheLayout, streamgen_home
+from streamgen.models.cache import DEFAULT_MODEL, GRAPHS, QUANTIZATIONS, CacheLayout, streamgen_home
 
 _PARAM_HELP = {
     "temperature": "sampling temperature; 0 = greedy (default 0.7)",
@@ -33,11 +33,16 @@ _PARAM_HELP = {
 }
 
 
+_GRAPH_HELP = ("ONNX graph: gqa = GroupQueryAttention with static KV slots (Llama-family), plain = Optimum's "
+               "export with a concatenated cache, auto = gqa where the model allows it (default auto)")
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name, hub id (org/name) or local Hugging Face directory (default {DEFAULT_MODEL})")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                    help="weight quantization of the ONNX graph (default none)")
+    p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     p.add_argument("--home", default=None,
                    help="cache directory for models (default $STREAMGEN_HOME or ~/.cache/streamgen)")
 
@@ -83,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{DEFAULT_MODEL} (default, from a pinned wheel), a hub id org/name, or a local directory")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                    help="none = fp32; int8 = dynamic MatMul int8; int4 = MatMulNBits block 32 (default none)")
+    p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     p.add_argument("--home", default=None, help="cache directory (default $STREAMGEN_HOME or ~/.cache/streamgen)")
 
     g = sub.add_parser("generate", help="generate text and stream it to the terminal",
@@ -174,18 +180,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def ensure_model(model: str, quantization: str, home: str | None, allow_pull: bool = True) -> Path:
+def ensure_model(model: str, quantization: str, home: str | None, allow_pull: bool = True, graph: str = "auto") -> Path:
     """The cached model directory, pulling it first when allowed."""
     from streamgen.models.sources import resolve_source
 
     cache = CacheLayout(streamgen_home(home))
     name = resolve_source(model).name
-    if cache.is_published(name, quantization) or not allow_pull:
-        return cache.find(name, quantization)
+    if (directory := cache.published(name, quantization, graph)) is not None or not allow_pull:
+        return directory or cache.find(name, quantization, graph)
     from streamgen.models.pull import pull
 
-    print(f"streamgen: {model} ({quantization}) is not in {cache.home}; pulling it", file=sys.stderr)
-    return pull(model, quantization, cache)
+    print(f"streamgen: {model} ({graph}, {quantization}) is not in {cache.home}; pulling it", file=sys.stderr)
+    return pull(model, quantization, cache, graph=graph)
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
@@ -193,9 +199,9 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     from streamgen.models.sources import resolve_source
 
     cache = CacheLayout(streamgen_home(args.home))
-    if cache.is_published(resolve_source(args.model).name, args.quantize):
-        print(f"streamgen: {args.model} ({args.quantize}) is already in the cache", file=sys.stderr)
-    directory = pull(args.model, args.quantize, cache)
+    if cache.published(resolve_source(args.model).name, args.quantize, args.graph) is not None:
+        print(f"streamgen: {args.model} ({args.graph}, {args.quantize}) is already in the cache", file=sys.stderr)
+    directory = pull(args.model, args.quantize, cache, graph=args.graph)
     print(directory)
     return 0
 
@@ -206,6 +212,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from streamgen.engine.device import resolve_device
     from streamgen.engine.engine import Engine, EngineLimits
     from streamgen.engine.loader import load_model
+    from streamgen.engine.slots import SlotConfig
     from streamgen.server.app import create_app
     from streamgen.telemetry.logs import configure_logging
     from streamgen.telemetry.setup import Telemetry
@@ -217,10 +224,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # an unsupported OTEL_* value
         raise SystemExit(f"streamgen: {exc}") from None
     device = resolve_device(settings.device)
-    directory = ensure_model(settings.model, settings.quantize, settings.home, allow_pull=not args.no_pull)
+    directory = ensure_model(settings.model, settings.quantize, settings.home, allow_pull=not args.no_pull,
+                             graph=settings.graph)
+    slots = SlotConfig(max_batch=settings.max_batch, max_context=settings.max_context,
+                       prefill_chunk=settings.prefill_chunk)
     engine = Engine(
-        lambda: load_model(directory, device, settings.threads),
-        EngineLimits(max_batch=settings.max_batch, max_queued=settings.max_queued),
+        lambda: load_model(directory, device, settings.threads, slots),
+        EngineLimits(max_waiting=settings.max_queued, token_budget=settings.token_budget,
+                     prefill_chunk=settings.prefill_chunk),
     )
     print(f"streamgen: loading {directory} on {device}", file=sys.stderr, flush=True)
     uvicorn.run(
@@ -250,7 +261,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name) is not None}
     params = SamplingParams.from_mapping(given)
     device = resolve_device(args.device)
-    directory = ensure_model(args.model, args.quantize, args.home, allow_pull=not args.no_pull)
+    directory = ensure_model(args.model, args.quantize, args.home, allow_pull=not args.no_pull, graph=args.graph)
     model = load_model(directory, device, args.threads)
     chat = not args.raw and model.tokenizer.chat_template is not None
     if args.system and not chat:

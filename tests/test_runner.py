@@ -1,5 +1,6 @@
-"""The runner on the tiny model: the KV-cache loop must equal recomputation,
-Optimum's own generate, and itself inside a batch."""
+"""The plain-graph runner on the tiny model: its KV-cache loop must equal
+recomputation, Optimum's own generate, and itself inside a batch. And the
+generation loop over the default (GQA) build: batching, cancel, limits."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import numpy as np
 import pytest
 
 from streamgen.engine.generate import generate
-from streamgen.engine.loader import LoadedModel
+from streamgen.engine.loader import LoadedModel, load_model
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, TokenEvent, prepare_request
+from streamgen.engine.runner import OnnxRunner
+
+from conftest import CPU
 
 STEPS = 24
 PROMPTS = [
@@ -19,12 +23,16 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def plain(tiny_plain_dir) -> OnnxRunner:
+    return OnnxRunner(tiny_plain_dir, CPU)
+
+
 def _ids(model: LoadedModel, text: str) -> list[int]:
     return model.tokenizer.encode(text)
 
 
-def _cached_greedy(model: LoadedModel, prompts: list[list[int]], steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    runner = model.runner
+def _cached_greedy(runner: OnnxRunner, prompts: list[list[int]], steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
     state, logits = runner.prefill(prompts)
     tokens, all_logits = [], []
     for _ in range(steps):
@@ -35,24 +43,25 @@ def _cached_greedy(model: LoadedModel, prompts: list[list[int]], steps: int) -> 
     return np.stack(tokens, axis=1), all_logits  # [B, steps]
 
 
-def test_incremental_decoding_equals_full_recomputation(tiny_model: LoadedModel) -> None:
+def test_incremental_decoding_equals_full_recomputation(tiny_model: LoadedModel, plain: OnnxRunner) -> None:
     prompt = _ids(tiny_model, PROMPTS[1])
-    cached, cached_logits = _cached_greedy(tiny_model, [prompt], STEPS)
+    cached, cached_logits = _cached_greedy(plain, [prompt], STEPS)
     seq = list(prompt)
     for step in range(STEPS):
         # No cache at all: the whole sequence through a fresh prefill.
-        _, logits = tiny_model.runner.prefill([seq])
+        _, logits = plain.prefill([seq])
         np.testing.assert_allclose(logits, cached_logits[step], rtol=1e-4, atol=1e-4)
         seq.append(int(logits.argmax()))
     assert seq[len(prompt):] == cached[0].tolist()
 
 
-def test_greedy_equals_optimum_generate(tiny_model: LoadedModel, tiny_model_dir) -> None:
+def test_greedy_equals_optimum_generate(tiny_plain_dir) -> None:
     torch = pytest.importorskip("torch")
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    prompt = _ids(tiny_model, PROMPTS[0])
-    ref = ORTModelForCausalLM.from_pretrained(tiny_model_dir, use_io_binding=True, provider="CPUExecutionProvider")
+    model = load_model(tiny_plain_dir, CPU)
+    prompt = _ids(model, PROMPTS[0])
+    ref = ORTModelForCausalLM.from_pretrained(tiny_plain_dir, use_io_binding=True, provider="CPUExecutionProvider")
     ref.generation_config.eos_token_id = None  # generate exactly STEPS tokens, like ignore_eos
     out = ref.generate(
         torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -61,17 +70,17 @@ def test_greedy_equals_optimum_generate(tiny_model: LoadedModel, tiny_model_dir)
     expected = out[0, len(prompt):].tolist()
 
     params = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True)
-    request = prepare_request(tiny_model.tokenizer, tiny_model.context_length, params, prompt=PROMPTS[0])
-    ours = [e.token_id for e in generate(tiny_model.runner, tiny_model.tokenizer, [request]) if isinstance(e, TokenEvent)]
+    request = prepare_request(model.tokenizer, model.context_length, params, prompt=PROMPTS[0])
+    ours = [e.token_id for e in generate(model.runner, model.tokenizer, [request]) if isinstance(e, TokenEvent)]
     assert ours == expected
 
 
-def test_batch_rows_equal_solo_runs(tiny_model: LoadedModel) -> None:
+def test_batch_rows_equal_solo_runs(tiny_model: LoadedModel, plain: OnnxRunner) -> None:
     prompts = [_ids(tiny_model, p) for p in PROMPTS]
     assert len({len(p) for p in prompts}) == len(prompts), "prompts must differ in length to exercise padding"
-    batched, _ = _cached_greedy(tiny_model, prompts, STEPS)
+    batched, _ = _cached_greedy(plain, prompts, STEPS)
     for row, prompt in enumerate(prompts):
-        solo, _ = _cached_greedy(tiny_model, [prompt], STEPS)
+        solo, _ = _cached_greedy(plain, [prompt], STEPS)
         assert batched[row].tolist() == solo[0].tolist()
 
 

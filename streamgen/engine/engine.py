@@ -1,4 +1,4 @@
-"""The engine: model work in one worker thread, an asyncio façade for callers.
+"""The engine: the step loop in one worker thread, an asyncio façade for callers.
 
 Callers (the WebSocket handler) `submit` a validated request and get a
 `RequestHandle` whose `events()` async-iterates that request's TokenEvents and
@@ -6,15 +6,16 @@ exactly one final event (FinishEvent or ErrorEvent). Events cross from the
 worker thread to the event loop with `call_soon_threadsafe` onto an
 asyncio.Queue: no polling, and the loop is never blocked by model work.
 
-Scheduling today: the worker takes every waiting request (up to max_batch)
-into one static batch and runs it to completion; newcomers wait for the next
-batch. Cancels are flags checked once per step, so a cancelled or abandoned
-request stops within one step.
+The worker runs EngineCore (continuous batching): at every step boundary new
+requests join, cancelled and finished ones leave and free their slot, and one
+forward pass decodes every running request together. Cancel flags are read
+once per step, so a cancelled or abandoned request stops within one step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
 import time
@@ -24,25 +25,18 @@ from enum import StrEnum
 
 import structlog
 
-from streamgen.engine.generate import generate
+from streamgen.engine.core import EngineCore
 from streamgen.engine.loader import LoadedModel
 from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
 from streamgen.engine.params import SamplingParams
-from streamgen.engine.request import (
-    ErrorEvent,
-    Event,
-    FinishEvent,
-    FinishReason,
-    GenerationRequest,
-    Timings,
-    Usage,
-    prepare_request,
-)
+from streamgen.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, prepare_request
+from streamgen.engine.scheduler import QueueFull, SchedulerLimits
+from streamgen.engine.sequence import Sequence
 from streamgen.errors import StreamgenError
 
 log = structlog.get_logger("streamgen.engine")
 
-_STOP = object()  # queue sentinel
+_WAKE = object()  # inbox sentinel: an idle worker wakes up and looks at its stop flag
 
 
 class EngineState(StrEnum):
@@ -66,8 +60,9 @@ class EngineUnavailable(StreamgenError):
 
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
-    max_batch: int = 8  # requests decoded together in one static batch
-    max_queued: int = 64  # requests waiting for a batch; more are refused (overloaded)
+    max_waiting: int = 64  # accepted requests waiting for a slot; more are refused (overloaded)
+    token_budget: int = 256  # tokens per step: one per decoding request, the rest for prompt chunks
+    prefill_chunk: int = 128  # most prompt tokens of one request per step
 
 
 class RequestHandle:
@@ -80,6 +75,7 @@ class RequestHandle:
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False  # read by the worker thread once per step
         self.finished = False
+        self.sequence: Sequence | None = None  # set by the worker when it takes the request
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -106,16 +102,22 @@ class Engine:
         self._load = load
         self.limits = limits
         self.model: LoadedModel | None = None
+        self.core: EngineCore | None = None
         self.state = EngineState.LOADING
         self.failure: str | None = None
-        self._queue: queue.Queue = queue.Queue()
-        self._active: list[RequestHandle] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0  # submitted, not yet taken by the worker
+        self._pending_lock = threading.Lock()
+        self._handles: dict[int, RequestHandle] = {}  # worker-owned: sequence key -> handle
+        self._keys = itertools.count()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="streamgen-engine", daemon=True)
         self._ready = threading.Event()
-        self.batch_listeners: list[Callable[[int], None]] = []  # told each batch's size (metrics)
+        self.batch_listeners: list[Callable[[int], None]] = []  # told each decode step's batch size
         self.max_batch_seen = 0
+        self._mean_request_s = 1.0  # running mean, for retry_after_ms
 
-    # ---- lifecycle ---------------------------------------------------------
+    # ---- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
         """Load and warm up in the worker thread; returns at once. Idempotent."""
@@ -127,22 +129,24 @@ class Engine:
         return self.state == EngineState.READY
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Cancel everything in flight and end the worker."""
+        self._stopping = True
+        self._inbox.put(_WAKE)
         if self._thread.is_alive():
-            for handle in list(self._active):
-                handle.cancel()
-            self._queue.put(_STOP)
             self._thread.join(timeout)
         self.state = EngineState.STOPPED
 
-    # ---- what callers see --------------------------------------------------
+    # ---- what callers see ----------------------------------------------------------
 
     @property
     def active_requests(self) -> int:
-        return len(self._active)
+        core = self.core
+        return len(core.scheduler.running) if core else 0
 
     @property
     def queued_requests(self) -> int:
-        return self._queue.qsize()
+        core = self.core
+        return self._pending + (len(core.scheduler.waiting) if core else 0)
 
     def prepare(self, params: SamplingParams, *, prompt=None, messages=None, request_id: str = "") -> GenerationRequest:
         """Tokenize and validate against the loaded model (raises ValidationError)."""
@@ -152,16 +156,24 @@ class Engine:
         )
 
     def submit(self, request: GenerationRequest, observer: RequestObserver = NULL_OBSERVER) -> RequestHandle:
-        """Queue a validated request. Must be called from the event loop's thread."""
+        """Queue a validated request. Call from the event loop's thread."""
         self._require_ready()
-        if self._queue.qsize() >= self.limits.max_queued:
+        waiting = self.queued_requests
+        if waiting >= self.limits.max_waiting:
             raise EngineOverloaded(
-                f"the server is at capacity ({self.limits.max_queued} requests waiting); retry later",
-                retry_after_ms=1000,
+                f"the server is at capacity ({waiting} requests waiting); retry after retry_after_ms",
+                retry_after_ms=self._retry_after_ms(waiting),
             )
         handle = RequestHandle(replace(request, arrival=time.perf_counter()), asyncio.get_running_loop(), observer)
-        self._queue.put(handle)
+        with self._pending_lock:
+            self._pending += 1
+        self._inbox.put(handle)
         return handle
+
+    def _retry_after_ms(self, waiting: int) -> int:
+        """About when a slot should free up: the queue ahead drains at slots / mean request time."""
+        slots = self.model.runner.max_slots if self.model else 1
+        return max(100, int(1000 * self._mean_request_s * (waiting / slots + 1) / 2))
 
     def _require_ready(self) -> LoadedModel:
         if self.state != EngineState.READY or self.model is None:
@@ -169,12 +181,24 @@ class Engine:
             raise EngineUnavailable(f"the engine is {self.state}{reason}; check /health/ready")
         return self.model
 
-    # ---- the worker thread -------------------------------------------------
+    # ---- the worker thread ------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            self.model = self._load()
-            self._warm_up(self.model)
+            model = self._load()
+            self.core = EngineCore(
+                model.runner,
+                model.tokenizer,
+                SchedulerLimits(
+                    max_slots=model.runner.max_slots,
+                    max_waiting=self.limits.max_waiting,
+                    token_budget=self.limits.token_budget,
+                    prefill_chunk=self.limits.prefill_chunk,
+                ),
+                on_decode=self._decoded,
+            )
+            self._warm_up(self.core, model)
+            self.model = model
             self.state = EngineState.READY
         except Exception as exc:  # noqa: BLE001 - any load failure marks the engine failed
             log.exception("engine.load_failed")
@@ -183,85 +207,86 @@ class Engine:
             return
         finally:
             self._ready.set()
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            while len(batch) < self.limits.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    self._queue.put(_STOP)
-                    break
-                batch.append(nxt)
-            self._run_batch(batch)
-
-    def _run_batch(self, batch: list[RequestHandle]) -> None:
-        live = []
-        for handle in batch:
-            if handle.cancelled:  # the client left while it waited: skip the work
-                event = _cancelled_before_start(handle)
-                handle.observer.finished(event, time.perf_counter())
-                handle._deliver(event)
-            else:
-                live.append(handle)
-        if not live:
-            return
-        self._active = live
-        self.max_batch_seen = max(self.max_batch_seen, len(live))
-        for listener in self.batch_listeners:
-            listener(len(live))
-        model = self.model
         try:
-            for event in generate(
-                model.runner,
-                model.tokenizer,
-                [h.request for h in live],
-                is_cancelled=lambda row: live[row].cancelled,
-                observers=[h.observer for h in live],
-            ):
-                live[event.row]._deliver(event)
-        except Exception as exc:  # noqa: BLE001 - the session itself failed
+            self._loop()
+        except Exception as exc:  # noqa: BLE001 - the model itself failed: fail everyone cleanly
             log.exception("engine.step_failed")
             self.failure = f"{type(exc).__name__}: {exc}"
             self.state = EngineState.FAILED
-            for handle in live:
-                if not handle.finished:
-                    event = ErrorEvent(0, "internal", "the model failed while generating; see the server log")
-                    handle.observer.finished(event, time.perf_counter())
-                    handle._deliver(event)
-            self._fail_queued()
-        finally:
-            self._active = []
+            self._fail_all()
 
-    def _fail_queued(self) -> None:
+    def _loop(self) -> None:
+        core = self.core
+        while not self._stopping:
+            # Idle: block until something arrives (no polling). Busy: just drain.
+            self._take(block=not core.has_work)
+            self._apply_cancels()
+            if core.has_work:
+                self._deliver(core.step())
+        for handle in list(self._handles.values()):
+            handle.cancel()
+        self._apply_cancels()
+
+    def _take(self, block: bool) -> None:
         while True:
             try:
-                handle = self._queue.get_nowait()
+                item = self._inbox.get(block=block)
             except queue.Empty:
                 return
-            if handle is _STOP:
-                self._queue.put(_STOP)
-                return
-            event = ErrorEvent(0, "engine_unavailable", "the engine failed; see /health/ready")
-            handle.observer.finished(event, time.perf_counter())
-            handle._deliver(event)
+            block = False
+            if item is _WAKE:
+                continue
+            with self._pending_lock:
+                self._pending -= 1
+            key = next(self._keys)
+            try:
+                item.sequence = self.core.add(item.request, key, item.observer)
+            except QueueFull:
+                event = ErrorEvent(key, "overloaded", "the server is at capacity; retry later")
+                item.observer.finished(event, time.perf_counter())
+                item._deliver(event)
+                continue
+            self._handles[key] = item
 
-    def _warm_up(self, model: LoadedModel) -> None:
+    def _apply_cancels(self) -> None:
+        for handle in [h for h in self._handles.values() if h.cancelled]:
+            self._deliver(self.core.cancel(handle.sequence))
+
+    def _deliver(self, events: list[Event]) -> None:
+        for event in events:
+            handle = self._handles.get(event.row)
+            if handle is None:
+                continue
+            handle._deliver(event)
+            if isinstance(event, FinishEvent):
+                del self._handles[event.row]
+                self._mean_request_s = 0.9 * self._mean_request_s + 0.1 * event.timings.total_s
+
+    def _decoded(self, batch_size: int) -> None:
+        self.max_batch_seen = max(self.max_batch_seen, batch_size)
+        for listener in self.batch_listeners:
+            listener(batch_size)
+
+    def _fail_all(self) -> None:
+        now = time.perf_counter()
+        for handle in list(self._handles.values()):
+            event = ErrorEvent(0, "internal", "the model failed while generating; see the server log")
+            handle.observer.finished(event, now)
+            handle._deliver(event)
+        self._handles.clear()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _WAKE:
+                event = ErrorEvent(0, "engine_unavailable", "the engine failed; see /health/ready")
+                item.observer.finished(event, now)
+                item._deliver(event)
+
+    def _warm_up(self, core: EngineCore, model: LoadedModel) -> None:
         """One short generation so the first user does not pay for ORT's lazy set-up."""
         params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-        ids = model.tokenizer.encode("Hello")
-        request = GenerationRequest(tuple(ids), params, frozenset())
-        for _ in generate(model.runner, model.tokenizer, [request]):
-            pass
-
-
-def _cancelled_before_start(handle: RequestHandle) -> FinishEvent:
-    waited = time.perf_counter() - (handle.request.arrival or time.perf_counter())
-    return FinishEvent(
-        0, FinishReason.CANCELLED, "", "", Usage(len(handle.request.prompt_ids), 0),
-        Timings(waited, 0.0, 0.0, 0.0, waited), handle.request.params.seed or 0,
-    )
+        core.add(GenerationRequest(tuple(model.tokenizer.encode("Hello")), params, frozenset()), -1)
+        while core.has_work:
+            core.step()

@@ -5,17 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from streamgen.engine.core import KVRunner
 from streamgen.engine.device import Device
-from streamgen.engine.runner import OnnxRunner
+from streamgen.engine.runner import OnnxRunner, PlainSlots
+from streamgen.engine.slots import SlotConfig, SlotRunner
 from streamgen.engine.tokenizer import TextTokenizer
-from streamgen.models.cache import Manifest
+from streamgen.models.cache import GRAPH_GQA, Manifest
 
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
     directory: Path
     manifest: Manifest
-    runner: OnnxRunner
+    runner: KVRunner
     tokenizer: TextTokenizer
 
     @property
@@ -28,11 +30,16 @@ class LoadedModel:
     def context_length(self) -> int:
         return self.runner.info.context_length
 
+    @property
+    def kv_bytes(self) -> int:
+        return getattr(self.runner, "kv_bytes", 0)
 
-def load_model(directory: Path, device: Device, threads: int = 0) -> LoadedModel:
-    return LoadedModel(
-        directory=directory,
-        manifest=Manifest.read(directory),
-        runner=OnnxRunner(directory, device, threads),
-        tokenizer=TextTokenizer.from_dir(directory),
-    )
+
+def load_model(directory: Path, device: Device, threads: int = 0, slots: SlotConfig = SlotConfig()) -> LoadedModel:
+    """The GQA graph gets static KV slots (many requests per step); the plain graph one slot."""
+    manifest = Manifest.read(directory)
+    if manifest.graph == GRAPH_GQA:
+        runner: KVRunner = SlotRunner(directory, device, slots, threads)
+    else:
+        runner = PlainSlots(OnnxRunner(directory, device, threads))
+    return LoadedModel(directory, manifest, runner, TextTokenizer.from_dir(directory))

@@ -100,9 +100,13 @@ class OnnxRunner:
 
     def decode(self, state: KVState, token_ids: np.ndarray) -> np.ndarray:
         """Feed one token per row ([B]); returns logits [B, V] and advances the state."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(state.batch_size, 1)  # [B, 1]
-        positions = state.next_positions.reshape(-1, 1)  # [B, 1]
-        state.next_positions = state.next_positions + 1
+        return self.extend(state, np.asarray(token_ids, dtype=np.int64).reshape(state.batch_size, 1))
+
+    def extend(self, state: KVState, ids: np.ndarray) -> np.ndarray:
+        """Feed S more tokens per row ([B, S]) on top of the cache; returns last logits [B, V]."""
+        ids = np.asarray(ids, dtype=np.int64)
+        positions = state.next_positions[:, None] + np.arange(ids.shape[1])  # [B, S]
+        state.next_positions = state.next_positions + ids.shape[1]
         return self._run(state, ids, np.ones_like(ids), positions)
 
     def _run(self, state: KVState, ids: np.ndarray, new_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -124,3 +128,44 @@ class OnnxRunner:
         state.past = list(outputs[1:])
         state.attention_mask = mask
         return np.array(outputs[0].numpy()[:, -1, :], dtype=np.float32)  # [B, V], owned copy
+
+
+class PlainSlots:
+    """The KV-slot interface over the plain graph, with a single slot.
+
+    The plain graph's cache grows by concatenation and rows of one batch share
+    its length, so requests cannot join and leave a running batch: models
+    without the GroupQueryAttention graph run one request at a time.
+    """
+
+    max_slots = 1
+
+    def __init__(self, runner: OnnxRunner) -> None:
+        self.runner = runner
+        self.info = runner.info
+        self.device = runner.device
+        self._state: KVState | None = None
+        self._taken = False
+
+    @property
+    def free_slots(self) -> int:
+        return 0 if self._taken else 1
+
+    def allocate(self) -> int | None:
+        if self._taken:
+            return None
+        self._taken, self._state = True, None
+        return 0
+
+    def free(self, slot: int) -> None:
+        self._taken, self._state = False, None
+
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
+        if self._state is None:
+            self._state, logits = self.runner.prefill([token_ids])
+        else:
+            logits = self.runner.extend(self._state, np.asarray([token_ids], dtype=np.int64))
+        return logits[0]
+
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        return self.runner.decode(self._state, np.asarray(token_ids, dtype=np.int64))

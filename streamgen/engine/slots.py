@@ -76,6 +76,10 @@ class SlotRunner:
         self._free = list(range(b))
 
     @property
+    def max_slots(self) -> int:
+        return self.config.max_batch
+
+    @property
     def kv_bytes(self) -> int:
         """Device memory held by the KV buffers."""
         return self._row_bytes * self.config.max_batch * len(self._kv)

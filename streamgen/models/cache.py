@@ -2,7 +2,7 @@
 
     $STREAMGEN_HOME/                      (default ~/.cache/streamgen)
       downloads/                          wheels fetched from the package index
-      models/<slug>/<quantization>/       one published model
+      models/<slug>/<graph>-<quantization>/   one published model (graph: gqa or plain)
         model.onnx  tokenizer.json  chat_template.jinja
         config.json  generation_config.json  manifest.json
       tmp/                                builds in progress (same filesystem,
@@ -26,6 +26,9 @@ from streamgen.errors import ModelNotFoundError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 QUANTIZATIONS = ("none", "int8", "int4")
+GRAPH_GQA = "gqa"  # GroupQueryAttention with static KV buffers (models/gqa.py)
+GRAPH_PLAIN = "plain"  # Optimum's text-generation-with-past export
+GRAPHS = ("auto", GRAPH_GQA, GRAPH_PLAIN)  # auto: gqa where the architecture allows it
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -51,7 +54,7 @@ class Manifest:
     model: str  # the name the user pulled
     source: dict[str, Any]  # kind (wheel|hub|local) and where from
     quantization: str
-    graph: str  # "plain": Optimum's text-generation-with-past export
+    graph: str  # GRAPH_GQA or GRAPH_PLAIN
     files: dict[str, str]  # file name -> sha256
     tools: dict[str, str]  # tool versions that built it
     notes: list[str] = field(default_factory=list)
@@ -80,18 +83,27 @@ class CacheLayout:
     def tmp(self) -> Path:
         return self.home / "tmp"
 
-    def model_dir(self, model: str, quantization: str) -> Path:
-        return self.home / "models" / model_slug(model) / quantization
+    def model_dir(self, model: str, quantization: str, graph: str) -> Path:
+        return self.home / "models" / model_slug(model) / f"{graph}-{quantization}"
 
-    def is_published(self, model: str, quantization: str) -> bool:
-        return (self.model_dir(model, quantization) / MANIFEST).is_file()
+    def is_published(self, model: str, quantization: str, graph: str) -> bool:
+        return (self.model_dir(model, quantization, graph) / MANIFEST).is_file()
 
-    def find(self, model: str, quantization: str) -> Path:
+    def published(self, model: str, quantization: str, graph: str = "auto") -> Path | None:
+        """The directory of a published build; for graph auto, gqa is preferred over plain."""
+        for kind in (GRAPH_GQA, GRAPH_PLAIN) if graph == "auto" else (graph,):
+            if self.is_published(model, quantization, kind):
+                return self.model_dir(model, quantization, kind)
+        return None
+
+    def find(self, model: str, quantization: str, graph: str = "auto") -> Path:
         """The published directory, or ModelNotFoundError that says how to pull it."""
-        if not self.is_published(model, quantization):
+        directory = self.published(model, quantization, graph)
+        if directory is None:
             quant = "" if quantization == "none" else f" --quantize {quantization}"
+            kind = "" if graph == "auto" else f" --graph {graph}"
             raise ModelNotFoundError(
-                f"model {model!r} ({quantization}) is not in the cache at {self.home}; "
-                f"run `streamgen pull {model}{quant}` first"
+                f"model {model!r} ({graph}, {quantization}) is not in the cache at {self.home}; "
+                f"run `streamgen pull {model}{quant}{kind}` first"
             )
-        return self.model_dir(model, quantization)
+        return directory

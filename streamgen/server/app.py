@@ -76,6 +76,8 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
                 "device": str(model.runner.device),
                 "quantization": model.manifest.quantization,
                 "graph": model.manifest.graph,
+                "max_batch": model.runner.max_slots,
+                "kv_cache_bytes": model.kv_bytes,
             }],
             "websocket": {"path": WS_PATH, "protocol_version": PROTOCOL_VERSION},
             "ui": {"jaeger_url": settings.jaeger_url},
@@ -119,4 +121,6 @@ async def _announce_when_ready(settings: Settings, engine: Engine, telemetry: Te
     telemetry.model_name = model.name
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     log.info("server.ready", url=f"http://{host}:{settings.port}/", model=model.name,
-             quantization=model.manifest.quantization, device=str(model.runner.device))
+             graph=model.manifest.graph, quantization=model.manifest.quantization, device=str(model.runner.device),
+             slots=model.runner.max_slots, context=model.context_length,
+             kv_cache_mib=round(model.kv_bytes / 2**20, 1))
