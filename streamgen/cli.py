@@ -134,6 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0)")
     bs.add_argument("--home", default=None, help="cache directory")
 
+    bq = bsub.add_parser("quality", help="perplexity, top-1 agreement and KL of each quantization against fp32",
+                         description="Teacher-forces the paragraphs of streamgen/bench/quality_texts.txt through each "
+                                     "quantized variant and the fp32 one; prints perplexity, top-1 agreement with fp32 "
+                                     "and mean KL divergence from fp32.")
+    bq.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    bq.add_argument("--quantize", default="none,int8,int4", help="comma-separated variants (default none,int8,int4)")
+    bq.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
+    bq.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0)")
+    bq.add_argument("--home", default=None, help="cache directory")
+    bq.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+
+    bsp = bsub.add_parser("speed", help="plain vs GQA graphs, fp32/int8/int4, and llama.cpp when installed",
+                          description="Interleaves the plain fp32 graph, the GQA graph in fp32, int8 and int4, and "
+                                      "llama.cpp on the same GGUF (when llama-cpp-python is installed); reports batch-1 "
+                                      "decode tok/s, batch-16 aggregate tok/s and prefill time for 42 and 512 tokens.")
+    bsp.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    bsp.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    bsp.add_argument("--threads", type=int, default=0, help="intra-op threads for every contender (default 0)")
+    bsp.add_argument("--home", default=None, help="cache directory")
+    bsp.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+
     bt = bsub.add_parser("tracing", help="tokens/s with per-token spans exported vs tracing off",
                          description="Interleaves the same greedy request with tracing off, per-request spans and "
                                      "per-token spans, the latter two exported over OTLP/HTTP to a discarding sink.")
@@ -163,6 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from streamgen.bench.engine import run_engine_bench
 
             return run_engine_bench(args)
+        if args.command == "bench" and args.bench == "quality":
+            from streamgen.bench.quality import run_quality_bench
+
+            return run_quality_bench(args)
+        if args.command == "bench" and args.bench == "speed":
+            from streamgen.bench.speed import run_speed_bench
+
+            return run_speed_bench(args)
         if args.command == "bench" and args.bench == "tracing":
             from streamgen.bench.tracing import run_tracing_bench
 

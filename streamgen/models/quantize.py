@@ -1,6 +1,6 @@
 """Weight quantization with ONNX Runtime's own quantizers. Export extra only.
 
-- int8: dynamic quantization of every MatMul (weights int8 per tensor,
+- int8: dynamic quantization of every MatMul (weights int8 per output channel,
   activations quantized on the fly).
 - int4: MatMulNBits, symmetric, block 32 (the block size measured in the
   field notes), with int8 compute on CPUs that support it.
@@ -33,7 +33,7 @@ def quantize_model(src: Path, dst: Path, method: str) -> list[str]:
         notes.append("lm_head untied from the embedding so it is quantized too")
     if method == "int8":
         _int8(model, dst)
-        notes.append("int8: onnxruntime quantize_dynamic, MatMul weights QInt8 per tensor")
+        notes.append("int8: onnxruntime quantize_dynamic, MatMul weights QInt8 per output channel")
     elif method == "int4":
         _int4(model, dst)
         notes.append(f"int4: onnxruntime MatMulNBits, symmetric, block {BLOCK_SIZE}, accuracy_level {INT4_ACCURACY_LEVEL}")
@@ -60,7 +60,7 @@ def _int8(model, dst: Path) -> None:
         level = root.level
         root.setLevel(logging.ERROR)
         try:
-            quantize_dynamic(untied, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+            quantize_dynamic(untied, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, per_channel=True)
         finally:
             root.setLevel(level)
 

@@ -1,0 +1,101 @@
+"""`streamgen bench quality`: what quantization costs in accuracy, against fp32.
+
+Each paragraph of bench/quality_texts.txt is fed token by token (teacher
+forcing) through every variant of the same model and graph. Compared with the
+fp32 variant, position by position:
+- perplexity of the text under each variant;
+- top-1 agreement: the variant's most likely next token equals fp32's;
+- mean KL divergence KL(p_fp32 || p_variant) of the next-token distributions.
+All paragraphs run together, one per KV slot, so a variant costs one pass
+over the longest paragraph.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamgen.engine.device import Device
+from streamgen.engine.loader import load_model
+from streamgen.engine.slots import SlotConfig
+
+TEXTS = Path(__file__).with_name("quality_texts.txt")
+
+
+@dataclass(frozen=True, slots=True)
+class QualityRow:
+    quantization: str
+    perplexity: float
+    top1_agreement: float  # with fp32
+    mean_kl: float  # KL(fp32 || variant), nats
+    positions: int
+
+
+def load_texts(path: Path = TEXTS) -> list[str]:
+    return [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def next_token_logprobs(directory: Path, texts: list[str], threads: int = 0) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Per text: log-probabilities [len - 1, V] of each next token, and the token ids."""
+    model = load_model(directory, Device("cpu"), threads, SlotConfig(max_batch=len(texts), max_context=1024))
+    runner = model.runner
+    ids = [model.tokenizer.encode(t) for t in texts]
+    slots = [runner.allocate() for _ in ids]
+    # Position 0 of every text through prefill, then the rest one step at a time, all rows together.
+    rows = [[runner.prefill(s, seq[:1])] for s, seq in zip(slots, ids)]
+    for pos in range(1, max(len(seq) for seq in ids) - 1):
+        live = [i for i, seq in enumerate(ids) if pos < len(seq) - 1]
+        logits = runner.decode([slots[i] for i in live], [ids[i][pos] for i in live])
+        for i, row in zip(live, logits):
+            rows[i].append(row)
+    return [_log_softmax(np.stack(r)) for r in rows], ids
+
+
+def compare(reference: list[np.ndarray], variant: list[np.ndarray], ids: list[list[int]], name: str) -> QualityRow:
+    nll, agree, kl, n = 0.0, 0, 0.0, 0
+    for ref, var, seq in zip(reference, variant, ids):
+        targets = np.asarray(seq[1 : 1 + len(var)])
+        nll -= float(var[np.arange(len(var)), targets].sum())
+        agree += int((ref.argmax(axis=1) == var.argmax(axis=1)).sum())
+        kl += float((np.exp(ref) * (ref - var)).sum())
+        n += len(var)
+    return QualityRow(name, round(float(np.exp(nll / n)), 3), round(agree / n, 4), round(kl / n, 4), n)
+
+
+def run_quality(directories: dict[str, Path], threads: int = 0, texts: list[str] | None = None) -> list[QualityRow]:
+    """directories: quantization -> model directory; must include 'none' (the fp32 reference)."""
+    texts = texts or load_texts()
+    reference, ids = next_token_logprobs(directories["none"], texts, threads)
+    rows = []
+    for name, directory in directories.items():
+        logprobs = reference if name == "none" else next_token_logprobs(directory, texts, threads)[0]
+        rows.append(compare(reference, logprobs, ids, name))
+    return rows
+
+
+def run_quality_bench(args) -> int:
+    from streamgen.cli import ensure_model
+
+    variants = [v.strip() for v in args.quantize.split(",") if v.strip()]
+    if "none" not in variants:
+        variants.insert(0, "none")
+    directories = {q: ensure_model(args.model, q, args.home, graph=args.graph) for q in variants}
+    rows = run_quality(directories, args.threads)
+    texts = load_texts()
+    print(f"\nstreamgen bench quality: {args.model} ({args.graph} graph), {len(texts)} paragraphs, "
+          f"{rows[0].positions} teacher-forced positions, fp32 is the reference\n")
+    print("| quantization | perplexity | top-1 agreement with fp32 | mean KL(fp32 ‖ q) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.quantization} | {r.perplexity} | {r.top1_agreement:.1%} | {r.mean_kl} |")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    return 0

@@ -1,0 +1,176 @@
+"""Scheduler and step loop driven by a fake model: no ONNX, no weights.
+
+The fake runner's logits always point at (previous token + 1) mod V, so every
+output is predictable, and it records what each forward pass contained.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from streamgen.engine.core import EngineCore
+from streamgen.engine.params import SamplingParams
+from streamgen.engine.request import FinishEvent, GenerationRequest, TokenEvent
+from streamgen.engine.runner import ModelInfo
+from streamgen.engine.scheduler import QueueFull, Scheduler, SchedulerLimits
+from streamgen.engine.sequence import Sequence, SeqStatus
+from streamgen.engine.tokenizer import TextTokenizer
+
+V = 50
+
+
+def _tokenizer() -> TextTokenizer:
+    vocab = {f"w{i}": i for i in range(V)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return TextTokenizer(tok, None, frozenset())
+
+
+class FakeRunner:
+    """KV slots without a model: next token = last token + 1."""
+
+    def __init__(self, max_slots: int, context: int = 64) -> None:
+        self.max_slots = max_slots
+        self.info = ModelInfo(num_layers=1, num_kv_heads=1, head_dim=16, vocab_size=V, context_length=context)
+        self._free = list(range(max_slots))
+        self.last: dict[int, int] = {}
+        self.calls: list[tuple[str, list[int], int]] = []  # (kind, slots, tokens)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int | None:
+        if not self._free:
+            return None
+        self._free.sort()
+        return self._free.pop(0)
+
+    def free(self, slot: int) -> None:
+        assert slot not in self._free, "double free"
+        self._free.append(slot)
+        self.last.pop(slot, None)
+
+    def _logits(self, token: int) -> np.ndarray:
+        row = np.zeros(V, dtype=np.float32)
+        row[(token + 1) % V] = 10.0
+        return row
+
+    def prefill(self, slot, token_ids):
+        self.calls.append(("prefill", [slot], len(token_ids)))
+        self.last[slot] = token_ids[-1]
+        return self._logits(token_ids[-1])
+
+    def decode(self, slots, token_ids):
+        self.calls.append(("decode", list(slots), len(slots)))
+        for s, t in zip(slots, token_ids):
+            self.last[s] = t
+        return np.stack([self._logits(t) for t in token_ids])
+
+
+def _request(prompt_len: int, max_tokens: int = 5, first: int = 1) -> GenerationRequest:
+    prompt = tuple((first + i) % V for i in range(prompt_len))
+    return GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens), frozenset())
+
+
+def _core(slots: int = 2, waiting: int = 8, budget: int = 64, chunk: int = 16) -> tuple[EngineCore, FakeRunner]:
+    runner = FakeRunner(slots)
+    limits = SchedulerLimits(max_slots=slots, max_waiting=waiting, token_budget=budget, prefill_chunk=chunk)
+    return EngineCore(runner, _tokenizer(), limits), runner
+
+
+def _run(core: EngineCore) -> list:
+    events = []
+    while core.has_work:
+        events += core.step()
+    return events
+
+
+def test_admission_is_first_come_first_served() -> None:
+    core, runner = _core(slots=2)
+    seqs = [core.add(_request(3, max_tokens=2 + i), key=i) for i in range(5)]
+    core.step()
+    assert [s.status for s in seqs] == [SeqStatus.DECODING] * 2 + [SeqStatus.WAITING] * 3
+    finished_order = [e.row for e in _run(core) if isinstance(e, FinishEvent)]
+    assert finished_order == [0, 1, 2, 3, 4]
+    # each got the predictable continuation of its prompt
+    assert all(s.output_ids == [(s.request.prompt_ids[-1] + 1 + k) % V for k in range(s.max_tokens)] for s in seqs)
+
+
+def test_token_budget_bounds_prefill_and_chunks_long_prompts() -> None:
+    core, runner = _core(slots=4, budget=10, chunk=4)
+    decoding = [core.add(_request(2, max_tokens=50), key=i) for i in range(3)]
+    core.step()  # admits and prefills the three short prompts
+    assert all(s.status == SeqStatus.DECODING for s in decoding)
+    long = core.add(_request(20, max_tokens=3), key=9)
+    runner.calls.clear()
+    core.step()
+    prefilled = sum(n for kind, _, n in runner.calls if kind == "prefill")
+    decoded = sum(n for kind, _, n in runner.calls if kind == "decode")
+    assert decoded == 3, "running sequences keep decoding while a long prompt comes in"
+    assert prefilled == 4 and prefilled + decoded <= 10, "one chunk within the budget"
+    steps = 1
+    while long.status != SeqStatus.DECODING:
+        core.step()
+        steps += 1
+    assert steps == 5, "20 prompt tokens in chunks of 4"
+
+
+def test_a_full_queue_refuses_at_once() -> None:
+    scheduler = Scheduler(SchedulerLimits(max_slots=1, max_waiting=2))
+    tok = _tokenizer()
+    for i in range(2):
+        scheduler.add(Sequence(i, _request(3), tok, 64))
+    with pytest.raises(QueueFull):
+        scheduler.add(Sequence(3, _request(3), tok, 64))
+
+
+def test_cancel_removes_the_row_before_the_next_forward_pass() -> None:
+    core, runner = _core(slots=3)
+    seqs = [core.add(_request(2, max_tokens=30), key=i) for i in range(3)]
+    core.step()
+    core.step()
+    events = core.cancel(seqs[1])
+    assert len(events) == 1 and events[0].finish_reason == "cancelled"
+    assert runner.free_slots == 1, "its slot is free at once"
+    runner.calls.clear()
+    core.step()
+    assert runner.calls == [("decode", [seqs[0].slot, seqs[2].slot], 2)]
+    assert core.cancel(seqs[1]) == [], "cancelling twice does nothing"
+
+
+def test_a_waiting_request_cancelled_never_runs() -> None:
+    core, runner = _core(slots=1)
+    first = core.add(_request(2, max_tokens=3), key=0)
+    second = core.add(_request(2, max_tokens=3), key=1)
+    core.step()
+    (event,) = core.cancel(second)
+    assert event.usage.completion_tokens == 0
+    _run(core)
+    assert [c for c in runner.calls if c[0] == "prefill"] == [("prefill", [0], 2)], "only the first was prefilled"
+    assert first.finish_reason == "length"
+
+
+def test_slots_are_returned_and_reused() -> None:
+    core, runner = _core(slots=2)
+    for i in range(6):
+        core.add(_request(2 + i, max_tokens=1 + i % 3), key=i)
+    events = _run(core)
+    assert runner.free_slots == 2
+    assert sum(isinstance(e, FinishEvent) for e in events) == 6
+    used = {slots[0] for kind, slots, _ in runner.calls if kind == "prefill"}
+    assert used == {0, 1}
+
+
+def test_exactly_one_final_event_per_request() -> None:
+    core, _ = _core(slots=3, budget=8, chunk=3)
+    rng = np.random.default_rng(0)
+    seqs = [core.add(_request(int(rng.integers(1, 12)), max_tokens=int(rng.integers(1, 9))), key=i) for i in range(8)]
+    events = _run(core)
+    finals = [e.row for e in events if isinstance(e, FinishEvent)]
+    assert sorted(finals) == list(range(8))
+    for s in seqs:
+        tokens = [e for e in events if isinstance(e, TokenEvent) and e.row == s.key]
+        assert [t.index for t in tokens] == list(range(s.max_tokens))

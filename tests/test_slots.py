@@ -1,0 +1,138 @@
+"""Static KV slots over the GroupQueryAttention graph, on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamgen.engine.generate import generate
+from streamgen.engine.loader import load_model
+from streamgen.engine.params import SamplingParams
+from streamgen.engine.request import FinishEvent, TokenEvent, prepare_request
+from streamgen.engine.runner import OnnxRunner
+from streamgen.engine.slots import ContextFull, SlotConfig, SlotRunner
+from streamgen.models.cache import Manifest
+
+from conftest import CPU
+
+PROMPTS = ["The quick brown fox", "Paris is the capital of France. Berlin is", "Hello", "Code: def f(x): return"]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_model(tiny_model_dir, CPU).tokenizer
+
+
+@pytest.fixture()
+def slots(tiny_model_dir) -> SlotRunner:
+    return SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=4, max_context=128, prefill_chunk=5))
+
+
+def _greedy_plain(runner: OnnxRunner, prompt: list[int], steps: int) -> list[int]:
+    state, logits = runner.prefill([prompt])
+    out = []
+    for _ in range(steps):
+        out.append(int(logits[0].argmax()))
+        logits = runner.decode(state, np.array([out[-1]]))
+    return out
+
+
+def _greedy_slot(runner: SlotRunner, slot: int, prompt: list[int], steps: int) -> list[int]:
+    logits = runner.prefill(slot, prompt)
+    out = []
+    for _ in range(steps):
+        out.append(int(logits.argmax()))
+        logits = runner.decode([slot], [out[-1]])[0]
+    return out
+
+
+def test_the_default_build_is_the_gqa_graph_without_concat(tiny_model_dir) -> None:
+    import onnx
+
+    assert Manifest.read(tiny_model_dir).graph == "gqa"
+    ops = [n.op_type for n in onnx.load(str(tiny_model_dir / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "Concat" not in ops
+
+
+def test_gqa_greedy_equals_the_plain_export_for_64_steps(tiny_plain_dir, tok, slots) -> None:
+    plain = OnnxRunner(tiny_plain_dir, CPU)
+    for text in PROMPTS[:2]:
+        prompt = tok.encode(text)
+        slot = slots.allocate()
+        assert _greedy_slot(slots, slot, prompt, 64) == _greedy_plain(plain, prompt, 64)
+        slots.free(slot)
+
+
+def test_rows_of_different_lengths_decoded_together_give_their_solo_tokens(tok, slots) -> None:
+    prompts = [tok.encode(t) for t in PROMPTS]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    solo = []
+    for p in prompts:
+        s = slots.allocate()
+        solo.append(_greedy_slot(slots, s, p, 30))
+        slots.free(s)
+    taken = [slots.allocate() for _ in prompts]
+    logits = np.stack([slots.prefill(s, p) for s, p in zip(taken, prompts)])  # one row at a time
+    together = [[] for _ in prompts]
+    for _ in range(30):
+        picks = logits.argmax(axis=1)
+        for out, t in zip(together, picks):
+            out.append(int(t))
+        logits = slots.decode(taken, picks.tolist())
+    assert together == solo
+
+
+def test_prefilling_a_row_leaves_the_other_rows_bit_identical(tok, slots) -> None:
+    a, b = slots.allocate(), slots.allocate()
+    slots.prefill(a, tok.encode(PROMPTS[1]))
+    slots.decode([a], [5])
+    before = [kv.numpy().copy() for kv in slots._kv]  # CPU OrtValues: numpy() views the buffer
+    slots.prefill(b, tok.encode(PROMPTS[0]))
+    after = [kv.numpy() for kv in slots._kv]
+    for x, y in zip(before, after):
+        assert np.array_equal(x[a], y[a]), "row a changed"
+        assert not np.array_equal(x[b], y[b]), "row b was written"
+
+
+def test_a_reused_slot_gives_solo_tokens(tok, slots) -> None:
+    prompt = tok.encode(PROMPTS[2])
+    fresh = slots.allocate()
+    expected = _greedy_slot(slots, fresh, prompt, 20)
+    slots.free(fresh)
+    # Fill slot 0 with a long, different history, free it, then reuse it.
+    s = slots.allocate()
+    assert s == fresh
+    _greedy_slot(slots, s, tok.encode(PROMPTS[1] * 3), 40)
+    slots.free(s)
+    again = slots.allocate()
+    assert again == fresh
+    assert _greedy_slot(slots, again, prompt, 20) == expected
+
+
+def test_chunked_prefill_equals_one_pass(tiny_model_dir, tok) -> None:
+    prompt = tok.encode(PROMPTS[1] * 2)
+    whole = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=1, max_context=128, prefill_chunk=128))
+    chunked = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=1, max_context=128, prefill_chunk=3))
+    np.testing.assert_allclose(whole.prefill(whole.allocate(), prompt), chunked.prefill(chunked.allocate(), prompt),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_a_full_slot_ends_with_length_never_a_crash(tiny_model_dir, tok) -> None:
+    runner = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=2, max_context=32))
+    prompt = tok.encode("Hello world")
+    params = SamplingParams(temperature=0, ignore_eos=True)  # max_tokens: whatever the slot leaves
+    req = prepare_request(tok, runner.info.context_length, params, prompt="Hello world")
+    events = list(generate(runner, tok, [req]))
+    final = events[-1]
+    assert isinstance(final, FinishEvent) and final.finish_reason == "length"
+    assert final.usage.completion_tokens == 32 - len(prompt)
+    assert sum(isinstance(e, TokenEvent) for e in events) == 32 - len(prompt)
+    with pytest.raises(ContextFull):
+        slot = runner.allocate()
+        runner.prefill(slot, list(range(1, 40)))
+
+
+def test_memory_use_is_reported(tiny_model_dir) -> None:
+    runner = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=3, max_context=64))
+    info = runner.info
+    assert runner.kv_bytes == 3 * info.num_kv_heads * 64 * info.head_dim * 4 * 2 * info.num_layers
