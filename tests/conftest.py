@@ -142,6 +142,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def real_server(real_model_dir: Path) -> Iterator[ServerProcess]:
+    """`streamgen serve` with its defaults: the GQA graph, fp32."""
     server = ServerProcess(real_model_dir.parents[2])
     try:
         server.wait_ready()

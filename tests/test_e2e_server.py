@@ -10,9 +10,12 @@ import pytest
 import websockets
 
 from streamgen.engine.generate import generate
+from streamgen.engine.loader import load_model
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import TokenEvent, prepare_request
 from streamgen.engine.tokenizer import ChatMessage
+
+from conftest import CPU
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +38,7 @@ async def _stream(url: str, rid: str, **params) -> list[tuple[float, dict]]:
                 return out
 
 
-def test_tokens_stream_incrementally_and_match_the_engine(real_server, real_model) -> None:
+def test_tokens_stream_incrementally_and_match_the_engine(real_server, real_model_dir) -> None:
     timed = asyncio.run(_stream(real_server.ws_url, "poem", temperature=0, max_tokens=48))
     msgs = [m for _, m in timed]
     tokens = [(t, m) for t, m in timed if m["type"] == "token"]
@@ -49,7 +52,8 @@ def test_tokens_stream_incrementally_and_match_the_engine(real_server, real_mode
     streamed = "".join(m["text"] for _, m in tokens) + done["tail"]
     assert streamed == done["text"]
 
-    # The same request through the engine alone, in this process.
+    # The same request through the engine alone, in this process, on the same build.
+    real_model = load_model(real_model_dir, CPU)
     params = SamplingParams(temperature=0, max_tokens=48)
     req = prepare_request(real_model.tokenizer, real_model.context_length, params,
                           messages=[ChatMessage("user", QUESTION)])
