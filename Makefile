@@ -11,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[export,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[export,test,bench]'
 	touch $(STAMP)
 
 # The browser tests drive Debian's chromium (Playwright downloads no browser).

@@ -40,9 +40,9 @@ _GRAPH_HELP = ("ONNX graph: gqa = GroupQueryAttention with static KV slots (Llam
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name, hub id (org/name) or local Hugging Face directory (default {DEFAULT_MODEL})")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                   help="weight quantization: none = fp32 (default); int8/int4 are 3-4x faster but lose quality "
-                        "on small models (docs/benchmarks.md)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default="int8",
+                   help="weight quantization: int8 (default) keeps fp32 quality within 1%% perplexity at about twice "
+                        "the speed; none = fp32; int4 is faster still but loses quality (docs/benchmarks.md)")
     p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     p.add_argument("--home", default=None,
                    help="cache directory for models (default $STREAMGEN_HOME or ~/.cache/streamgen)")
@@ -156,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     bsp.add_argument("--home", default=None, help="cache directory")
     bsp.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
 
+    bl = bsub.add_parser("load", help="concurrent WebSocket clients: batching vs batching off",
+                         description="Starts two `streamgen serve` processes (continuous batching, and one slot) and "
+                                     "drives each with N concurrent WebSocket clients per level; reports time to first "
+                                     "token, inter-token latency, aggregate tokens/s and failures; writes JSON and a plot.")
+    bl.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    bl.add_argument("--quantize", choices=QUANTIZATIONS, default="int8", help="variant (default int8, the serving default)")
+    bl.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32],
+                    help="comma-separated client counts (default 1,4,16,32)")
+    bl.add_argument("--duration", type=float, default=15.0, help="seconds per level and server (default 15)")
+    bl.add_argument("--max-batch", type=int, default=32, help="slots of the batching server (default 32)")
+    bl.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0)")
+    bl.add_argument("--home", default=None, help="cache directory")
+    bl.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
+    bl.add_argument("--plot", type=Path, default=None, help="write a PNG plot to this file")
+
     bt = bsub.add_parser("tracing", help="tokens/s with per-token spans exported vs tracing off",
                          description="Interleaves the same greedy request with tracing off, per-request spans and "
                                      "per-token spans, the latter two exported over OTLP/HTTP to a discarding sink.")
@@ -193,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from streamgen.bench.speed import run_speed_bench
 
             return run_speed_bench(args)
+        if args.command == "bench" and args.bench == "load":
+            from streamgen.bench.load import run_load_bench
+
+            return run_load_bench(args)
         if args.command == "bench" and args.bench == "tracing":
             from streamgen.bench.tracing import run_tracing_bench
 

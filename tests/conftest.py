@@ -73,6 +73,12 @@ def real_model_dir(real_cache: CacheLayout) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_int8_dir(real_cache: CacheLayout, real_model_dir: Path) -> Path:
+    """The default serving build: GQA graph, int8."""
+    return pull(DEFAULT_MODEL, "int8", real_cache)
+
+
+@pytest.fixture(scope="session")
 def real_plain_dir(real_cache: CacheLayout) -> Path:
     return pull(DEFAULT_MODEL, "none", real_cache, graph="plain")
 
@@ -141,9 +147,9 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def real_server(real_model_dir: Path) -> Iterator[ServerProcess]:
-    """`streamgen serve` with its defaults: the GQA graph, fp32."""
-    server = ServerProcess(real_model_dir.parents[2])
+def real_server(real_int8_dir: Path) -> Iterator[ServerProcess]:
+    """`streamgen serve` with its defaults: the GQA graph, int8."""
+    server = ServerProcess(real_int8_dir.parents[2])
     try:
         server.wait_ready()
         yield server

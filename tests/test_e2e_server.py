@@ -38,7 +38,7 @@ async def _stream(url: str, rid: str, **params) -> list[tuple[float, dict]]:
                 return out
 
 
-def test_tokens_stream_incrementally_and_match_the_engine(real_server, real_model_dir) -> None:
+def test_tokens_stream_incrementally_and_match_the_engine(real_server, real_int8_dir) -> None:
     timed = asyncio.run(_stream(real_server.ws_url, "poem", temperature=0, max_tokens=48))
     msgs = [m for _, m in timed]
     tokens = [(t, m) for t, m in timed if m["type"] == "token"]
@@ -53,7 +53,7 @@ def test_tokens_stream_incrementally_and_match_the_engine(real_server, real_mode
     assert streamed == done["text"]
 
     # The same request through the engine alone, in this process, on the same build.
-    real_model = load_model(real_model_dir, CPU)
+    real_model = load_model(real_int8_dir, CPU)
     params = SamplingParams(temperature=0, max_tokens=48)
     req = prepare_request(real_model.tokenizer, real_model.context_length, params,
                           messages=[ChatMessage("user", QUESTION)])
