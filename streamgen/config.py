@@ -86,7 +86,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server settings (flag, or environment variable)")
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{_HELP[f.name]} [env {env_name(f.name)}, default {f.default}]"
+        help_text = f"{_HELP[f.name]} [env {env_name(f.name)}, default {f.default}]".replace("%", "%%")
         if f.type == "bool":
             group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
             continue

@@ -112,3 +112,53 @@ def test_oversized_frame_closes_with_1009(real_server) -> None:
             return closed.value.rcvd.code
 
     assert asyncio.run(run()) == 1009
+
+
+def test_sixteen_concurrent_clients_share_batches_and_all_finish_correctly(real_server, real_int8_dir) -> None:
+    questions = [f"Give me one fact about the number {n}." for n in range(16)]
+
+    async def client(i: int) -> list[dict]:
+        async with websockets.connect(real_server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "generate", "id": f"q{i}",
+                                      "messages": [{"role": "user", "content": questions[i]}],
+                                      "params": {"temperature": 0, "max_tokens": 24}}))
+            msgs = []
+            while True:
+                msgs.append(json.loads(await ws.recv()))
+                if msgs[-1]["type"] in ("done", "error"):
+                    return msgs
+
+    async def all_clients():
+        return await asyncio.gather(*(client(i) for i in range(16)))
+
+    before = _batched_steps(real_server)
+    results = asyncio.run(all_clients())
+    assert _batched_steps(real_server) - before > 0, "requests must have shared decode steps (metric)"
+    stats = real_server.stats()
+    assert stats["max_batch_size_seen"] > 1
+    assert stats["active_requests"] == 0 and stats["queued_requests"] == 0
+
+    model = load_model(real_int8_dir, CPU)
+    for i, msgs in enumerate(results):
+        done = msgs[-1]
+        assert done["type"] == "done" and done["id"] == f"q{i}", done
+        tokens = [m for m in msgs if m["type"] == "token"]
+        assert "".join(m["text"] for m in tokens) + done["tail"] == done["text"]
+        assert done["usage"]["completion_tokens"] == len(tokens)
+        # Batched greedy output equals the same request run alone.
+        req = prepare_request(model.tokenizer, model.context_length, SamplingParams(temperature=0, max_tokens=24),
+                              messages=[ChatMessage("user", questions[i])])
+        solo = [e.token_id for e in generate(model.runner, model.tokenizer, [req]) if isinstance(e, TokenEvent)]
+        assert [m["token_id"] for m in tokens] == solo
+
+
+def _batched_steps(server) -> float:
+    """Decode steps with more than one request, from the server's batch-size histogram."""
+    import httpx
+
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    count = sum(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("streamgen_engine_batch_size_count"))
+    single = sum(float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("streamgen_engine_batch_size_bucket") and 'le="1.0"' in line)
+    return count - single

@@ -97,7 +97,8 @@ def run_engine_bench(args) -> int:
     variants = [v.strip() for v in args.quantize.split(",") if v.strip()]
     results = []
     for quantization in variants:
-        directory = ensure_model(args.model, quantization, args.home)
+        # Optimum's ORTModelForCausalLM runs Optimum's own graph, not the GQA one.
+        directory = ensure_model(args.model, quantization, args.home, graph="plain")
         results.append(bench_variant(directory, quantization, args.rounds, args.tokens, args.threads))
     print(f"\nstreamgen bench engine: {args.model}, greedy, {args.tokens} new tokens, "
           f"{args.rounds} interleaved rounds, median end-to-end tokens/s (prefill included)\n")
