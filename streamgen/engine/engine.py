@@ -89,12 +89,26 @@ class RequestHandle:
 
     def _deliver(self, event: Event) -> None:
         """Called from the worker thread."""
+        _hand_over([(self, event)])
+
+
+def _hand_over(batch: list[tuple[RequestHandle, Event]]) -> None:
+    """Give events to their handles' event loop with one cross-thread wake-up per loop, not per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+    for handle, event in batch:
         if isinstance(event, (FinishEvent, ErrorEvent)):
-            self.finished = True
+            handle.finished = True
+        by_loop.setdefault(handle._loop, []).append((handle._events, event))
+    for loop, items in by_loop.items():
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            loop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:
             pass  # the event loop is closed: nobody is listening any more
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
+    for q, event in items:
+        q.put_nowait(event)
 
 
 class Engine:
@@ -253,14 +267,16 @@ class Engine:
             self._deliver(self.core.cancel(handle.sequence))
 
     def _deliver(self, events: list[Event]) -> None:
+        batch = []
         for event in events:
             handle = self._handles.get(event.row)
             if handle is None:
                 continue
-            handle._deliver(event)
+            batch.append((handle, event))
             if isinstance(event, FinishEvent):
                 del self._handles[event.row]
                 self._mean_request_s = 0.9 * self._mean_request_s + 0.1 * event.timings.total_s
+        _hand_over(batch)
 
     def _decoded(self, batch_size: int) -> None:
         self.max_batch_seen = max(self.max_batch_seen, batch_size)
