@@ -34,7 +34,7 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
-    row: int  # position of the request in the batch it was submitted with
+    row: int  # the key the request was added with (its index, for generate())
     index: int  # 0-based index of this token in the output
     token_id: int
     text: str  # newly streamable text; empty while bytes or a possible stop string are held back
