@@ -47,16 +47,26 @@ def next_token_logprobs(directory: Path, texts: list[str], threads: int = 0) -> 
     """Per text: log-probabilities [len - 1, V] of each next token, and the token ids."""
     model = load_model(directory, Device("cpu"), threads, SlotConfig(max_batch=len(texts), max_context=1024))
     runner = model.runner
-    ids = [model.tokenizer.encode(t) for t in texts]
-    slots = [runner.allocate() for _ in ids]
-    # Position 0 of every text through prefill, then the rest one step at a time, all rows together.
-    rows = [[runner.prefill(s, seq[:1])] for s, seq in zip(slots, ids)]
-    for pos in range(1, max(len(seq) for seq in ids) - 1):
-        live = [i for i, seq in enumerate(ids) if pos < len(seq) - 1]
-        logits = runner.decode([slots[i] for i in live], [ids[i][pos] for i in live])
+    # A text longer than a slot is cut to fit it (only the tiny test model's context is that short).
+    ids = [model.tokenizer.encode(t)[: runner.info.context_length] for t in texts]
+    rows: list[list[np.ndarray]] = []
+    for start in range(0, len(ids), runner.max_slots):  # the plain graph has one slot
+        rows += _teacher_forced(runner, ids[start : start + runner.max_slots])
+    return [_log_softmax(np.stack(r)) for r in rows], ids
+
+
+def _teacher_forced(runner, group: list[list[int]]) -> list[list[np.ndarray]]:
+    """Position 0 of every text through prefill, then the rest one step at a time, all rows together."""
+    slots = [runner.allocate() for _ in group]
+    rows = [[runner.prefill(s, seq[:1])] for s, seq in zip(slots, group)]
+    for pos in range(1, max(len(seq) for seq in group) - 1):
+        live = [i for i, seq in enumerate(group) if pos < len(seq) - 1]
+        logits = runner.decode([slots[i] for i in live], [group[i][pos] for i in live])
         for i, row in zip(live, logits):
             rows[i].append(row)
-    return [_log_softmax(np.stack(r)) for r in rows], ids
+    for s in slots:
+        runner.free(s)
+    return rows
 
 
 def compare(reference: list[np.ndarray], variant: list[np.ndarray], ids: list[list[int]], name: str) -> QualityRow:
