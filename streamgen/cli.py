@@ -113,74 +113,68 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks that compare against a named baseline in the same run")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    be = bsub.add_parser("engine", help="greedy tokens/s: streamgen vs Optimum ORTModelForCausalLM.generate",
-                         description="Interleaves streamgen's engine and Optimum's generate(use_io_binding=True) "
-                                     "on the same model.onnx, same prompt and token count; prints medians and ratio.")
-    be.add_argument("--model", default=DEFAULT_MODEL, help=f"model to benchmark (default {DEFAULT_MODEL})")
-    be.add_argument("--quantize", default="none,int8,int4",
-                    help="comma-separated variants; each is pulled if missing (default none,int8,int4)")
-    be.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant (default 5)")
-    be.add_argument("--tokens", type=int, default=128, help="tokens generated per run (default 128)")
-    be.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads for both (default 0)")
-    be.add_argument("--home", default=None, help="cache directory")
-    be.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    variants = {"default": "none,int8,int4", "help": "comma-separated variants (default none,int8,int4)"}
+    one = {"choices": QUANTIZATIONS, "default": "none", "help": "variant (default none)"}
 
-    bs = bsub.add_parser("socket", help="tokens/s over the WebSocket vs the engine alone, same request",
-                         description="Starts `streamgen serve` on a free loopback port and alternates the same "
-                                     "greedy request between the in-process engine and a WebSocket client.")
-    bs.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    bs.add_argument("--quantize", choices=QUANTIZATIONS, default="none", help="variant (default none)")
-    bs.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    bs.add_argument("--tokens", type=int, default=128, help="tokens per request (default 128)")
-    bs.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0)")
-    bs.add_argument("--home", default=None, help="cache directory")
-
-    bq = bsub.add_parser("quality", help="perplexity, top-1 agreement and KL of each quantization against fp32",
-                         description="Teacher-forces the paragraphs of streamgen/bench/quality_texts.txt through each "
-                                     "quantized variant and the fp32 one; prints perplexity, top-1 agreement with fp32 "
-                                     "and mean KL divergence from fp32.")
-    bq.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    bq.add_argument("--quantize", default="none,int8,int4", help="comma-separated variants (default none,int8,int4)")
+    _bench_parser(bsub, "engine", "greedy tokens/s: streamgen vs Optimum ORTModelForCausalLM.generate",
+                  "Interleaves streamgen's engine and Optimum's generate(use_io_binding=True) on the same "
+                  "model.onnx (the plain graph), same prompt and token count; prints medians and ratio.",
+                  quantize=variants, rounds=5, tokens=True)
+    _bench_parser(bsub, "speed", "plain vs GQA graphs, fp32/int8/int4, and llama.cpp when installed",
+                  "Interleaves the plain fp32 graph, the GQA graph in fp32, int8 and int4, and llama.cpp on the "
+                  "same GGUF (when llama-cpp-python is installed); reports batch-1 decode tok/s, batch-16 "
+                  "aggregate tok/s and prefill time for 42 and 512 tokens.", rounds=3)
+    bq = _bench_parser(bsub, "quality", "perplexity, top-1 agreement and KL of each quantization against fp32",
+                       "Teacher-forces the paragraphs of streamgen/bench/quality_texts.txt through each quantized "
+                       "variant and the fp32 one; prints perplexity, top-1 agreement with fp32 and mean KL "
+                       "divergence from fp32.", quantize=variants)
     bq.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
-    bq.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0)")
-    bq.add_argument("--home", default=None, help="cache directory")
-    bq.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
-
-    bsp = bsub.add_parser("speed", help="plain vs GQA graphs, fp32/int8/int4, and llama.cpp when installed",
-                          description="Interleaves the plain fp32 graph, the GQA graph in fp32, int8 and int4, and "
-                                      "llama.cpp on the same GGUF (when llama-cpp-python is installed); reports batch-1 "
-                                      "decode tok/s, batch-16 aggregate tok/s and prefill time for 42 and 512 tokens.")
-    bsp.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    bsp.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    bsp.add_argument("--threads", type=int, default=0, help="intra-op threads for every contender (default 0)")
-    bsp.add_argument("--home", default=None, help="cache directory")
-    bsp.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
-
-    bl = bsub.add_parser("load", help="concurrent WebSocket clients: batching vs batching off",
-                         description="Starts two `streamgen serve` processes (continuous batching, and one slot) and "
-                                     "drives each with N concurrent WebSocket clients per level; reports time to first "
-                                     "token, inter-token latency, aggregate tokens/s and failures; writes JSON and a plot.")
-    bl.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    bl.add_argument("--quantize", choices=QUANTIZATIONS, default="int8", help="variant (default int8, the serving default)")
-    bl.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32],
+    bl = _bench_parser(bsub, "load", "concurrent WebSocket clients: batching vs batching off",
+                       "Starts two `streamgen serve` processes (continuous batching, and one slot) and drives each "
+                       "with N concurrent WebSocket clients per level; reports time to first token, inter-token "
+                       "latency, aggregate tokens/s and failures; writes JSON and a plot.",
+                       quantize={**one, "default": "int8", "help": "variant (default int8, the serving default)"})
+    bl.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16, 32],
                     help="comma-separated client counts (default 1,4,16,32)")
     bl.add_argument("--duration", type=float, default=15.0, help="seconds per level and server (default 15)")
     bl.add_argument("--max-batch", type=int, default=32, help="slots of the batching server (default 32)")
-    bl.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0)")
-    bl.add_argument("--home", default=None, help="cache directory")
-    bl.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
     bl.add_argument("--plot", type=Path, default=None, help="write a PNG plot to this file")
-
-    bt = bsub.add_parser("tracing", help="tokens/s with per-token spans exported vs tracing off",
-                         description="Interleaves the same greedy request with tracing off, per-request spans and "
-                                     "per-token spans, the latter two exported over OTLP/HTTP to a discarding sink.")
-    bt.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    bt.add_argument("--quantize", choices=QUANTIZATIONS, default="none", help="variant (default none)")
-    bt.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
-    bt.add_argument("--tokens", type=int, default=128, help="tokens per request (default 128)")
-    bt.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0)")
-    bt.add_argument("--home", default=None, help="cache directory")
+    _bench_parser(bsub, "socket", "tokens/s over the WebSocket vs the engine alone, same request",
+                  "Starts `streamgen serve` on a free loopback port and alternates the same greedy request between "
+                  "the in-process engine and a WebSocket client.", quantize=one, rounds=5, tokens=True, json=False)
+    _bench_parser(bsub, "tracing", "tokens/s with per-token spans exported vs tracing off",
+                  "Interleaves the same greedy request with tracing off, per-request spans and per-token spans, "
+                  "the latter two exported over OTLP/HTTP to a discarding sink.",
+                  quantize=one, rounds=7, tokens=True, json=False)
     return parser
+
+
+_BENCHES = {
+    "engine": "streamgen.bench.engine:run_engine_bench",
+    "speed": "streamgen.bench.speed:run_speed_bench",
+    "quality": "streamgen.bench.quality:run_quality_bench",
+    "load": "streamgen.bench.load:run_load_bench",
+    "socket": "streamgen.bench.socket:run_socket_bench",
+    "tracing": "streamgen.bench.tracing:run_tracing_bench",
+}
+
+
+def _bench_parser(bsub, name: str, help: str, description: str, *, quantize: dict | None = None,
+                  rounds: int | None = None, tokens: bool = False, json: bool = True) -> argparse.ArgumentParser:
+    """A `streamgen bench NAME` parser with the options every benchmark shares."""
+    p = bsub.add_parser(name, help=help, description=description)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    if quantize is not None:
+        p.add_argument("--quantize", **quantize)
+    if rounds is not None:
+        p.add_argument("--rounds", type=int, default=rounds, help=f"interleaved rounds (default {rounds})")
+    if tokens:
+        p.add_argument("--tokens", type=int, default=128, help="tokens generated per run (default 128)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0)")
+    p.add_argument("--home", default=None, help="cache directory (default $STREAMGEN_HOME or ~/.cache/streamgen)")
+    if json:
+        p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,33 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _cmd_serve(args)
         if args.command == "bench":
+            import importlib
+
             from streamgen.telemetry.logs import configure_logging
 
             configure_logging("warning")  # request lifecycle lines would drown the results
-        if args.command == "bench" and args.bench == "engine":
-            from streamgen.bench.engine import run_engine_bench
-
-            return run_engine_bench(args)
-        if args.command == "bench" and args.bench == "quality":
-            from streamgen.bench.quality import run_quality_bench
-
-            return run_quality_bench(args)
-        if args.command == "bench" and args.bench == "speed":
-            from streamgen.bench.speed import run_speed_bench
-
-            return run_speed_bench(args)
-        if args.command == "bench" and args.bench == "load":
-            from streamgen.bench.load import run_load_bench
-
-            return run_load_bench(args)
-        if args.command == "bench" and args.bench == "tracing":
-            from streamgen.bench.tracing import run_tracing_bench
-
-            return run_tracing_bench(args)
-        if args.command == "bench" and args.bench == "socket":
-            from streamgen.bench.socket import run_socket_bench
-
-            return run_socket_bench(args)
+            module, function = _BENCHES[args.bench].split(":")
+            return getattr(importlib.import_module(module), function)(args)
     except StreamgenError as exc:
         print(f"streamgen: error: {exc.message}", file=sys.stderr)
         return 2

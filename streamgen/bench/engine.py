@@ -17,14 +17,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from streamgen.bench.common import greedy_request
 from streamgen.engine.device import Device
 from streamgen.engine.generate import generate
 from streamgen.engine.loader import LoadedModel, load_model
-from streamgen.engine.params import SamplingParams
-from streamgen.engine.request import GenerationRequest, TokenEvent, prepare_request
-from streamgen.engine.tokenizer import ChatMessage
-
-PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle on a stormy night."
+from streamgen.engine.request import GenerationRequest, TokenEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +55,7 @@ def bench_variant(directory: Path, quantization: str, rounds: int, tokens: int, 
     from optimum.onnxruntime import ORTModelForCausalLM
 
     model = load_model(directory, Device("cpu"), threads)
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    request = prepare_request(model.tokenizer, model.context_length, params, messages=[ChatMessage("user", PROMPT)])
+    request = greedy_request(model, tokens)
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

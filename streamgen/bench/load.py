@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from streamgen.bench.common import ServeProcess, serve_args
 from streamgen.bench.quality import load_texts
 
 LEVELS = (1, 4, 16, 32)
@@ -117,35 +115,6 @@ def _prompts() -> list[str]:
     return [" ".join(words[i * 5 : i * 5 + n]) for n in PROMPT_WORDS for i in range(3)]
 
 
-class _Server:
-    def __init__(self, name: str, extra: list[str]) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.name = name
-        self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
-        cmd = [sys.executable, "-m", "streamgen", "serve", "--port", str(self.port), "--no-pull",
-               "--log-level", "warning", "--max-queued", "256", "--max-requests-per-connection", "1", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError(f"{self.name} server not ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
 def plot(results: list[LevelResult], path: Path) -> None:
     import matplotlib
 
@@ -173,11 +142,9 @@ def run_load_bench(args) -> int:
     from streamgen.cli import ensure_model
 
     ensure_model(args.model, args.quantize, args.home)
-    common = ["--model", args.model, "--quantize", args.quantize, "--threads", str(args.threads)]
-    if args.home:
-        common += ["--home", args.home]
-    servers = [_Server("batching", [*common, "--max-batch", str(args.max_batch)]),
-               _Server("batching off", [*common, "--max-batch", "1"])]
+    common = [*serve_args(args), "--max-queued", "256", "--max-requests-per-connection", "1"]
+    servers = [ServeProcess("batching", [*common, "--max-batch", str(args.max_batch)]),
+               ServeProcess("batching off", [*common, "--max-batch", "1"])]
     prompts = _prompts()
     results: list[LevelResult] = []
     try:
@@ -185,7 +152,7 @@ def run_load_bench(args) -> int:
             server.wait_ready()
         for clients in args.levels:
             for server in servers:
-                raw, wall = asyncio.run(_level(server.url, prompts, clients, args.duration))
+                raw, wall = asyncio.run(_level(server.ws_url, prompts, clients, args.duration))
                 row = summarize(server.name, clients, raw, wall)
                 results.append(row)
                 print(f"  {server.name:13s} {clients:3d} clients: {row.tokens_per_s:7.1f} tok/s, "

@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 
-from streamgen.bench.engine import PROMPT
-from streamgen.engine.device import Device
+from streamgen.bench.common import PROMPT, ServeProcess, load_for_bench, serve_args
 from streamgen.engine.generate import generate
-from streamgen.engine.loader import load_model
-from streamgen.engine.params import SamplingParams
-from streamgen.engine.request import TokenEvent, prepare_request
-from streamgen.engine.tokenizer import ChatMessage
+from streamgen.engine.request import TokenEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,46 +57,13 @@ async def _socket_run(url: str, tokens: int) -> Run:
                 return _rates(sent, stamps)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited before it was ready")
-        try:
-            with urllib.request.urlopen(url + "/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("the server was not ready in time")
-
-
 def run_socket_bench(args) -> int:
-    from streamgen.cli import ensure_model
-
-    directory = ensure_model(args.model, args.quantize, args.home)
-    model = load_model(directory, Device("cpu"), args.threads)
-    request = prepare_request(model.tokenizer, model.context_length,
-                              SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True),
-                              messages=[ChatMessage("user", PROMPT)])
-    port = _free_port()
-    cmd = [sys.executable, "-m", "streamgen", "serve", "--port", str(port), "--model", args.model,
-           "--quantize", args.quantize, "--device", "cpu", "--threads", str(args.threads), "--no-pull"]
-    if args.home:
-        cmd += ["--home", args.home]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    model, request = load_for_bench(args)
+    server = ServeProcess("benchmark", serve_args(args))
     try:
-        _wait_ready(f"http://127.0.0.1:{port}", server)
-        url = f"ws://127.0.0.1:{port}/v1/ws"
+        server.wait_ready()
         _engine_run(model, request)
-        asyncio.run(_socket_run(url, args.tokens))  # warm-up of both
+        asyncio.run(_socket_run(server.ws_url, args.tokens))  # warm-up of both
         engine_runs, socket_runs = [], []
         for r in range(args.rounds):
             order = ("engine", "socket") if r % 2 == 0 else ("socket", "engine")
@@ -111,12 +71,11 @@ def run_socket_bench(args) -> int:
                 if who == "engine":
                     engine_runs.append(_engine_run(model, request))
                 else:
-                    socket_runs.append(asyncio.run(_socket_run(url, args.tokens)))
+                    socket_runs.append(asyncio.run(_socket_run(server.ws_url, args.tokens)))
             print(f"  round {r + 1}/{args.rounds}: engine {engine_runs[-1].decode_tok_s:6.1f} tok/s, "
                   f"socket {socket_runs[-1].decode_tok_s:6.1f} tok/s", file=sys.stderr, flush=True)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     def med(runs, field):
         return statistics.median(getattr(r, field) for r in runs)

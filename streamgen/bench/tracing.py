@@ -11,20 +11,15 @@ export cost (serialization, HTTP, the batch processor's thread) is real.
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import textwrap
 import time
 
-from streamgen.bench.engine import PROMPT
-from streamgen.engine.device import Device
+from streamgen.bench.common import free_port, load_for_bench
 from streamgen.engine.generate import generate
-from streamgen.engine.loader import load_model
-from streamgen.engine.params import SamplingParams
-from streamgen.engine.request import TokenEvent, prepare_request
-from streamgen.engine.tokenizer import ChatMessage
+from streamgen.engine.request import TokenEvent
 from streamgen.telemetry.setup import Telemetry
 
 _SINK = textwrap.dedent("""
@@ -39,21 +34,9 @@ _SINK = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_tracing_bench(args) -> int:
-    from streamgen.cli import ensure_model
-
-    directory = ensure_model(args.model, args.quantize, args.home)
-    model = load_model(directory, Device("cpu"), args.threads)
-    request = prepare_request(model.tokenizer, model.context_length,
-                              SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True),
-                              messages=[ChatMessage("user", PROMPT)])
-    port = _free_port()
+    model, request = load_for_bench(args)
+    port = free_port()
     sink = subprocess.Popen([sys.executable, "-c", _SINK, str(port)])
     # The OTLP exporter reads its endpoint from the process environment.
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
