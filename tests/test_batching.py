@@ -81,3 +81,36 @@ def test_request_alone_equals_request_in_a_changing_batch(runner, tiny_model, sc
     assert max_batch >= 3, "the schedule must actually crowd the request"
     assert crowded == alone
     assert runner.free_slots == runner.max_slots, "every slot came back"
+
+
+def test_a_failing_row_fails_alone_and_the_batch_goes_on(runner, tiny_model) -> None:
+    from streamgen.engine.request import ErrorEvent, FinishEvent
+
+    tok = tiny_model.tokenizer
+    ctx = runner.info.context_length
+    requests = [_request(tok, ctx, text, max_tokens=12, temperature=0.0) for text in POOL[:3]]
+    solo = [_solo(runner, tok, r) for r in requests]
+    core = EngineCore(runner, tok, SchedulerLimits(max_slots=runner.max_slots, max_waiting=8))
+    seqs = [core.add(r, key=i) for i, r in enumerate(requests)]
+    core.step()
+    calls = {"n": 0}
+    real_add = seqs[1].detok.add
+
+    def broken_add(token_id):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a detokenizer bug")
+        return real_add(token_id)
+
+    seqs[1].detok.add = broken_add
+    events = []
+    while core.has_work:
+        events += core.step()
+    finals = {e.row: e for e in events if isinstance(e, (FinishEvent, ErrorEvent))}
+    assert isinstance(finals[1], ErrorEvent) and finals[1].code == "internal"
+    assert "detokenizer" not in finals[1].message, "no internals in the client's message"
+    assert [e.row for e in events if isinstance(e, (FinishEvent, ErrorEvent))].count(1) == 1
+    for i in (0, 2):
+        assert finals[i].finish_reason == "length"
+        assert seqs[i].output_ids == solo[i]
+    assert runner.free_slots == runner.max_slots

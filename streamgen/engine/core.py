@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence as Seq
 from typing import Protocol
 
 import numpy as np
+import structlog
 
 from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
 from streamgen.engine.request import Event, FinishReason, GenerationRequest
@@ -20,6 +21,9 @@ from streamgen.engine.sampling import sample
 from streamgen.engine.scheduler import Scheduler, SchedulerLimits, StepPlan
 from streamgen.engine.sequence import Sequence, SeqStatus
 from streamgen.engine.tokenizer import TextTokenizer
+
+
+log = structlog.get_logger("streamgen.engine")
 
 
 class KVRunner(Protocol):
@@ -76,15 +80,39 @@ class EngineCore:
         if not ready:
             return []
         sample_start = time.perf_counter()
-        picked = sample(logits, [s.sampler for s in ready])
-        sampled = time.perf_counter()
         events: list[Event] = []
+        try:
+            picked = sample(logits, [s.sampler for s in ready])
+        except Exception:  # noqa: BLE001 - find the row at fault, fail it alone, keep the others
+            ready, logits, failed = self._sample_rows_apart(ready, logits)
+            events += failed
+            picked = sample(logits, [s.sampler for s in ready])
+        sampled = time.perf_counter()
         for seq, token_id, logprob in zip(ready, picked.token_ids, picked.logprobs):
-            seq.observer.sample(len(seq.output_ids), sample_start, sampled, len(ready))
-            events += seq.accept(int(token_id), float(logprob) if seq.request.params.logprobs else None, sampled)
+            try:
+                seq.observer.sample(len(seq.output_ids), sample_start, sampled, len(ready))
+                events += seq.accept(int(token_id), float(logprob) if seq.request.params.logprobs else None, sampled)
+            except Exception:  # noqa: BLE001 - e.g. detokenization: this request fails, the batch goes on
+                events.append(self._fail(seq))
             if not seq.running:
                 self._release(seq)
         return events
+
+    def _sample_rows_apart(self, ready: list[Sequence], logits: np.ndarray):
+        """Sample each row alone to find the ones that raise; fail those."""
+        keep, failed = [], []
+        for i, seq in enumerate(ready):
+            try:
+                sample(logits[i : i + 1], [seq.sampler])
+                keep.append(i)
+            except Exception:  # noqa: BLE001
+                failed.append(self._fail(seq))
+                self._release(seq)
+        return [ready[i] for i in keep], logits[keep], failed
+
+    def _fail(self, seq: Sequence) -> Event:
+        log.exception("request.row_failed", request_id=seq.request.request_id, key=seq.key)
+        return seq.fail(time.perf_counter())
 
     def _run(self, plan: StepPlan) -> tuple[list[Sequence], np.ndarray]:
         """Prompt chunks one row at a time, then one decode pass for every decoding row.

@@ -274,8 +274,9 @@ class Engine:
                 continue
             batch.append((handle, event))
             if isinstance(event, FinishEvent):
-                del self._handles[event.row]
                 self._mean_request_s = 0.9 * self._mean_request_s + 0.1 * event.timings.total_s
+            if isinstance(event, (FinishEvent, ErrorEvent)):
+                del self._handles[event.row]
         _hand_over(batch)
 
     def _decoded(self, batch_size: int) -> None:

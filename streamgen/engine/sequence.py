@@ -14,7 +14,16 @@ from enum import IntEnum
 from streamgen.engine.detok import IncrementalDetokenizer
 from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
 from streamgen.engine.params import MAX_SEED
-from streamgen.engine.request import Event, FinishEvent, FinishReason, GenerationRequest, Timings, TokenEvent, Usage
+from streamgen.engine.request import (
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    Timings,
+    TokenEvent,
+    Usage,
+)
 from streamgen.engine.sampling import RowSampler
 from streamgen.engine.tokenizer import TextTokenizer
 
@@ -114,4 +123,15 @@ class Sequence:
             self.sampler.seed,
         )
         self.observer.finished(event, now)
+        return event
+
+    def fail(self, now: float) -> ErrorEvent:
+        """This request broke (not the model): end it with an error the client may see."""
+        self.status = SeqStatus.FINISHED
+        self.finish_reason = FinishReason.ERROR
+        event = ErrorEvent(self.key, "internal", "generating this request failed; the server log has the details")
+        try:
+            self.observer.finished(event, now)
+        except Exception:  # noqa: BLE001 - telemetry must not turn one failure into two
+            pass
         return event
