@@ -237,6 +237,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from streamgen.engine.loader import load_model
     from streamgen.engine.slots import SlotConfig
     from streamgen.server.app import create_app
+    from streamgen.server.shutdown import DrainingServer
     from streamgen.telemetry.logs import configure_logging
     from streamgen.telemetry.setup import Telemetry
 
@@ -254,17 +255,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(
         lambda: load_model(directory, device, settings.threads, slots),
         EngineLimits(max_waiting=settings.max_queued, token_budget=settings.token_budget,
-                     prefill_chunk=settings.prefill_chunk),
+                     prefill_chunk=settings.prefill_chunk, max_prompt_tokens=settings.max_prompt_tokens,
+                     max_new_tokens=settings.max_new_tokens),
     )
     print(f"streamgen: loading {directory} on {device}", file=sys.stderr, flush=True)
-    uvicorn.run(
-        create_app(settings, engine, telemetry),
+    app = create_app(settings, engine, telemetry)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         ws_max_size=settings.max_message_bytes,
         log_config=None,  # keep the structlog set-up: one log format for the whole process
         log_level=settings.log_level,
     )
+    DrainingServer(config, app.state.drain).run()
     return 0
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from streamgen.models.cache import DEFAULT_MODEL, GRAPHS, QUANTIZATIONS
@@ -34,6 +36,15 @@ class Settings:
     prefill_chunk: int = 128
     max_requests_per_connection: int = 8
     max_message_bytes: int = 65536
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 2048
+    max_connections: int = 256
+    idle_timeout: int = 300
+    rate_limit: int = 120
+    api_key: str | None = None
+    api_key_file: str | None = None
+    allowed_origins: str = ""
+    shutdown_grace: int = 15
     trace_detail: str = "token"
     log_level: str = "info"
     log_format: str = "auto"
@@ -58,6 +69,15 @@ _HELP: dict[str, str] = {
     "prefill_chunk": "most prompt tokens of one request per step, so long prompts do not stall others",
     "max_requests_per_connection": "requests in flight at once on one WebSocket",
     "max_message_bytes": "largest WebSocket message accepted; larger ones close the socket with 1009",
+    "max_prompt_tokens": "longest prompt accepted, in tokens (also capped by the context)",
+    "max_new_tokens": "largest max_tokens a request may ask for",
+    "max_connections": "open WebSocket connections; more are refused with 503",
+    "idle_timeout": "seconds a connection may stay silent with nothing in flight before it is closed; 0 = never",
+    "rate_limit": "generate requests per minute per client (API key, else address); 0 = no limit",
+    "api_key": "require this key (Authorization: Bearer KEY, or the WebSocket subprotocol bearer.KEY)",
+    "api_key_file": "read the API key from this file instead (first line)",
+    "allowed_origins": "comma-separated extra Origins allowed to open WebSockets (same origin and loopback always are)",
+    "shutdown_grace": "seconds running requests get to finish after SIGTERM before they end with shutting_down",
     "trace_detail": "token: forward/sample/detokenize spans per generated token; request: one decode span per request",
     "log_level": "debug, info, warning or error",
     "log_format": "auto (JSON lines unless on a terminal), json or console",
@@ -74,7 +94,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _MINIMUM: dict[str, int] = {
     "port": 0, "threads": 0, "max_batch": 1, "max_context": 16, "max_queued": 1, "token_budget": 1,
-    "prefill_chunk": 1, "max_requests_per_connection": 1, "max_message_bytes": 1024,
+    "prefill_chunk": 1, "max_requests_per_connection": 1, "max_message_bytes": 1024, "max_prompt_tokens": 1,
+    "max_new_tokens": 1, "max_connections": 1, "idle_timeout": 0, "rate_limit": 0, "shutdown_grace": 0,
 }
 
 
@@ -110,7 +131,21 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if f.name in _MINIMUM and value < _MINIMUM[f.name]:
             raise SystemExit(f"streamgen: --{f.name.replace('_', '-')} must be at least {_MINIMUM[f.name]}, got {value}")
         values[f.name] = value
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.api_key_file and not settings.api_key:
+        try:
+            key = Path(settings.api_key_file).expanduser().read_text().splitlines()[0].strip()
+        except (OSError, IndexError):
+            raise SystemExit(f"streamgen: cannot read an API key from {settings.api_key_file}") from None
+        settings = replace(settings, api_key=key)
+    if settings.api_key is not None and not _TOKEN.fullmatch(settings.api_key):
+        raise SystemExit("streamgen: the API key must be 16+ characters of A-Z a-z 0-9 - _ . ~ "
+                         "(it travels in a WebSocket subprotocol); make one with: python -c "
+                         "'import secrets; print(secrets.token_urlsafe(32))'")
+    return settings
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9\-_.~]{16,}")
 
 
 _TRUE = ("1", "true", "yes", "on")

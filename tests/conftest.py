@@ -105,8 +105,9 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/ws"
+        # Every test client comes from 127.0.0.1: no per-address rate limit unless a test sets one.
         cmd = [sys.executable, "-m", "streamgen", "serve", "--home", str(home), "--port", str(self.port),
-               "--no-pull", *extra]
+               "--no-pull", "--rate-limit", "0", *extra]
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 

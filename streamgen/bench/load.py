@@ -142,7 +142,7 @@ def run_load_bench(args) -> int:
     from streamgen.cli import ensure_model
 
     ensure_model(args.model, args.quantize, args.home)
-    common = [*serve_args(args), "--max-queued", "256", "--max-requests-per-connection", "1"]
+    common = [*serve_args(args), "--max-queued", "256", "--max-requests-per-connection", "1", "--rate-limit", "0"]
     servers = [ServeProcess("batching", [*common, "--max-batch", str(args.max_batch)]),
                ServeProcess("batching off", [*common, "--max-batch", "1"])]
     prompts = _prompts()

@@ -71,6 +71,14 @@ class EngineCore:
         self._release(seq)
         return [event]
 
+    def fail(self, seq: Sequence, code: str, message: str) -> list[Event]:
+        """End a sequence with an error (e.g. shutting_down); its slot is freed."""
+        if not seq.running:
+            return []
+        event = seq.fail(time.perf_counter(), code, message)
+        self._release(seq)
+        return [event]
+
     def step(self) -> list[Event]:
         plan = self.scheduler.schedule(self.runner.free_slots)
         now = time.perf_counter()

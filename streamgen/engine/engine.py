@@ -58,11 +58,17 @@ class EngineUnavailable(StreamgenError):
     code = "engine_unavailable"
 
 
+class ShuttingDown(StreamgenError):
+    code = "shutting_down"
+
+
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
     max_waiting: int = 64  # accepted requests waiting for a slot; more are refused (overloaded)
     token_budget: int = 256  # tokens per step: one per decoding request, the rest for prompt chunks
     prefill_chunk: int = 128  # most prompt tokens of one request per step
+    max_prompt_tokens: int | None = None  # refused beyond this (prompt_too_long)
+    max_new_tokens: int | None = None  # largest max_tokens accepted
 
 
 class RequestHandle:
@@ -125,6 +131,8 @@ class Engine:
         self._handles: dict[int, RequestHandle] = {}  # worker-owned: sequence key -> handle
         self._keys = itertools.count()
         self._stopping = False
+        self.draining = False  # set at shutdown: no new requests
+        self._end_all: tuple[str, str] | None = None  # (code, message) for everything in flight
         self._thread = threading.Thread(target=self._run, name="streamgen-engine", daemon=True)
         self._ready = threading.Event()
         self.batch_listeners: list[Callable[[int], None]] = []  # told each decode step's batch size
@@ -166,11 +174,19 @@ class Engine:
         """Tokenize and validate against the loaded model (raises ValidationError)."""
         model = self._require_ready()
         return prepare_request(
-            model.tokenizer, model.context_length, params, prompt=prompt, messages=messages, request_id=request_id
+            model.tokenizer, model.context_length, params, prompt=prompt, messages=messages, request_id=request_id,
+            max_prompt_tokens=self.limits.max_prompt_tokens, max_new_tokens=self.limits.max_new_tokens,
         )
+
+    def end_all(self, code: str, message: str) -> None:
+        """Fail every request in flight or waiting, at the next step boundary."""
+        self._end_all = (code, message)
+        self._inbox.put(_WAKE)
 
     def submit(self, request: GenerationRequest, observer: RequestObserver = NULL_OBSERVER) -> RequestHandle:
         """Queue a validated request. Call from the event loop's thread."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
         self._require_ready()
         waiting = self.queued_requests
         if waiting >= self.limits.max_waiting:
@@ -234,6 +250,7 @@ class Engine:
         while not self._stopping:
             # Idle: block until something arrives (no polling). Busy: just drain.
             self._take(block=not core.has_work)
+            self._apply_end_all()
             self._apply_cancels()
             if core.has_work:
                 self._deliver(core.step())
@@ -261,6 +278,14 @@ class Engine:
                 item._deliver(event)
                 continue
             self._handles[key] = item
+
+    def _apply_end_all(self) -> None:
+        if self._end_all is None:
+            return
+        code, message = self._end_all
+        self._end_all = None
+        for handle in list(self._handles.values()):
+            self._deliver(self.core.fail(handle.sequence, code, message))
 
     def _apply_cancels(self) -> None:
         for handle in [h for h in self._handles.values() if h.cancelled]:

@@ -87,8 +87,10 @@ def prepare_request(
     prompt: str | None = None,
     messages: Sequence[ChatMessage] | None = None,
     request_id: str = "",
+    max_prompt_tokens: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> GenerationRequest:
-    """Tokenize and check a request against the model's limits."""
+    """Tokenize and check a request against the model's limits and the server's."""
     if (prompt is None) == (messages is None):
         raise ValidationError("give exactly one of prompt or messages", param="prompt", code="invalid_request")
     if prompt is not None:
@@ -99,6 +101,17 @@ def prepare_request(
         ids = tokenizer.encode(tokenizer.render_chat(messages))
     if not ids:
         raise ValidationError("the prompt encodes to no tokens", param="prompt", code="invalid_request")
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        raise ValidationError(
+            f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt_tokens}",
+            param="prompt",
+            code="prompt_too_long",
+        )
+    if max_new_tokens is not None and params.max_tokens is not None and params.max_tokens > max_new_tokens:
+        raise ValidationError(
+            f"max_tokens must be at most {max_new_tokens} on this server, got {params.max_tokens}",
+            param="max_tokens",
+        )
     if len(ids) >= context_length:
         raise ValidationError(
             f"the prompt has {len(ids)} tokens but the context window is {context_length}; shorten it",
@@ -106,8 +119,9 @@ def prepare_request(
             code="context_length_exceeded",
         )
     if params.max_tokens is None:
-        # Not given: the default, or whatever room the context leaves.
-        params = replace(params, max_tokens=min(DEFAULT_MAX_TOKENS, context_length - len(ids)))
+        # Not given: the default, or whatever room the context (and the server) leaves.
+        cap = DEFAULT_MAX_TOKENS if max_new_tokens is None else min(DEFAULT_MAX_TOKENS, max_new_tokens)
+        params = replace(params, max_tokens=min(cap, context_length - len(ids)))
     elif len(ids) + params.max_tokens > context_length:
         raise ValidationError(
             f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "

@@ -125,11 +125,12 @@ class Sequence:
         self.observer.finished(event, now)
         return event
 
-    def fail(self, now: float) -> ErrorEvent:
-        """This request broke (not the model): end it with an error the client may see."""
+    def fail(self, now: float, code: str = "internal",
+             message: str = "generating this request failed; the server log has the details") -> ErrorEvent:
+        """End the request with an error the client may see (no internals in the message)."""
         self.status = SeqStatus.FINISHED
         self.finish_reason = FinishReason.ERROR
-        event = ErrorEvent(self.key, "internal", "generating this request failed; the server log has the details")
+        event = ErrorEvent(self.key, code, message)
         try:
             self.observer.finished(event, now)
         except Exception:  # noqa: BLE001 - telemetry must not turn one failure into two

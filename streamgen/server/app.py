@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -17,6 +20,8 @@ from starlette.websockets import WebSocket
 from streamgen.config import Settings
 from streamgen.engine.engine import Engine, EngineState
 from streamgen.server.protocol import PROTOCOL_VERSION
+from streamgen.server.security import AccessPolicy, RateLimiter, Refusal
+from streamgen.server.shutdown import Drain
 from streamgen.server.ws import Connection
 from streamgen.telemetry.logs import get_logger
 from streamgen.telemetry.metrics import PROMETHEUS_CONTENT_TYPE
@@ -31,11 +36,13 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
     """The app around an engine that is not started yet. Without telemetry, tracing is off
     (trace ids are still made) and /metrics still works."""
     telemetry = telemetry or Telemetry.from_env(env={})
-    connections = 0
+    policy = AccessPolicy(settings.api_key, settings.allowed_origins)
+    limiter = RateLimiter(settings.rate_limit)
+    drain = Drain(engine, settings.shutdown_grace)
 
     def current_stats() -> dict[str, int]:
         return {"active_requests": engine.active_requests, "queued_requests": engine.queued_requests,
-                "open_connections": connections}
+                "open_connections": len(drain.connections)}
 
     telemetry.metrics.observe(current_stats)
     engine.batch_listeners.append(lambda size: telemetry.metrics.batch_size.record(size))
@@ -58,6 +65,8 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
         return JSONResponse({"status": "live"})
 
     async def ready(request: Request) -> JSONResponse:
+        if drain.started:
+            return JSONResponse({"status": "draining"}, status_code=503)
         body = {"status": str(engine.state)}
         if engine.failure:
             body["error"] = engine.failure
@@ -90,14 +99,25 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
         return Response(telemetry.metrics.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     async def websocket(ws: WebSocket) -> None:
-        nonlocal connections
-        connections += 1
+        refusal = policy.check_websocket(ws.headers, ws.scope.get("subprotocols", []))
+        if refusal is None and drain.started:
+            refusal = Refusal(503, "shutting_down", "the server is shutting down; retry on another instance")
+        if refusal is None and len(drain.connections) >= settings.max_connections:
+            refusal = Refusal(503, "too_many_connections",
+                              f"the server holds its maximum of {settings.max_connections} connections; retry later")
+        if refusal is not None:
+            telemetry.rejected_early(None, refusal.code, refusal.message, None)
+            await _deny(ws, refusal)
+            return
+        client = _client_identity(ws, policy)
+        connection = Connection(ws, engine, settings, telemetry, limiter, client)
+        drain.connections.add(connection)
         try:
-            await Connection(ws, engine, settings, telemetry).serve()
+            await connection.serve()
         finally:
-            connections -= 1
+            drain.connections.discard(connection)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", index),
             Route("/health/live", live),
@@ -109,7 +129,51 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(_RequireKey, policy=policy)],
     )
+    app.state.drain = drain
+    return app
+
+
+# The browser client's files (/, /static) carry no data and must load before
+# the user can give a key; the health probes must answer load balancers.
+_PUBLIC = ("/", "/health/live", "/health/ready")
+
+
+class _RequireKey:
+    """Every HTTP route but the public ones needs the API key (when one is set)."""
+
+    def __init__(self, app, policy: AccessPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path not in _PUBLIC and not path.startswith("/static/"):
+            refusal = self.policy.check_http(Headers(scope=scope))
+            if refusal is not None:
+                response = JSONResponse({"error": {"code": refusal.code, "message": refusal.message}},
+                                        status_code=refusal.status, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _deny(ws: WebSocket, refusal: Refusal) -> None:
+    """Refuse a handshake with an HTTP status and a JSON reason, where the server supports it."""
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(
+            JSONResponse({"error": {"code": refusal.code, "message": refusal.message}}, status_code=refusal.status))
+    else:
+        await ws.close(code=1008 if refusal.status in (401, 403) else 1013, reason=refusal.message[:120])
+
+
+def _client_identity(ws: WebSocket, policy: AccessPolicy) -> str:
+    """Rate limits apply per API key when keys are in use, else per peer address."""
+    if policy.requires_key:
+        key = ws.headers.get("authorization", "") or ",".join(ws.scope.get("subprotocols", []))
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "addr:" + (ws.client.host if ws.client else "unknown")
 
 
 async def _announce_when_ready(settings: Settings, engine: Engine, telemetry: Telemetry) -> None:

@@ -22,9 +22,13 @@ from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
 from streamgen.errors import StreamgenError
 from streamgen.server import protocol
 from streamgen.server.protocol import Cancel, Generate, Ping, ProtocolError
+from streamgen.server.security import SUBPROTOCOL, RateLimiter
 from streamgen.telemetry.setup import Telemetry
 
 CLOSE_TOO_BIG = 1009
+CLOSE_GOING_AWAY = 1001
+CLOSE_NORMAL = 1000
+_CLOSE = object()  # writer sentinel: flush, then close the socket
 
 
 @dataclass(slots=True)
@@ -34,19 +38,31 @@ class _InFlight:
 
 
 class Connection:
-    def __init__(self, websocket: WebSocket, engine: Engine, settings: Settings, telemetry: Telemetry) -> None:
+    def __init__(self, websocket: WebSocket, engine: Engine, settings: Settings, telemetry: Telemetry,
+                 limiter: RateLimiter, client: str) -> None:
         self.ws = websocket
         self.engine = engine
         self.settings = settings
         self.telemetry = telemetry
+        self.limiter = limiter
+        self.client = client  # rate-limit identity: the API key, else the peer address
         # A traceparent on the handshake parents every request of the connection
         # that does not bring its own.
         self._traceparent = websocket.headers.get("traceparent")
-        self._out: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._out: asyncio.Queue[Any] = asyncio.Queue()
         self._inflight: dict[str, _InFlight] = {}
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def close(self, code: int, reason: str) -> None:
+        """Close after every message already queued has been sent."""
+        self._out.put_nowait((_CLOSE, code, reason))
+
     async def serve(self) -> None:
-        await self.ws.accept()
+        offered = self.ws.scope.get("subprotocols", [])
+        await self.ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         writer = asyncio.create_task(self._write_loop())
         try:
             await self._read_loop()
@@ -61,8 +77,14 @@ class Connection:
 
     async def _read_loop(self) -> None:
         limit = self.settings.max_message_bytes
+        idle = self.settings.idle_timeout or None
         while True:
-            message = await self.ws.receive()
+            try:
+                # Only a silent connection with nothing in flight counts as idle.
+                message = await asyncio.wait_for(self.ws.receive(), timeout=None if self._inflight else idle)
+            except TimeoutError:
+                self.close(CLOSE_NORMAL, f"idle for {self.settings.idle_timeout} s")
+                message = await self.ws.receive()  # the disconnect that follows our close
             if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")
@@ -99,6 +121,12 @@ class Connection:
             raise ProtocolError(
                 f"at most {self.settings.max_requests_per_connection} requests may be in flight on one connection",
                 code="too_many_requests", request_id=msg.id)
+        if retry := self.limiter.take(self.client):
+            self.telemetry.rejected_early(msg.id, "rate_limited", "rate limit", None)
+            self._send(protocol.error_message(
+                msg.id, "rate_limited", f"more than {self.limiter.per_minute} requests per minute from this client; "
+                "retry after retry_after_ms", retry_after_ms=retry))
+            return
         operation = "chat" if msg.messages is not None else "text_completion"
         tel = self.telemetry.start_request(msg.id, operation, msg.traceparent or self._traceparent)
         try:
@@ -140,6 +168,9 @@ class Connection:
             if self.ws.client_state != WebSocketState.CONNECTED:
                 return
             try:
+                if isinstance(message, tuple) and message[0] is _CLOSE:
+                    await self.ws.close(message[1], message[2])
+                    return
                 await self.ws.send_text(json.dumps(message, ensure_ascii=False))
             except Exception:  # noqa: BLE001 - the peer is gone; the reader sees the disconnect
                 return

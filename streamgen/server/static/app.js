@@ -11,15 +11,20 @@ const state = {
   current: null,         // the request being streamed: {id, el, text, started, firstAt, tokens, traceId}
   nextId: 1,
   jaegerUrl: null,       // from /v1/models; links each answer to its trace
+  apiKey: localStorage.getItem("streamgen.apiKey") || "",  // sent as a subprotocol (browsers cannot set WS headers)
+  opened: false,         // whether the current socket ever opened (a refused handshake never does)
 };
 
 // ---- connection ----------------------------------------------------------------
 
 function connect() {
   setStatus("connecting", "connecting");
-  const socket = new WebSocket(WS_URL);
+  const protocols = ["streamgen.v1", ...(state.apiKey ? [`bearer.${state.apiKey}`] : [])];
+  const socket = new WebSocket(WS_URL, protocols);
   state.socket = socket;
+  state.opened = false;
   socket.onopen = () => {
+    state.opened = true;
     state.retryMs = 500;
     setStatus("open", "connected");
     updateButtons();
@@ -27,7 +32,8 @@ function connect() {
   socket.onmessage = (ev) => handle(JSON.parse(ev.data));
   socket.onclose = () => {
     if (state.current) finish({ finish_reason: "connection lost" }, true);
-    setStatus("closed", `disconnected, retrying in ${(state.retryMs / 1000).toFixed(1)} s`);
+    const why = state.opened ? "disconnected" : "refused (API key or origin?)";
+    setStatus("closed", `${why}, retrying in ${(state.retryMs / 1000).toFixed(1)} s`);
     updateButtons();
     setTimeout(connect, state.retryMs);
     state.retryMs = Math.min(state.retryMs * 2, 8000);
@@ -211,9 +217,27 @@ function updateButtons() {
   $("stop").disabled = state.current === null;
 }
 
+function authHeaders() {
+  return state.apiKey ? { Authorization: `Bearer ${state.apiKey}` } : {};
+}
+
+function saveKey(ev) {
+  ev.preventDefault();
+  state.apiKey = $("api-key").value.trim();
+  localStorage.setItem("streamgen.apiKey", state.apiKey);
+  $("key-form").hidden = true;
+  if (state.socket) state.socket.close();  // reconnects with the key
+  loadModelInfo();
+}
+
 async function loadModelInfo() {
   try {
-    const res = await fetch("/v1/models");
+    const res = await fetch("/v1/models", { headers: authHeaders() });
+    if (res.status === 401) {
+      $("key-form").hidden = false;
+      $("model").textContent = "this server needs an API key";
+      return;
+    }
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     const body = await res.json();
     const m = body.data[0];
@@ -229,6 +253,7 @@ for (const id of ["temperature", "top_p"]) {
   $(id).addEventListener("input", () => { $(`${id}-value`).textContent = $(id).value; });
 }
 $("composer").addEventListener("submit", submit);
+$("key-form").addEventListener("submit", saveKey);
 $("prompt").addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) submit(ev);
 });

@@ -1,0 +1,112 @@
+"""Who may connect: API key, WebSocket Origin, per-client request rate.
+
+- The API key (optional) is compared in constant time. HTTP callers send
+  `Authorization: Bearer KEY`. Browsers cannot set headers on a WebSocket, so
+  the handshake also accepts the key as the subprotocol `bearer.KEY`, offered
+  next to `streamgen.v1`; the server answers with `streamgen.v1` and never
+  echoes the key.
+- The Origin check stops cross-site WebSocket hijacking: a browser on another
+  site would otherwise ride on the user's network position. Allowed: no Origin
+  (not a browser), the server's own origin, loopback, and any listed origins.
+- The rate limit is a token bucket per client: the API key when one is given,
+  else the peer address.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers
+
+SUBPROTOCOL = "streamgen.v1"
+_BEARER = "bearer."
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int  # HTTP status of the refused handshake or request
+    code: str
+    message: str
+
+
+class AccessPolicy:
+    def __init__(self, api_key: str | None, allowed_origins: str = "") -> None:
+        self._key = api_key.encode() if api_key else None
+        self._origins = {o.strip().rstrip("/") for o in allowed_origins.split(",") if o.strip()}
+
+    @property
+    def requires_key(self) -> bool:
+        return self._key is not None
+
+    def check_http(self, headers: Headers) -> Refusal | None:
+        if self._key is None or self._key_ok(_bearer(headers.get("authorization"))):
+            return None
+        return _missing_or_wrong(_bearer(headers.get("authorization")))
+
+    def check_websocket(self, headers: Headers, offered: list[str]) -> Refusal | None:
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_ok(origin, headers.get("host", "")):
+            return Refusal(403, "origin_not_allowed",
+                           f"WebSocket connections from origin {origin[:100]!r} are not allowed; "
+                           "the server lists the origins it accepts in --allowed-origins")
+        if self._key is None:
+            return None
+        candidates = [_bearer(headers.get("authorization"))]
+        candidates += [p[len(_BEARER):] for p in offered if p.startswith(_BEARER)]
+        if any(self._key_ok(c) for c in candidates):
+            return None
+        return _missing_or_wrong(next((c for c in candidates if c), None))
+
+    def _key_ok(self, candidate: str | None) -> bool:
+        return candidate is not None and hmac.compare_digest(candidate.encode(), self._key)
+
+    def _origin_ok(self, origin: str, host: str) -> bool:
+        if "*" in self._origins or origin.rstrip("/") in self._origins:
+            return True
+        parts = urlsplit(origin)
+        return parts.netloc == host or (parts.hostname or "") in _LOOPBACK
+
+
+def _bearer(value: str | None) -> str | None:
+    if value and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
+
+
+def _missing_or_wrong(candidate: str | None) -> Refusal:
+    if candidate is None:
+        return Refusal(401, "unauthorized", "an API key is required: send Authorization: Bearer KEY, or offer the "
+                                            "WebSocket subprotocol bearer.KEY")
+    return Refusal(401, "unauthorized", "the API key is not valid")
+
+
+class RateLimiter:
+    """Token buckets: `per_minute` requests per client, refilled continuously."""
+
+    def __init__(self, per_minute: int, max_clients: int = 10_000) -> None:
+        self.per_minute = per_minute
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, stamp)
+        self._max_clients = max_clients
+
+    def take(self, client: str, now: float | None = None) -> int:
+        """0 when allowed, else the milliseconds until the next request would be."""
+        if self.per_minute <= 0:
+            return 0
+        now = time.monotonic() if now is None else now
+        rate = self.per_minute / 60.0
+        tokens, stamp = self._buckets.pop(client, (float(self.per_minute), now))
+        tokens = min(float(self.per_minute), tokens + (now - stamp) * rate)
+        if tokens >= 1.0:
+            self._buckets[client] = (tokens - 1.0, now)
+            retry = 0
+        else:
+            self._buckets[client] = (tokens, now)
+            retry = max(1, int((1.0 - tokens) / rate * 1000))
+        while len(self._buckets) > self._max_clients:  # forget the least recently seen
+            self._buckets.popitem(last=False)
+        return retry
