@@ -79,6 +79,15 @@ class ErrorEvent:
 Event = TokenEvent | FinishEvent | ErrorEvent
 
 
+def require_unicode(text: str, param: str) -> None:
+    """JSON can carry lone surrogates, which are not text; the tokenizer would choke on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{param} is not valid Unicode (it holds a lone surrogate)", param=param,
+                              code="invalid_request") from None
+
+
 def prepare_request(
     tokenizer: TextTokenizer,
     context_length: int,
@@ -96,6 +105,7 @@ def prepare_request(
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt:
             raise ValidationError("prompt must be a non-empty string", param="prompt", code="invalid_request")
+        require_unicode(prompt, "prompt")
         ids = tokenizer.encode(prompt)
     else:
         ids = tokenizer.encode(tokenizer.render_chat(messages))

@@ -99,6 +99,11 @@ def parse_messages(raw: Any) -> tuple[ChatMessage, ...]:
             )
         if not isinstance(m["content"], str):
             raise ValidationError(f"{where}.content must be a string", param=where, code="invalid_request")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(f"{where}.content is not valid Unicode (it holds a lone surrogate)", param=where,
+                                  code="invalid_request") from None
         out.append(ChatMessage(m["role"], m["content"]))
     return tuple(out)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
 CLOSE_NORMAL = 1000
 _CLOSE = object()  # writer sentinel: flush, then close the socket
+_RECENT = 256  # finished request ids remembered per connection
 
 
 @dataclass(slots=True)
@@ -51,6 +53,9 @@ class Connection:
         self._traceparent = websocket.headers.get("traceparent")
         self._out: asyncio.Queue[Any] = asyncio.Queue()
         self._inflight: dict[str, _InFlight] = {}
+        # A cancel can cross the request's final message on the wire; cancelling a
+        # request that has just finished is then a no-op, not an error.
+        self._recently_finished: OrderedDict[str, None] = OrderedDict()
 
     @property
     def in_flight(self) -> int:
@@ -106,6 +111,8 @@ class Connection:
             self._send(protocol.pong_message(msg.id))
         elif isinstance(msg, Cancel):
             item = self._inflight.get(msg.id)
+            if item is None and msg.id in self._recently_finished:
+                return
             if item is None:
                 raise ProtocolError(f"no request with id {msg.id[:40]!r} is in flight on this connection",
                                     code="unknown_id", param="id", request_id=msg.id)
@@ -159,6 +166,9 @@ class Connection:
                     self._send(protocol.engine_error_message(request_id, event))
         finally:
             self._inflight.pop(request_id, None)
+            self._recently_finished[request_id] = None
+            while len(self._recently_finished) > _RECENT:
+                self._recently_finished.popitem(last=False)
 
     def _send(self, message: dict[str, Any]) -> None:
         self._out.put_nowait(message)
