@@ -183,3 +183,17 @@ def browser():
         b.close()
 
 
+
+
+API_KEY = "test-api-key_0123456789"
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tiny_model_dir: Path, tiny_cache: CacheLayout, tiny_hf_dir: Path) -> Iterator[ServerProcess]:
+    """The tiny model behind an API key."""
+    server = ServerProcess(tiny_cache.home, "--model", str(tiny_hf_dir), "--quantize", "none", "--api-key", API_KEY)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

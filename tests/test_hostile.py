@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from conftest import ServerProcess
+from conftest import API_KEY, ServerProcess
 
 CORPUS = json.loads((Path(__file__).parent / "hostile_corpus.json").read_text())["cases"]
 
@@ -245,3 +245,23 @@ def test_sigterm_finishes_or_ends_every_stream_and_closes_with_1001(tiny_model_d
     assert server.proc.returncode == 0
     log = server.output()
     assert "server.draining" in log and "server.drained" in log
+
+
+def test_real_server_refuses_missing_wrong_keys_and_foreign_origins(keyed_server) -> None:
+    async def status(**kwargs) -> int:
+        try:
+            async with websockets.connect(keyed_server.ws_url, **kwargs):
+                return 101
+        except websockets.InvalidStatus as exc:
+            return exc.response.status_code
+
+    async def run():
+        return (
+            await status(),
+            await status(subprotocols=["streamgen.v1", "bearer.wrong-key-0000000000"]),
+            await status(subprotocols=["streamgen.v1", f"bearer.{API_KEY}"], origin="https://evil.example.net"),
+            await status(subprotocols=["streamgen.v1", f"bearer.{API_KEY}"]),
+            await status(additional_headers={"Authorization": f"Bearer {API_KEY}"}),
+        )
+
+    assert asyncio.run(run()) == (401, 401, 403, 101, 101)
