@@ -158,6 +158,8 @@ def test_load_with_faults_loses_nothing_and_returns_memory(tiny_model_dir, tiny_
             assert final["finish_reason"] in ("cancelled", "length")
         else:
             assert final["finish_reason"] == "length" and final["usage"]["completion_tokens"] == r["tokens"]
+    print(f"\n200 connections: {len(kept)} kept, {len(results) - len(kept)} abandoned, "
+          f"RSS {baseline} KiB after warm-up, {after} KiB after the run")
     assert after <= baseline * 1.10, f"RSS {after} KiB after the run vs {baseline} KiB after warm-up"
 
 
