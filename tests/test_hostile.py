@@ -134,8 +134,9 @@ def test_load_with_faults_loses_nothing_and_returns_memory(tiny_model_dir, tiny_
         return await asyncio.gather(*(client(i, k) for i, k in enumerate(kinds)))
 
     try:
-        # Warm-up with the same load: allocator arenas, ORT buffers per batch width, connection
-        # buffers. A leak shows as growth from this level onwards.
+        # Warm-up with the same load, twice: allocator arenas, ORT buffers per batch width,
+        # connection buffers. A leak shows as growth from this level onwards.
+        asyncio.run(run(plan))
         asyncio.run(run(plan))
         time.sleep(0.5)
         baseline = _rss_kib(server.proc.pid)
