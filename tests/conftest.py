@@ -197,3 +197,24 @@ def keyed_server(tiny_model_dir: Path, tiny_cache: CacheLayout, tiny_hf_dir: Pat
         yield server
     finally:
         server.stop()
+
+
+FINISHED = "['stop', 'length'].includes(document.getElementById('finish').textContent)"
+
+
+def open_chat(browser, url: str, **page_options):
+    """The browser client at url, once its socket is open."""
+    page = browser.new_page(**page_options)
+    page.goto(url + "/")
+    page.wait_for_selector("#status[data-state=open]", timeout=15000)
+    return page
+
+
+def ask(page, prompt: str, max_tokens: int | None = None, wait: bool = True) -> None:
+    """Type a prompt into the browser client and send it; by default wait for the answer to finish."""
+    if max_tokens is not None:
+        page.fill("#max_tokens", str(max_tokens))
+    page.fill("#prompt", prompt)
+    page.click("#send")
+    if wait:
+        page.wait_for_function(FINISHED, timeout=20000)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import API_KEY, ARTIFACTS
+from conftest import API_KEY, ARTIFACTS, ask, open_chat
 
 pytestmark = pytest.mark.integration
 
@@ -21,14 +21,10 @@ def _text_lengths_while_streaming(page, samples: int = 40, interval: float = 0.0
 
 def test_chat_streams_and_stop_cancels(browser, real_server) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
-    page = browser.new_page(viewport={"width": 1100, "height": 760})
-    page.goto(real_server.url + "/")
-    page.wait_for_selector("#status[data-state=open]", timeout=15000)
+    page = open_chat(browser, real_server.url, viewport={"width": 1100, "height": 760})
     page.wait_for_function("document.getElementById('model').textContent.includes('SmolLM2')", timeout=15000)
 
-    page.fill("#max_tokens", "400")
-    page.fill("#prompt", "Write a long story about a lighthouse keeper and a storm.")
-    page.click("#send")
+    ask(page, "Write a long story about a lighthouse keeper and a storm.", max_tokens=400, wait=False)
     page.wait_for_selector(".msg.assistant.streaming", timeout=10000)
     lengths = _text_lengths_while_streaming(page)
     grew = sorted(set(lengths))
@@ -44,23 +40,15 @@ def test_chat_streams_and_stop_cancels(browser, real_server) -> None:
     page.screenshot(path=str(ARTIFACTS / "browser-cancelled.png"))
 
     # A second turn on the same socket: the conversation continues.
-    page.fill("#max_tokens", "20")
-    page.fill("#prompt", "Now tell me the capital of France.")
-    page.click("#send")
-    page.wait_for_function("document.getElementById('finish').textContent === 'stop' || "
-                           "document.getElementById('finish').textContent === 'length'", timeout=20000)
+    ask(page, "Now tell me the capital of France.", max_tokens=20)
     assert page.locator(".msg.assistant").count() == 2
     page.close()
 
 
 def test_phone_width_layout_fits(browser, real_server) -> None:
-    page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
-    page.goto(real_server.url + "/")
-    page.wait_for_selector("#status[data-state=open]", timeout=15000)
-    page.fill("#prompt", "Say hello.")
-    page.fill("#max_tokens", "12") if page.locator("#max_tokens").is_visible() else None
-    page.click("#send")
-    page.wait_for_function("['stop', 'length'].includes(document.getElementById('finish').textContent)", timeout=20000)
+    page = open_chat(browser, real_server.url, viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                     is_mobile=True)
+    ask(page, "Say hello.")  # the settings are folded away at this width
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"the page scrolls sideways by {overflow}px on a phone"
     for sel in ("#prompt", "#send", "#stop", "#chat"):
@@ -71,16 +59,11 @@ def test_phone_width_layout_fits(browser, real_server) -> None:
 
 
 def test_reconnects_when_the_socket_drops(browser, real_server) -> None:
-    page = browser.new_page()
-    page.goto(real_server.url + "/")
-    page.wait_for_selector("#status[data-state=open]", timeout=15000)
+    page = open_chat(browser, real_server.url)
     page.evaluate("state.socket.close()")
     page.wait_for_selector("#status[data-state=closed]", timeout=5000)
     page.wait_for_selector("#status[data-state=open]", timeout=10000)
-    page.fill("#prompt", "Hi")
-    page.fill("#max_tokens", "5")
-    page.click("#send")
-    page.wait_for_function("['stop', 'length'].includes(document.getElementById('finish').textContent)", timeout=20000)
+    ask(page, "Hi", max_tokens=5)
     page.close()
 
 
@@ -93,10 +76,7 @@ def test_browser_client_works_with_a_key(browser, keyed_server) -> None:
     page.click("#save-key")
     page.wait_for_selector("#status[data-state=open]", timeout=10000)
     page.wait_for_function("document.getElementById('model').textContent.includes('context')", timeout=10000)
-    page.fill("#max_tokens", "12")
-    page.fill("#prompt", "Hello")
-    page.click("#send")
-    page.wait_for_function("['stop', 'length'].includes(document.getElementById('finish').textContent)", timeout=20000)
+    ask(page, "Hello", max_tokens=12)
     assert int(page.locator("#tokens").inner_text()) > 0
     page.screenshot(path=str(ARTIFACTS / "browser-with-key.png"))
     page.close()

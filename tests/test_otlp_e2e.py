@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARTIFACTS, ServerProcess
+from conftest import ARTIFACTS, ServerProcess, ask, open_chat
 from otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.integration
@@ -56,14 +56,9 @@ def _wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
 
 
 def test_browser_request_is_found_by_trace_id_with_every_phase(browser, traced_server, receiver) -> None:
-    page = browser.new_page()
-    page.goto(traced_server.url + "/")
-    page.wait_for_selector("#status[data-state=open]", timeout=15000)
+    page = open_chat(browser, traced_server.url)
     page.wait_for_function("document.getElementById('model').textContent.includes('SmolLM2')", timeout=15000)
-    page.fill("#max_tokens", "12")
-    page.fill("#prompt", "What is the capital of France?")
-    page.click("#send")
-    page.wait_for_function("['stop', 'length'].includes(document.getElementById('finish').textContent)", timeout=20000)
+    ask(page, "What is the capital of France?", max_tokens=12)
     link = page.locator(".msg.assistant a.trace").last
     trace_id = link.get_attribute("data-trace-id")
     assert link.get_attribute("href") == f"{JAEGER}/trace/{trace_id}"
