@@ -267,17 +267,20 @@ class Engine:
             block = False
             if item is _WAKE:
                 continue
-            with self._pending_lock:
-                self._pending -= 1
             key = next(self._keys)
             try:
                 item.sequence = self.core.add(item.request, key, item.observer)
-            except QueueFull:
-                event = ErrorEvent(key, "overloaded", "the server is at capacity; retry later")
+            except QueueFull as full:  # submit() checks first; this only closes the race between the two
+                event = ErrorEvent(key, "overloaded", "the server is at capacity; retry after retry_after_ms",
+                                   retry_after_ms=self._retry_after_ms(full.waiting))
                 item.observer.finished(event, time.perf_counter())
                 item._deliver(event)
-                continue
-            self._handles[key] = item
+            else:
+                self._handles[key] = item
+            finally:
+                # Only now: the request counts as queued until the scheduler holds it.
+                with self._pending_lock:
+                    self._pending -= 1
 
     def _apply_end_all(self) -> None:
         if self._end_all is None:

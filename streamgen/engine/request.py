@@ -74,6 +74,7 @@ class ErrorEvent:
     row: int
     code: str  # stable error code, e.g. "internal"
     message: str  # safe to show to a client: no stack traces
+    retry_after_ms: int | None = None  # for "overloaded"
 
 
 Event = TokenEvent | FinishEvent | ErrorEvent

@@ -170,7 +170,8 @@ def error_message(request_id: str | None, code: str, message: str, param: str | 
 
 
 def engine_error_message(request_id: str, event: ErrorEvent) -> dict[str, Any]:
-    return error_message(request_id, event.code, event.message)
+    extra = {"retry_after_ms": event.retry_after_ms} if event.retry_after_ms is not None else {}
+    return error_message(request_id, event.code, event.message, **extra)
 
 
 def pong_message(ping_id: str | None) -> dict[str, Any]:
