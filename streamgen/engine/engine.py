@@ -80,7 +80,6 @@ class RequestHandle:
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False  # read by the worker thread once per step
-        self.finished = False
         self.sequence: Sequence | None = None  # set by the worker when it takes the request
 
     def cancel(self) -> None:
@@ -102,8 +101,6 @@ def _hand_over(batch: list[tuple[RequestHandle, Event]]) -> None:
     """Give events to their handles' event loop with one cross-thread wake-up per loop, not per token."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
     for handle, event in batch:
-        if isinstance(event, (FinishEvent, ErrorEvent)):
-            handle.finished = True
         by_loop.setdefault(handle._loop, []).append((handle._events, event))
     for loop, items in by_loop.items():
         try:

@@ -66,14 +66,11 @@ class SlotRunner:
         # Allocated once, on the device, zeroed (free rows still run through
         # decode, and stray NaN or denormal bit patterns have no place there);
         # bound as past and present alike. On the CPU the OrtValue wraps the
-        # numpy array without a copy, so the array must stay referenced.
-        self._host_kv: list[np.ndarray] = []
-        self._kv: list[ort.OrtValue] = []
-        for _ in self._past_names:
-            zeros = np.zeros((b, h, t, d), dtype=self._dtype)
-            self._kv.append(ort.OrtValue.ortvalue_from_numpy(zeros, self._ort_device, device.index))
-            if self._ort_device == "cpu":
-                self._host_kv.append(zeros)
+        # zeroed numpy array without a copy (and keeps it alive).
+        self._kv = [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros((b, h, t, d), dtype=self._dtype), self._ort_device, device.index)
+            for _ in self._past_names
+        ]
         # Fixed host buffers for decode, written in place every step.
         self._ids = np.zeros((b, 1), dtype=np.int64)
         self._positions = np.zeros((b, 1), dtype=np.int64)
