@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import build_tiny_llama  # noqa: E402
 
+from streamgen.bench.common import ServeProcess  # noqa: E402
 from streamgen.engine.device import Device  # noqa: E402
 from streamgen.engine.loader import LoadedModel, load_model  # noqa: E402
 from streamgen.models.cache import DEFAULT_MODEL, CacheLayout, streamgen_home  # noqa: E402
@@ -88,45 +89,16 @@ def real_model(real_model_dir: Path) -> LoadedModel:
     return load_model(real_model_dir, CPU)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`streamgen serve` as its own process on a free loopback port."""
+class ServerProcess(ServeProcess):
+    """`streamgen serve` for tests: the given cache, output kept for assertions, no rate limit."""
 
     def __init__(self, home: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        import subprocess
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}/v1/ws"
-        # Every test client comes from 127.0.0.1: no per-address rate limit unless a test sets one.
-        cmd = [sys.executable, "-m", "streamgen", "serve", "--home", str(home), "--port", str(self.port),
-               "--no-pull", "--rate-limit", "0", *extra]
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # Every test client comes from 127.0.0.1: no per-address rate limit unless a test sets one.
+        super().__init__("test", ["--home", str(home), "--rate-limit", "0", *extra], env=env, output=self.log)
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout}s: {self.output()}")
+    def _details(self) -> str:
+        return ": " + self.output()[-4000:]
 
     def output(self) -> str:
         self.log.flush()
@@ -139,11 +111,7 @@ class ServerProcess:
         return httpx.get(self.url + "/v1/stats", timeout=5).json()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except Exception:  # noqa: BLE001
-            self.proc.kill()
+        super().stop()
         self.log.close()
 
 

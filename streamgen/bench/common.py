@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import IO
 
 from streamgen.engine.device import Device
 from streamgen.engine.loader import LoadedModel, load_model
@@ -39,36 +41,45 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """`streamgen serve` on a free loopback port, output discarded."""
+    """`streamgen serve` on a free loopback port; its output is discarded unless a file is given."""
 
-    def __init__(self, name: str, args: Sequence[str]) -> None:
+    def __init__(self, name: str, args: Sequence[str], *, env: Mapping[str, str] | None = None,
+                 output: IO[str] | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/ws"
-        cmd = [sys.executable, "-m", "streamgen", "serve", "--port", str(self.port), "--no-pull",
-               "--log-level", "warning", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = [sys.executable, "-m", "streamgen", "serve", "--port", str(self.port), "--no-pull", *args]
+        sink = output if output is not None else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env} if env else None)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the {self.name} server exited before it was ready")
+                raise RuntimeError(f"the {self.name} server exited with {self.proc.returncode}{self._details()}")
             try:
                 with urllib.request.urlopen(self.url + "/health/ready", timeout=1) as r:
                     if r.status == 200:
                         return
             except OSError:
                 time.sleep(0.2)
-        raise TimeoutError(f"the {self.name} server was not ready after {timeout:.0f}s")
+        raise TimeoutError(f"the {self.name} server was not ready after {timeout:.0f}s{self._details()}")
+
+    def _details(self) -> str:
+        return ""  # subclasses that keep the output add it here
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def serve_args(args) -> list[str]:
     """Flags that make a server process use the benchmark's model."""
-    flags = ["--model", args.model, "--quantize", args.quantize, "--device", "cpu", "--threads", str(args.threads)]
+    flags = ["--model", args.model, "--quantize", args.quantize, "--device", "cpu", "--threads", str(args.threads),
+             "--log-level", "warning"]
     return flags + (["--home", args.home] if args.home else [])
