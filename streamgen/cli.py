@@ -42,7 +42,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help=f"model name, hub id (org/name) or local Hugging Face directory (default {DEFAULT_MODEL})")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default="int8",
                    help="weight quantization: int8 (default) keeps fp32 quality within 1%% perplexity at about twice "
-                        "the speed; none = fp32; int4 is faster still but loses quality (docs/benchmarks.md)")
+                        "the speed; none = fp32; int4 is faster still but loses quality; source keeps a GGUF "
+                        "source's own 4-bit levels exactly (docs/benchmarks.md)")
     p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     p.add_argument("--home", default=None,
                    help="cache directory for models (default $STREAMGEN_HOME or ~/.cache/streamgen)")
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL} (default, from a pinned wheel), a hub id org/name, or a local directory")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                   help="none = fp32; int8 = dynamic MatMul int8; int4 = MatMulNBits block 32 (default none)")
+                   help="none = fp32; int8 / int4 = MatMulNBits with 8- / 4-bit weights, block 32; source = the GGUF "
+                        "source's own Q4_1/Q8_0 levels repacked without re-quantizing (default none)")
     p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     p.add_argument("--home", default=None, help="cache directory (default $STREAMGEN_HOME or ~/.cache/streamgen)")
 
@@ -120,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "Interleaves streamgen's engine and Optimum's generate(use_io_binding=True) on the same "
                   "model.onnx (the plain graph), same prompt and token count; prints medians and ratio.",
                   quantize=variants, rounds=5, tokens=True)
-    _bench_parser(bsub, "speed", "plain vs GQA graphs, fp32/int8/int4, and llama.cpp when installed",
-                  "Interleaves the plain fp32 graph, the GQA graph in fp32, int8 and int4, and llama.cpp on the "
+    _bench_parser(bsub, "speed", "plain vs GQA graphs, fp32/int8/int4/source, and llama.cpp when installed",
+                  "Interleaves the plain fp32 graph, the GQA graph in fp32, int8, int4 and source (when the model "
+                  "is on a GGUF grid), and llama.cpp on the "
                   "same GGUF (when llama-cpp-python is installed); reports batch-1 decode tok/s, batch-16 "
                   "aggregate tok/s and prefill time for 42 and 512 tokens.", rounds=3)
     bq = _bench_parser(bsub, "quality", "perplexity, top-1 agreement and KL of each quantization against fp32",

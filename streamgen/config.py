@@ -57,7 +57,8 @@ _HELP: dict[str, str] = {
     "port": "TCP port",
     "model": "model name, hub id or local Hugging Face directory; pulled when missing",
     "quantize": f"weight quantization, one of {', '.join(QUANTIZATIONS)}; int8 keeps fp32 quality within 1% "
-                "perplexity at about twice the speed, int4 is faster still but loses quality (docs/benchmarks.md)",
+                "perplexity at about twice the speed, int4 is faster still but loses quality, source keeps a GGUF source's "
+                "own 4-bit levels exactly (docs/benchmarks.md)",
     "device": "auto, cpu or cuda; auto uses CUDA only when it is really usable",
     "threads": "ONNX Runtime intra-op threads; 0 = one per physical core",
     "home": "model cache directory (default ~/.cache/streamgen)",

@@ -2,7 +2,8 @@
 
 Contenders, all loaded in one process and measured in interleaved rounds:
 - plain export fp32 (Optimum's graph, concatenated cache) -- the baseline;
-- GQA fp32, GQA int8, GQA int4 (static KV slots);
+- GQA fp32, GQA int8, GQA int4 (static KV slots), and GQA source (the GGUF's
+  own levels, models/repack.py) when the model has them;
 - llama.cpp on the same GGUF, when llama-cpp-python is installed (the
   `llamacpp` extra), batch 1 only.
 Measures: batch-1 greedy decode tok/s (after a 42-token prompt), batch-16
@@ -29,6 +30,7 @@ from streamgen.engine.device import Device
 from streamgen.engine.runner import OnnxRunner
 from streamgen.engine.slots import SlotConfig, SlotRunner
 from streamgen.engine.tokenizer import TextTokenizer
+from streamgen.errors import PullError
 
 DECODE_TOKENS = 128
 BATCH = 16
@@ -191,8 +193,14 @@ def run_speed_bench(args) -> int:
 
     plain_dir = ensure_model(args.model, "none", args.home, graph="plain")
     contenders: list[_Contender] = [_Plain(plain_dir, args.threads)]
-    for q in ("none", "int8", "int4"):
-        directory = ensure_model(args.model, q, args.home, graph="gqa")
+    for q in ("none", "int8", "int4", "source"):
+        try:
+            directory = ensure_model(args.model, q, args.home, graph="gqa")
+        except PullError as exc:
+            if q != "source":
+                raise
+            print(f"  skipping GQA source: {exc.message}", file=sys.stderr)  # only GGUF-grid models have it
+            continue
         contenders.append(_Slots(f"GQA {'fp32' if q == 'none' else q}", directory, args.threads))
     tmp = tempfile.TemporaryDirectory()
     try:

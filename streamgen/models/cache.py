@@ -25,7 +25,7 @@ from typing import Any
 from streamgen.errors import ModelNotFoundError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4", "source")  # source: the GGUF's own levels (models/repack.py)
 GRAPH_GQA = "gqa"  # GroupQueryAttention with static KV buffers (models/gqa.py)
 GRAPH_PLAIN = "plain"  # Optimum's text-generation-with-past export
 GRAPHS = ("auto", GRAPH_GQA, GRAPH_PLAIN)  # auto: gqa where the architecture allows it

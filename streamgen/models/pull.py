@@ -125,7 +125,9 @@ def _build_quantized(source: Source, base: Path, quantization: str, cache: Cache
     from streamgen.models.quantize import quantize_model
 
     base_manifest = Manifest.read(base)
-    with progress.stage(f"Quantizing to {quantization} with ONNX Runtime"), _build_dir(cache, source.name, quantization) as build:
+    stage = ("Repacking the source's own GGUF levels" if quantization == "source"
+             else f"Quantizing to {quantization} with ONNX Runtime")
+    with progress.stage(stage), _build_dir(cache, source.name, quantization) as build:
         out = build / "model"
         out.mkdir()
         for name in _MODEL_FILES:

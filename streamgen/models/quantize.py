@@ -8,7 +8,12 @@ it cost 11-22 % perplexity and turned the greedy answers to "What is the
 capital of Germany?" and "... of France?" into French and German; 8-bit
 block-wise weights are within 1 % of fp32 (docs/benchmarks.md).
 
-Both first untie the lm_head (models/graph.py) so that the largest single
+`source` re-quantizes nothing: when the source checkpoint was itself a GGUF
+(the default model is Q4_1 with a Q8_0 embedding), its weights are repacked
+bit-exactly into MatMulNBits (models/repack.py), so the build computes with
+the source's own levels. It exists only for such sources.
+
+All of them first untie the lm_head (models/graph.py) so that the largest single
 matrix of a small tied-embedding model is quantized too instead of staying
 fp32; the embedding table itself stays fp32 because it is a Gather, not a
 MatMul.
@@ -22,6 +27,7 @@ BLOCK_SIZE = 32
 # accuracy_level 4 = int8 activations inside MatMulNBits: the fast CPU path.
 ACCURACY_LEVEL = 4
 BITS = {"int8": 8, "int4": 4}
+SOURCE = "source"  # repack the source's own GGUF grid, re-quantize nothing
 
 
 def quantize_model(src: Path, dst: Path, method: str) -> list[str]:
@@ -32,12 +38,14 @@ def quantize_model(src: Path, dst: Path, method: str) -> list[str]:
     from streamgen.models.export import save_model
     from streamgen.models.graph import untie_lm_head
 
-    if method not in BITS:
+    if method not in BITS and method != SOURCE:
         raise ValueError(f"unknown quantization {method!r}")
     model = onnx.load(str(src))
     notes = []
     if untie_lm_head(model):
         notes.append("lm_head untied from the embedding so it is quantized too")
+    if method == SOURCE:
+        return notes + _repack_source(model, dst)
     quantizer = MatMulNBitsQuantizer(
         model, bits=BITS[method], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL
     )
@@ -45,4 +53,23 @@ def quantize_model(src: Path, dst: Path, method: str) -> list[str]:
     save_model(quantizer.model.model, dst)
     notes.append(f"{method}: onnxruntime MatMulNBits, {BITS[method]}-bit weights, symmetric, block {BLOCK_SIZE}, "
                  f"accuracy_level {ACCURACY_LEVEL}")
+    return notes
+
+
+def _repack_source(model, dst: Path) -> list[str]:
+    from streamgen.errors import PullError
+    from streamgen.models.export import save_model
+    from streamgen.models.repack import repack_exact
+
+    # 4 bits for Q4_1 levels; Q8_0 weights keep 8 (repack_exact never narrows).
+    notes = repack_exact(model, bits=4, accuracy_level=ACCURACY_LEVEL)
+    if not notes:
+        raise PullError("--quantize source needs a source whose weights are already on a GGUF Q4_1 or Q8_0 grid "
+                        "(such as the default model); this one is not. Use --quantize int8 or int4.")
+    left = sum(1 for node in model.graph.node if node.op_type == "MatMul" and not node.name.startswith("/streamgen/")
+               and not node.name.endswith("/ExactOffset"))
+    if left:
+        notes.append(f"{left} MatMul weight(s) not on a grid stay fp32")
+    save_model(model, dst)
+    notes.append(f"source: accuracy_level {ACCURACY_LEVEL}; Q4_1 offsets (m + 8d) applied to block sums in fp32")
     return notes
