@@ -237,7 +237,10 @@ def test_queue_full_is_refused_at_once_with_retry_after(tiny_model_dir: Path) ->
             for rid in ("running", "waiting"):
                 ws.send_text(json.dumps({"type": "cancel", "id": rid}))
             finals = _collect(ws, {"running", "waiting"})
-            assert {m[-1]["finish_reason"] for m in finals.values()} == {"cancelled"}
+            # The tiny model decodes 200 tokens in a fraction of a second, so on a
+            # slow runner a request may reach max_tokens before its cancel lands.
+            assert {m[-1]["finish_reason"] for m in finals.values()} <= {"cancelled", "length"}
+            assert all(m[-1]["type"] == "done" for m in finals.values())
 
 
 def test_http_endpoints(client: TestClient, tiny_hf_dir: Path) -> None:
