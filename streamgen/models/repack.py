@@ -4,15 +4,14 @@ The default model comes from a Q4_1 GGUF, so its "fp32" export is not really
 full precision: every linear weight is `d * q + m` per block of 32 inputs
 (q in 0..15, d and m fp16), and the tied embedding is Q8_0 (`d * q`, q in
 -127..127). Quantizing such weights again puts them on a second, different
-grid and only adds error: on the default model, 8-bit re-quantization moved
-the greedy answer to "What is the capital of France?" from English to French
-and 4-bit re-quantization cost 27 % perplexity (docs/benchmarks.md).
+grid and only adds error: 4-bit re-quantization of the default model costs
+27 % perplexity, 8-bit 0.8 % (docs/benchmarks.md).
 
-So before the ordinary quantizer runs, each MatMul weight is tested for a
-grid by reconstruction: its (q, d, m) are recovered and the weight is rebuilt;
-only a bit-for-bit match is repacked. Everything else is left to the
-quantizer. A repacked weight gives the same products as the source model,
-up to float rounding and the int8 activations of accuracy_level 4:
+So each MatMul weight is tested for a grid by reconstruction: its (q, d, m)
+are recovered and the weight is rebuilt; only a bit-for-bit match is
+repacked, anything else is left as it is. A repacked weight gives the same
+products as the source model, up to float rounding and the int8 activations
+of accuracy_level 4:
 
   Q8_0:  W x = sum_b d_b q_b . x_b
          -> one symmetric 8-bit MatMulNBits.
@@ -20,8 +19,8 @@ up to float rounding and the int8 activations of accuracy_level 4:
          -> a symmetric MatMulNBits (the fast kernel: no zero points) plus a
             small fp32 MatMul of the block sums of x by a [K/32, N] matrix.
 
-The residual term is ~1/32 of the weight's size and is computed once per
-input for MatMuls that share one (q/k/v, gate/up).
+The offset matrix is 1/32 of the weight's size; the block sums it multiplies
+are computed once per input and shared by the MatMuls that read it (gate/up).
 """
 
 from __future__ import annotations
@@ -168,11 +167,6 @@ def repack_exact(model: onnx.ModelProto, bits: int, accuracy_level: int) -> list
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return [f"{count} {source} weight(s) repacked exactly as {b}-bit MatMulNBits (no re-quantization)"
             for (source, b), count in sorted(counts.items())]
-
-
-def offset_matmuls(model: onnx.ModelProto) -> list[str]:
-    """Names of the small fp32 MatMuls added for Q4_1 offsets: the quantizer must leave them alone."""
-    return [node.name for node in model.graph.node if node.name.endswith("/ExactOffset")]
 
 
 def _block_sum_nodes(graph: onnx.GraphProto, x: str, k: int, block_sums: dict[str, str]) -> list[onnx.NodeProto]:
