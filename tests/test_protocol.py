@@ -223,7 +223,14 @@ def test_oversized_message_closes_with_1009(client: TestClient) -> None:
 
 
 def test_queue_full_is_refused_at_once_with_retry_after(tiny_model_dir: Path) -> None:
-    with _client(tiny_model_dir, limits=EngineLimits(max_waiting=1), slots=SlotConfig(max_batch=1)) as c:
+    from streamgen.engine.loader import LoadedModel
+
+    model = load_model(tiny_model_dir, CPU, slots=SlotConfig(max_batch=1))
+    # 20 ms a step: 200 tokens take 4 s, so both requests are still running when
+    # the cancels land (the tiny model alone finishes them in a fraction of a second).
+    slow = LoadedModel(model.directory, model.manifest, _BreakableRunner(model.runner, step_delay=0.02),
+                       model.tokenizer)
+    with TestClient(create_app(Settings(), Engine(lambda: slow, EngineLimits(max_waiting=1)))) as c:
         _wait_ready(c)
         with c.websocket_connect("/v1/ws") as ws:
             ws.send_text(_gen("running", **LONG))
@@ -237,10 +244,7 @@ def test_queue_full_is_refused_at_once_with_retry_after(tiny_model_dir: Path) ->
             for rid in ("running", "waiting"):
                 ws.send_text(json.dumps({"type": "cancel", "id": rid}))
             finals = _collect(ws, {"running", "waiting"})
-            # The tiny model decodes 200 tokens in a fraction of a second, so on a
-            # slow runner a request may reach max_tokens before its cancel lands.
-            assert {m[-1]["finish_reason"] for m in finals.values()} <= {"cancelled", "length"}
-            assert all(m[-1]["type"] == "done" for m in finals.values())
+            assert {m[-1]["finish_reason"] for m in finals.values()} == {"cancelled"}
 
 
 def test_http_endpoints(client: TestClient, tiny_hf_dir: Path) -> None:
@@ -283,11 +287,15 @@ def test_ready_is_503_while_loading_and_after_a_failure(tiny_model_dir: Path) ->
 
 
 class _BreakableRunner:
-    """Wraps the real runner; decode raises once `broken` is set (a failing ORT session)."""
+    """Wraps the real runner; decode raises once `broken` is set (a failing ORT session).
 
-    def __init__(self, runner) -> None:
+    step_delay slows each decode step down to a real model's pace, so that a test
+    can act on a request before the tiny model has finished it."""
+
+    def __init__(self, runner, step_delay: float = 0.0) -> None:
         self._runner = runner
         self.broken = False
+        self.step_delay = step_delay
 
     def __getattr__(self, name):
         return getattr(self._runner, name)
@@ -299,6 +307,7 @@ class _BreakableRunner:
     def decode(self, slots, ids):
         if self.broken:
             raise RuntimeError("ORT session: CUDA error 700 at /secret/path.cc:42")
+        time.sleep(self.step_delay)
         return self._runner.decode(slots, ids)
 
 
