@@ -133,6 +133,9 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="streamgen-engine", daemon=True)
         self._ready = threading.Event()
         self.batch_listeners: list[Callable[[int], None]] = []  # told each decode step's batch size
+        # Told the loaded model before the engine reports ready, so that whatever
+        # they set up is in place for the first request /health/ready lets in.
+        self.ready_listeners: list[Callable[[LoadedModel], None]] = []
         self.max_batch_seen = 0
         self._mean_request_s = 1.0  # running mean, for retry_after_ms
 
@@ -225,6 +228,8 @@ class Engine:
                 on_decode=self._decoded,
             )
             self._warm_up(self.core, model)
+            for listener in self.ready_listeners:
+                listener(model)
             self.model = model
             self.state = EngineState.READY
         except Exception as exc:  # noqa: BLE001 - any load failure marks the engine failed

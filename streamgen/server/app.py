@@ -46,11 +46,12 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
 
     telemetry.metrics.observe(current_stats)
     engine.batch_listeners.append(lambda size: telemetry.metrics.batch_size.record(size))
+    engine.ready_listeners.append(lambda model: setattr(telemetry, "model_name", model.name))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine.start()
-        announce = asyncio.create_task(_announce_when_ready(settings, engine, telemetry))
+        announce = asyncio.create_task(_announce_when_ready(settings, engine))
         try:
             yield
         finally:
@@ -176,13 +177,12 @@ def _client_identity(ws: WebSocket, policy: AccessPolicy) -> str:
     return "addr:" + (ws.client.host if ws.client else "unknown")
 
 
-async def _announce_when_ready(settings: Settings, engine: Engine, telemetry: Telemetry) -> None:
+async def _announce_when_ready(settings: Settings, engine: Engine) -> None:
     ok = await asyncio.to_thread(engine.wait_ready)
     if not ok:
         log.error("engine.failed", error=engine.failure)
         return
     model = engine.model
-    telemetry.model_name = model.name
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     log.info("server.ready", url=f"http://{host}:{settings.port}/", model=model.name,
              graph=model.manifest.graph, quantization=model.manifest.quantization, device=str(model.runner.device),

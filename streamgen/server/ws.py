@@ -135,11 +135,7 @@ class Connection:
                 "retry after retry_after_ms", retry_after_ms=retry))
             return
         operation = "chat" if msg.messages is not None else "text_completion"
-        # The engine's own model, not only telemetry.model_name: that is set by the
-        # ready announcement, which a request arriving right after /health/ready can beat.
-        model = self.engine.model
-        tel = self.telemetry.start_request(msg.id, operation, msg.traceparent or self._traceparent,
-                                           model.name if model is not None else None)
+        tel = self.telemetry.start_request(msg.id, operation, msg.traceparent or self._traceparent)
         try:
             with tel.tokenize():
                 request = self.engine.prepare(msg.params, prompt=msg.prompt, messages=msg.messages, request_id=msg.id)

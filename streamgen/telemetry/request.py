@@ -63,12 +63,11 @@ def request_attributes(params: SamplingParams) -> dict[str, Any]:
 
 
 class RequestTelemetry(RequestObserver):
-    def __init__(self, telemetry: Telemetry, request_id: str, operation: str, parent: Context | None,
-                 model: str | None = None) -> None:
+    def __init__(self, telemetry: Telemetry, request_id: str, operation: str, parent: Context | None) -> None:
         self._tel = telemetry
         self.request_id = request_id
         self.operation = operation
-        self.model = model = model or telemetry.model_name
+        model = telemetry.model_name
         self._metric_attrs = {"gen_ai.operation.name": operation, "gen_ai.request.model": model}
         self.span = telemetry.tracer.start_span(
             f"{operation} {model}",
@@ -163,7 +162,7 @@ class RequestTelemetry(RequestObserver):
                 self._child("decode", self._decode_start, now, {"streamgen.steps": self._steps})
             self.span.set_attributes({
                 "gen_ai.response.finish_reasons": [str(event.finish_reason)],
-                "gen_ai.response.model": self.model,
+                "gen_ai.response.model": self._tel.model_name,
                 "gen_ai.usage.output_tokens": usage.completion_tokens,
                 "streamgen.time_to_first_token_ms": round(t.time_to_first_token_s * 1000, 3),
             })

@@ -53,10 +53,8 @@ class Telemetry:
             log_prompts=log_prompts,
         )
 
-    def start_request(self, request_id: str, operation: str, traceparent: str | None,
-                      model: str | None = None) -> RequestTelemetry:
-        """model: the serving model's name; model_name (set once the server announces itself) otherwise."""
-        return RequestTelemetry(self, request_id, operation, parent_context(traceparent), model)
+    def start_request(self, request_id: str, operation: str, traceparent: str | None) -> RequestTelemetry:
+        return RequestTelemetry(self, request_id, operation, parent_context(traceparent))
 
     def rejected_early(self, request_id: str | None, code: str, message: str, param: str | None) -> None:
         """A message refused before it became a request (parse errors, limits): log and count it."""
