@@ -132,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "variant and the fp32 one; prints perplexity, top-1 agreement with fp32 and mean KL "
                        "divergence from fp32.", quantize=variants)
     bq.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
+    bv = _bench_parser(bsub, "variants", "the quantization variants the builds were chosen over, against int8",
+                       "Builds int8 with blocks of 64 and 128, asymmetric int4 and fp32-activation variants "
+                       "(in a temporary directory, through the same quantizer as pull) and measures them with the "
+                       "shipped int8, int4 and source: batch-1 and batch-16 tok/s (interleaved), top-1 agreement "
+                       "and KL against fp32, the first-token margin on 'What is the capital of France?', and the "
+                       "kernel shares of a batch-16 decode step. Needs the export extra.", rounds=2)
+    from streamgen.bench.variants import VARIANTS
+
+    bv.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated subset of: {', '.join(VARIANTS)} (default all; int8 is always included)")
     bl = _bench_parser(bsub, "load", "concurrent WebSocket clients: batching vs batching off",
                        "Starts two `streamgen serve` processes (continuous batching, and one slot) and drives each "
                        "with N concurrent WebSocket clients per level; reports time to first token, inter-token "
@@ -159,6 +169,7 @@ _BENCHES = {
     "load": "streamgen.bench.load:run_load_bench",
     "socket": "streamgen.bench.socket:run_socket_bench",
     "tracing": "streamgen.bench.tracing:run_tracing_bench",
+    "variants": "streamgen.bench.variants:run_variants_bench",
 }
 
 

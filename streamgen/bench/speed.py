@@ -79,7 +79,7 @@ class _Plain(_Contender):
         return (time.perf_counter() - start) * 1000
 
 
-class _Slots(_Contender):
+class SlotContender(_Contender):
     def __init__(self, name: str, directory: Path, threads: int) -> None:
         self.name = name
         self.runner = SlotRunner(directory, Device("cpu"), SlotConfig(max_batch=BATCH, max_context=640,
@@ -141,7 +141,7 @@ class _LlamaCpp(_Contender):
         return (time.perf_counter() - start) * 1000
 
 
-def _prompts(tokenizer: TextTokenizer) -> tuple[list[int], list[int], list[list[int]]]:
+def bench_prompts(tokenizer: TextTokenizer) -> tuple[list[int], list[int], list[list[int]]]:
     ids = tokenizer.encode(" ".join(load_texts() * 3))
     short, long = ids[:42], ids[:512]
     batch = [ids[i * 7 : i * 7 + 42] for i in range(BATCH)]  # 16 different 42-token prompts
@@ -163,7 +163,7 @@ def _extract_gguf(home: str | None, into: Path) -> Path | None:
 
 def run_speed(contenders: list[_Contender], tokenizer: TextTokenizer, rounds: int,
               log: Callable[[str], None] = lambda s: None) -> list[SpeedRow]:
-    short, long, batch = _prompts(tokenizer)
+    short, long, batch = bench_prompts(tokenizer)
     for c in contenders:  # warm-up
         c.batch1(short[:8])
         c.prefill_ms(short)
@@ -201,7 +201,7 @@ def run_speed_bench(args) -> int:
                 raise
             print(f"  skipping GQA source: {exc.message}", file=sys.stderr)  # only GGUF-grid models have it
             continue
-        contenders.append(_Slots(f"GQA {'fp32' if q == 'none' else q}", directory, args.threads))
+        contenders.append(SlotContender(f"GQA {'fp32' if q == 'none' else q}", directory, args.threads))
     tmp = tempfile.TemporaryDirectory()
     try:
         import llama_cpp  # noqa: F401

@@ -43,7 +43,9 @@ class ContextFull(Exception):
 
 
 class SlotRunner:
-    def __init__(self, model_dir: Path, device: Device, config: SlotConfig = SlotConfig(), threads: int = 0) -> None:
+    def __init__(self, model_dir: Path, device: Device, config: SlotConfig = SlotConfig(), threads: int = 0,
+                 profile_prefix: str | None = None) -> None:
+        """profile_prefix: record ONNX Runtime's per-node profile (`bench variants`); end_profiling() writes it."""
         info = ModelInfo.from_config(model_dir / "config.json")
         self.config = config
         self.max_context = min(config.max_context, info.context_length)
@@ -53,6 +55,9 @@ class SlotRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=device.providers)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._past_names = [n for n in inputs if n.startswith(_PAST)]

@@ -30,8 +30,12 @@ BITS = {"int8": 8, "int4": 4}
 SOURCE = "source"  # repack the source's own GGUF grid, re-quantize nothing
 
 
-def quantize_model(src: Path, dst: Path, method: str) -> list[str]:
-    """Write a quantized copy of src to dst. Returns notes for the manifest."""
+def quantize_model(src: Path, dst: Path, method: str, *, block_size: int = BLOCK_SIZE,
+                   accuracy_level: int = ACCURACY_LEVEL, symmetric: bool = True) -> list[str]:
+    """Write a quantized copy of src to dst. Returns notes for the manifest.
+
+    The keyword arguments are what `pull` never changes; `bench variants` uses
+    them to measure the alternatives the defaults were chosen over."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -45,24 +49,24 @@ def quantize_model(src: Path, dst: Path, method: str) -> list[str]:
     if untie_lm_head(model):
         notes.append("lm_head untied from the embedding so it is quantized too")
     if method == SOURCE:
-        return notes + _repack_source(model, dst)
+        return notes + _repack_source(model, dst, accuracy_level)
     quantizer = MatMulNBitsQuantizer(
-        model, bits=BITS[method], block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL
+        model, bits=BITS[method], block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level
     )
     quantizer.process()
     save_model(quantizer.model.model, dst)
-    notes.append(f"{method}: onnxruntime MatMulNBits, {BITS[method]}-bit weights, symmetric, block {BLOCK_SIZE}, "
-                 f"accuracy_level {ACCURACY_LEVEL}")
+    notes.append(f"{method}: onnxruntime MatMulNBits, {BITS[method]}-bit weights, "
+                 f"{'symmetric' if symmetric else 'asymmetric'}, block {block_size}, accuracy_level {accuracy_level}")
     return notes
 
 
-def _repack_source(model, dst: Path) -> list[str]:
+def _repack_source(model, dst: Path, accuracy_level: int) -> list[str]:
     from streamgen.errors import PullError
     from streamgen.models.export import save_model
     from streamgen.models.repack import repack_exact
 
     # 4 bits for Q4_1 levels; Q8_0 weights keep 8 (repack_exact never narrows).
-    notes = repack_exact(model, bits=4, accuracy_level=ACCURACY_LEVEL)
+    notes = repack_exact(model, bits=4, accuracy_level=accuracy_level)
     if not notes:
         raise PullError("--quantize source needs a source whose weights are already on a GGUF Q4_1 or Q8_0 grid "
                         "(such as the default model); this one is not. Use --quantize int8 or int4.")
@@ -71,5 +75,5 @@ def _repack_source(model, dst: Path) -> list[str]:
     if left:
         notes.append(f"{left} MatMul weight(s) not on a grid stay fp32")
     save_model(model, dst)
-    notes.append(f"source: accuracy_level {ACCURACY_LEVEL}; Q4_1 offsets (m + 8d) applied to block sums in fp32")
+    notes.append(f"source: accuracy_level {accuracy_level}; Q4_1 offsets (m + 8d) applied to block sums in fp32")
     return notes
