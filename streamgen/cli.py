@@ -41,8 +41,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name, hub id (org/name) or local Hugging Face directory (default {DEFAULT_MODEL})")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default="int8",
-                   help="weight quantization: int8 (default) keeps fp32 quality within 1%% perplexity at about twice "
-                        "the speed; none = fp32; int4 is faster still but loses quality; source keeps a GGUF "
+                   help="weight quantization: int8 (default) keeps fp32 quality within 1%% perplexity at 2-3x "
+                        "the speed; none = fp32; int4 is faster at batch 1 but loses quality; source keeps a GGUF "
                         "source's own 4-bit levels exactly (docs/benchmarks.md)")
     p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     p.add_argument("--home", default=None,

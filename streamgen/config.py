@@ -24,7 +24,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     model: str = DEFAULT_MODEL
-    quantize: str = "int8"  # docs/benchmarks.md: within 1% of fp32 perplexity at about twice its speed
+    quantize: str = "int8"  # docs/benchmarks.md: within 1% of fp32 perplexity at 2-3x its speed
     graph: str = "auto"
     device: str = "auto"
     threads: int = 0
@@ -57,8 +57,8 @@ _HELP: dict[str, str] = {
     "port": "TCP port",
     "model": "model name, hub id or local Hugging Face directory; pulled when missing",
     "quantize": f"weight quantization, one of {', '.join(QUANTIZATIONS)}; int8 keeps fp32 quality within 1% "
-                "perplexity at about twice the speed, int4 is faster still but loses quality, source keeps a GGUF source's "
-                "own 4-bit levels exactly (docs/benchmarks.md)",
+                "perplexity at 2-3x the speed, int4 is faster at batch 1 but loses quality, source keeps a GGUF "
+                "source's own 4-bit levels exactly (docs/benchmarks.md)",
     "device": "auto, cpu or cuda; auto uses CUDA only when it is really usable",
     "threads": "ONNX Runtime intra-op threads; 0 = one per physical core",
     "home": "model cache directory (default ~/.cache/streamgen)",
