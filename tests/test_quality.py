@@ -25,3 +25,25 @@ def test_quality_benchmark_runs_on_the_tiny_model(tiny_hf_dir, tiny_model_dir, t
         assert 0.0 < r.top1_agreement <= 1.0 and r.mean_kl >= 0.0 and math.isfinite(r.perplexity)
     # 8-bit weights stay closer to fp32 than 4-bit ones.
     assert rows["int8"].mean_kl < rows["int4"].mean_kl
+
+
+def test_variants_benchmark_builds_and_measures_against_int8(tiny_hf_dir, tiny_model_dir, tiny_cache,
+                                                             tmp_path) -> None:
+    """`streamgen bench variants` end to end on the tiny model (one extra variant, one round)."""
+    import json
+
+    from streamgen.cli import main
+
+    out = tmp_path / "variants.json"
+    assert main(["bench", "variants", "--model", str(tiny_hf_dir), "--home", str(tiny_cache.home),
+                 "--variants", "int8 block 32,int4", "--rounds", "1", "--json", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["int8", "int8 block 32", "int4"], "the baseline first, then the variants asked for"
+    for r in rows.values():
+        assert r["batch1_tok_s"] > 0 and r["batch16_tok_s"] > 0
+        assert 0 < r["matmul_share"] < 1 and 0 < r["attention_share"] < 1
+        assert r["mean_kl"] >= 0 and 0 < r["top1_agreement"] <= 1
+    # 8-bit weights stay closer to fp32 than 4-bit ones.
+    assert rows["int8 block 32"]["mean_kl"] < rows["int4"]["mean_kl"]
+    assert main(["bench", "variants", "--model", str(tiny_hf_dir), "--home", str(tiny_cache.home),
+                 "--variants", "int9"]) == 2
