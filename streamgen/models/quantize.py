@@ -28,7 +28,7 @@ from pathlib import Path
 ACCURACY_LEVEL = 4
 BITS = {"int8": 8, "int4": 4}
 # Weights per scale. 8-bit levels are fine enough for blocks of 128: against
-# blocks of 32 that is 1.1-1.3x the batch-1 and 1.2-1.25x the batch-16 speed for
+# blocks of 32 that is 1.1-1.3x the batch-1 and 1.17-1.25x the batch-16 speed for
 # perplexity within 1 % of fp32 either way; 4-bit needs the small blocks
 # (`streamgen bench variants`, docs/benchmarks.md).
 BLOCK_SIZES = {"int8": 128, "int4": 32}
