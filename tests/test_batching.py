@@ -41,7 +41,7 @@ def _solo(runner, tok, request) -> list[int]:
 
 def _crowded(runner, tok, request, rng: np.random.Generator) -> tuple[list[int], int]:
     """Run `request` while others join, finish and get cancelled at random steps."""
-    core = EngineCore(runner, tok, SchedulerLimits(max_slots=runner.max_slots, max_waiting=64, token_budget=12,
+    core = EngineCore(runner, tok, SchedulerLimits(max_waiting=64, token_budget=12,
                                                    prefill_chunk=4))
     target = core.add(request, key=0)
     others = []
@@ -90,7 +90,7 @@ def test_a_failing_row_fails_alone_and_the_batch_goes_on(runner, tiny_model) -> 
     ctx = runner.info.context_length
     requests = [_request(tok, ctx, text, max_tokens=12, temperature=0.0) for text in POOL[:3]]
     solo = [_solo(runner, tok, r) for r in requests]
-    core = EngineCore(runner, tok, SchedulerLimits(max_slots=runner.max_slots, max_waiting=8))
+    core = EngineCore(runner, tok, SchedulerLimits(max_waiting=8))
     seqs = [core.add(r, key=i) for i, r in enumerate(requests)]
     core.step()
     calls = {"n": 0}

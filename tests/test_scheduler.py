@@ -16,6 +16,7 @@ from streamgen.engine.request import FinishEvent, GenerationRequest, TokenEvent
 from streamgen.engine.runner import ModelInfo
 from streamgen.engine.scheduler import QueueFull, Scheduler, SchedulerLimits
 from streamgen.engine.sequence import Sequence, SeqStatus
+from streamgen.engine.slot_table import SlotTable
 from streamgen.engine.tokenizer import TextTokenizer
 
 V = 50
@@ -29,29 +30,19 @@ def _tokenizer() -> TextTokenizer:
 
 
 class FakeRunner:
-    """KV slots without a model: next token = last token + 1."""
+    """KV slots without a model: next token = last token + 1. The slot table is the real one."""
+
+    supports_reuse = True
 
     def __init__(self, max_slots: int, context: int = 64) -> None:
         self.max_slots = max_slots
         self.info = ModelInfo(num_layers=1, num_kv_heads=1, head_dim=16, vocab_size=V, context_length=context)
-        self._free = list(range(max_slots))
-        self.last: dict[int, int] = {}
+        self.table = SlotTable(max_slots, context)
         self.calls: list[tuple[str, list[int], int]] = []  # (kind, slots, tokens)
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
-
-    def allocate(self) -> int | None:
-        if not self._free:
-            return None
-        self._free.sort()
-        return self._free.pop(0)
-
-    def free(self, slot: int) -> None:
-        assert slot not in self._free, "double free"
-        self._free.append(slot)
-        self.last.pop(slot, None)
+        return self.table.free_count
 
     def _logits(self, token: int) -> np.ndarray:
         row = np.zeros(V, dtype=np.float32)
@@ -60,14 +51,19 @@ class FakeRunner:
 
     def prefill(self, slot, token_ids):
         self.calls.append(("prefill", [slot], len(token_ids)))
-        self.last[slot] = token_ids[-1]
+        self.table.append(slot, token_ids)
         return self._logits(token_ids[-1])
 
     def decode(self, slots, token_ids):
         self.calls.append(("decode", list(slots), len(slots)))
         for s, t in zip(slots, token_ids):
-            self.last[s] = t
+            self.table.append(s, [t])
         return np.stack([self._logits(t) for t in token_ids])
+
+    def copy_prefix(self, src, dst, end):
+        start = int(self.table.lengths[dst])
+        self.calls.append(("copy", [src, dst], end - start))
+        self.table.append(dst, self.table.tokens[src, start:end].copy())
 
 
 def _request(prompt_len: int, max_tokens: int = 5, first: int = 1) -> GenerationRequest:
@@ -75,10 +71,12 @@ def _request(prompt_len: int, max_tokens: int = 5, first: int = 1) -> Generation
     return GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens), frozenset())
 
 
-def _core(slots: int = 2, waiting: int = 8, budget: int = 64, chunk: int = 16) -> tuple[EngineCore, FakeRunner]:
+def _core(slots: int = 2, waiting: int = 8, budget: int = 64, chunk: int = 16,
+          prefix_cache: bool = False) -> tuple[EngineCore, FakeRunner]:
+    """Most tests here give every request the same prompt; the prefix cache is off unless a test is about it."""
     runner = FakeRunner(slots)
-    limits = SchedulerLimits(max_slots=slots, max_waiting=waiting, token_budget=budget, prefill_chunk=chunk)
-    return EngineCore(runner, _tokenizer(), limits), runner
+    limits = SchedulerLimits(max_waiting=waiting, token_budget=budget, prefill_chunk=chunk)
+    return EngineCore(runner, _tokenizer(), limits, prefix_cache=prefix_cache), runner
 
 
 def _run(core: EngineCore) -> list:
@@ -119,7 +117,7 @@ def test_token_budget_bounds_prefill_and_chunks_long_prompts() -> None:
 
 
 def test_a_full_queue_refuses_at_once() -> None:
-    scheduler = Scheduler(SchedulerLimits(max_slots=1, max_waiting=2))
+    scheduler = Scheduler(SchedulerLimits(max_waiting=2))
     tok = _tokenizer()
     for i in range(2):
         scheduler.add(Sequence(i, _request(3), tok, 64))
@@ -174,3 +172,77 @@ def test_exactly_one_final_event_per_request() -> None:
     for s in seqs:
         tokens = [e for e in events if isinstance(e, TokenEvent) and e.row == s.key]
         assert [t.index for t in tokens] == list(range(s.max_tokens))
+
+
+# ---- prefix cache ---------------------------------------------------------------------
+
+
+def _prefilled(runner: FakeRunner) -> int:
+    return sum(n for kind, _, n in runner.calls if kind == "prefill")
+
+
+def test_a_released_slot_keeps_its_tokens_and_the_next_turn_prefills_only_the_rest() -> None:
+    core, runner = _core(slots=2, prefix_cache=True)
+    first = core.add(_request(40, max_tokens=5), key=0)
+    _run(core)
+    held = list(first.request.prompt_ids) + first.output_ids[:-1]  # the last sampled token was never fed
+    assert runner.table.tokens[first_slot(runner), : runner.table.lengths[0]].tolist() == held
+    # The next turn: everything the slot holds, then new tokens.
+    follow = GenerationRequest(tuple(held) + (7, 8, 9), SamplingParams(temperature=0.0, max_tokens=3), frozenset())
+    runner.calls.clear()
+    second = core.add(follow, key=1)
+    (final,) = [e for e in _run(core) if isinstance(e, FinishEvent)]
+    assert second.slot is None and final.usage.cached_tokens == len(held)
+    assert _prefilled(runner) == 3 and final.timings.prefill_tokens == 3
+    assert second.output_ids == [10, 11, 12]
+
+
+def first_slot(runner: FakeRunner) -> int:
+    return int(np.flatnonzero(runner.table.lengths)[0])
+
+
+def test_an_identical_prompt_still_runs_one_token() -> None:
+    core, runner = _core(slots=1, prefix_cache=True)
+    request = _request(20, max_tokens=2)
+    core.add(request, key=0)
+    _run(core)
+    runner.calls.clear()
+    core.add(request, key=1)
+    (final,) = [e for e in _run(core) if isinstance(e, FinishEvent)]
+    assert final.usage.cached_tokens == 19 and _prefilled(runner) == 1
+
+
+def test_requests_sharing_a_long_prompt_prefill_it_once_and_copy_it() -> None:
+    core, runner = _core(slots=4, budget=64, chunk=16, prefix_cache=True)
+    system = tuple(range(1, 41))  # 40 shared tokens
+    seqs = [core.add(GenerationRequest(system + (41 + i,), SamplingParams(temperature=0.0, max_tokens=2), frozenset()),
+                     key=i) for i in range(4)]
+    events = _run(core)
+    assert _prefilled(runner) == 40 + 4, "the shared part once, each request's own token once"
+    finals = {e.row: e for e in events if isinstance(e, FinishEvent)}
+    assert [finals[i].usage.cached_tokens for i in range(1, 4)] == [40, 40, 40]
+    assert all(s.output_ids == [(s.request.prompt_ids[-1] + 1 + k) % V for k in range(2)] for s in seqs)
+
+
+def test_prefixes_are_reused_only_within_a_namespace() -> None:
+    core, runner = _core(slots=2, prefix_cache=True)
+    prompt = tuple(range(1, 41))
+    core.add(GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=2), frozenset(), namespace="a"), 0)
+    _run(core)
+    other = core.add(GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=2), frozenset(),
+                                       namespace="b"), 1)
+    (final,) = [e for e in _run(core) if isinstance(e, FinishEvent)]
+    assert final.usage.cached_tokens == 0 and other.output_ids == [41, 42]
+
+
+def test_with_the_prefix_cache_off_nothing_is_kept_or_copied() -> None:
+    core, runner = _core(slots=2, prefix_cache=False)
+    request = _request(30, max_tokens=2)
+    core.add(request, key=0)
+    core.add(request, key=1)
+    _run(core)
+    core.add(request, key=2)
+    finals = [e for e in _run(core) if isinstance(e, FinishEvent)]
+    assert finals[0].usage.cached_tokens == 0
+    assert _prefilled(runner) == 90 and not any(kind == "copy" for kind, _, _ in runner.calls)
+    assert runner.table.lengths.tolist() == [0, 0]

@@ -109,6 +109,70 @@ def test_a_reused_slot_gives_solo_tokens(tok, slots) -> None:
     assert _greedy_slot(slots, again, prompt, 20) == expected
 
 
+def _rows(runner: SlotRunner, slot: int, upto: int) -> list[bytes]:
+    """The K/V bytes of one row's first `upto` positions, every layer."""
+    return [kv.numpy()[slot, :, :upto].tobytes() for kv in runner._kv]
+
+
+@pytest.mark.parametrize("kind", ["free", "mid_prefill", "prefilled_this_step", "full"])
+def test_decoding_other_rows_leaves_every_row_below_the_width_bit_identical(tiny_model_dir, tok, kind) -> None:
+    """GQA writes one position in every row a decode step runs; the rows not decoding must only ever get
+    that write at a position they will overwrite before reading it."""
+    runner = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=3, max_context=48, prefill_chunk=8))
+    prompt = tok.encode(PROMPTS[1])  # 10+ tokens
+    subject = runner.allocate()
+    assert subject == 0
+    if kind == "mid_prefill":
+        runner.prefill(subject, prompt[:5])
+    elif kind == "full":
+        runner.prefill(subject, (prompt * 10)[:48])
+        runner.table.release(subject)
+    else:
+        runner.prefill(subject, prompt)
+        if kind == "free":
+            runner.table.release(subject)
+    held = int(runner.table.lengths[subject])
+    kept = held - 1 if kind == "full" else held  # only a full free row gives up a position (its last)
+    before = _rows(runner, subject, kept)
+    tokens_before = runner.table.tokens[subject, :kept].tolist()
+    runner.table.claim(1)
+    runner.table.claim(2)  # the decode runs rows 0..2
+    logits = runner.prefill(2, tok.encode(PROMPTS[0]))
+    for _ in range(3 if kind != "prefilled_this_step" else 1):
+        logits = runner.decode([2], [int(logits.argmax())])[0]
+    assert int(runner.table.lengths[subject]) == kept
+    assert _rows(runner, subject, kept) == before
+    assert runner.table.tokens[subject, :kept].tolist() == tokens_before
+
+
+def test_the_three_line_reproduction_prefill_one_slot_decode_another(tiny_model_dir, tok) -> None:
+    runner = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=2, max_context=64))
+    a, b = runner.allocate(), runner.allocate()
+    runner.prefill(a, tok.encode(PROMPTS[0]))
+    before = _rows(runner, a, 1)  # position 0, where a filler used to land
+    runner.decode([b], [5])
+    assert _rows(runner, a, 1) == before
+
+
+def test_a_copied_prefix_decodes_like_its_source(tiny_model_dir, tok) -> None:
+    runner = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=3, max_context=96, prefill_chunk=7))
+    shared = tok.encode(PROMPTS[1])
+    tail = tok.encode(" The quick brown fox")
+    solo_slot = runner.allocate()
+    solo = _greedy_slot(runner, solo_slot, shared + tail, 20)
+    runner.free(solo_slot)
+    source, target = runner.allocate(), runner.allocate()
+    runner.prefill(source, shared + tok.encode(" Hello"))  # holds the shared part, then diverges
+    runner.copy_prefix(source, target, len(shared))
+    assert _rows(runner, target, len(shared)) == _rows(runner, source, len(shared))
+    assert runner.table.tokens[target, : len(shared)].tolist() == shared
+    assert _greedy_slot(runner, target, tail, 20) == solo
+    with pytest.raises(ValueError, match="differ before position"):
+        other = runner.allocate()
+        runner.prefill(other, tail)
+        runner.copy_prefix(source, other, len(shared))
+
+
 def test_chunked_prefill_equals_one_pass(tiny_model_dir, tok) -> None:
     prompt = tok.encode(PROMPTS[1] * 2)
     whole = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=1, max_context=128, prefill_chunk=128))

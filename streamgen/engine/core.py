@@ -1,25 +1,32 @@
-"""The step loop, single-threaded: schedule, run the batch, sample, detokenize, deliver, update.
+"""The step loop, single-threaded: admit, schedule, run the batch, sample, detokenize, update.
 
 EngineCore owns the runner's KV slots and the scheduler. `step()` does one
 round and returns the events it produced; the threaded Engine and the
-offline `generate()` both drive it.
+offline `generate()` both drive it. With the prefix cache on, a request
+takes the slot engine/prefix.py chooses, keeps what that slot already holds
+of its prompt, and copies from any other slot what that one holds beyond
+it; only the rest is prefilled.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence as Seq
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
 import structlog
 
+from streamgen.engine.costs import StepCosts
 from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
+from streamgen.engine.prefix import best_source, choose_slot
 from streamgen.engine.request import Event, FinishReason, GenerationRequest
 from streamgen.engine.runner import ModelInfo
 from streamgen.engine.sampling import sample
 from streamgen.engine.scheduler import Scheduler, SchedulerLimits, StepPlan
 from streamgen.engine.sequence import Sequence, SeqStatus
+from streamgen.engine.slot_table import SlotTable
 from streamgen.engine.tokenizer import TextTokenizer
 
 
@@ -27,17 +34,17 @@ log = structlog.get_logger("streamgen.engine")
 
 
 class KVRunner(Protocol):
-    """What the loop needs from a runner: KV slots, prefill into one, decode several."""
+    """What the loop needs from a runner: KV slots recorded in a table, prefill into one, decode several,
+    copy a prefix between two."""
 
     info: ModelInfo
     max_slots: int
+    table: SlotTable  # the slot contract: what each row holds; the runner writes it as it runs
+    supports_reuse: bool  # rows can be kept and copied (prefix caching)
 
-    @property
-    def free_slots(self) -> int: ...
-    def allocate(self) -> int | None: ...
-    def free(self, slot: int) -> None: ...
     def prefill(self, slot: int, token_ids: Seq[int]) -> np.ndarray: ...  # [V]
     def decode(self, slots: Seq[int], token_ids: Seq[int]) -> np.ndarray: ...  # [len(slots), V]
+    def copy_prefix(self, src: int, dst: int, end: int) -> None: ...
 
 
 class EngineCore:
@@ -47,10 +54,16 @@ class EngineCore:
         tokenizer: TextTokenizer,
         limits: SchedulerLimits,
         on_decode: Callable[[int], None] | None = None,
+        prefix_cache: bool = True,
+        costs: StepCosts | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
+        self.reuse = prefix_cache and runner.supports_reuse
+        if limits.share_prefixes and not self.reuse:
+            limits = replace(limits, share_prefixes=False)  # a deferred prompt could never copy what it waited for
         self.scheduler = Scheduler(limits)
+        self.costs = costs or StepCosts()
         self._on_decode = on_decode  # told each decode step's batch size
 
     @property
@@ -80,11 +93,9 @@ class EngineCore:
         return [event]
 
     def step(self) -> list[Event]:
-        plan = self.scheduler.schedule(self.runner.free_slots)
-        now = time.perf_counter()
-        for seq in plan.admitted:
-            seq.admitted(self.runner.allocate(), now)
-        ready, logits = self._run(plan)
+        self._admit(self.scheduler.admit(self.runner.table.free_count))
+        self._catch_up()
+        ready, logits = self._run(self.scheduler.plan())
         if not ready:
             return []
         sample_start = time.perf_counter()
@@ -122,6 +133,32 @@ class EngineCore:
         log.exception("request.row_failed", request_id=seq.request.request_id, key=seq.key)
         return seq.fail(time.perf_counter())
 
+    def _admit(self, seqs: list[Sequence]) -> None:
+        """Give each admitted sequence its slot, keeping whatever prefix of its prompt the slot holds."""
+        table = self.runner.table
+        now = time.perf_counter()
+        for seq in seqs:
+            choice = choose_slot(table, seq.prompt_array, seq.namespace, seq.max_tokens, self.costs, self.reuse)
+            table.claim(choice.slot, seq.namespace, keep=choice.keep)
+            seq.admitted(choice.slot, now, cached=choice.keep)
+
+    def _catch_up(self) -> None:
+        """A prefilling sequence copies the part of its prompt that another row already holds beyond its own."""
+        if not self.reuse:
+            return
+        table = self.runner.table
+        for seq in self.scheduler.running:
+            if seq.status != SeqStatus.PREFILLING:
+                continue
+            source, upto = best_source(table, seq.prompt_array, seq.namespace, exclude=seq.slot)
+            n = upto - seq.prefilled
+            if source is None or n <= 0 or self.costs.copy(n) >= self.costs.prefill(n):
+                continue
+            start = time.perf_counter()
+            self.runner.copy_prefix(source, seq.slot, upto)
+            self.costs.copy.observe(n, (time.perf_counter() - start) * 1000)
+            seq.reused(upto)
+
     def _run(self, plan: StepPlan) -> tuple[list[Sequence], np.ndarray]:
         """Prompt chunks one row at a time, then one decode pass for every decoding row.
         Returns the sequences that get a token this step and their logits [N, V]."""
@@ -133,16 +170,19 @@ class EngineCore:
             row_logits = self.runner.prefill(seq.slot, chunk)
             seq.prefilled += n
             end = time.perf_counter()
+            self.costs.prefill.observe(n, (end - start) * 1000)
             seq.prefill_s += end - start
-            seq.observer.prefill(start, end, 1, n)
+            seq.observer.prefill(start, end, 1, n, seq.cached_tokens)
             if seq.remaining_prompt == 0:
                 seq.status = SeqStatus.DECODING
                 ready.append(seq)
                 rows.append(row_logits[None, :])
         if plan.decode:
+            slots = [s.slot for s in plan.decode]
             start = time.perf_counter()
-            decode_logits = self.runner.decode([s.slot for s in plan.decode], [s.output_ids[-1] for s in plan.decode])
+            decode_logits = self.runner.decode(slots, [s.output_ids[-1] for s in plan.decode])
             end = time.perf_counter()
+            self.costs.decode.observe(max(slots) + 1, (end - start) * 1000)
             for seq in plan.decode:
                 seq.observer.forward(len(seq.output_ids), start, end, len(plan.decode))
             if self._on_decode is not None:
@@ -152,7 +192,8 @@ class EngineCore:
         return ready, (np.concatenate(rows) if rows else np.empty((0, 0), dtype=np.float32))
 
     def _release(self, seq: Sequence) -> None:
+        """The sequence leaves the batch; with the prefix cache on, its slot keeps what it holds."""
         self.scheduler.remove(seq)
         if seq.slot is not None:
-            self.runner.free(seq.slot)
+            self.runner.table.release(seq.slot, keep_contents=self.reuse)
             seq.slot = None

@@ -69,6 +69,7 @@ class EngineLimits:
     prefill_chunk: int = 128  # most prompt tokens of one request per step
     max_prompt_tokens: int | None = None  # refused beyond this (prompt_too_long)
     max_new_tokens: int | None = None  # largest max_tokens accepted
+    prefix_cache: bool = True  # keep each slot's KV after its request and reuse shared prompt prefixes
 
 
 class RequestHandle:
@@ -220,12 +221,12 @@ class Engine:
                 model.runner,
                 model.tokenizer,
                 SchedulerLimits(
-                    max_slots=model.runner.max_slots,
                     max_waiting=self.limits.max_waiting,
                     token_budget=self.limits.token_budget,
                     prefill_chunk=self.limits.prefill_chunk,
                 ),
                 on_decode=self._decoded,
+                prefix_cache=self.limits.prefix_cache,
             )
             self._warm_up(self.core, model)
             for listener in self.ready_listeners:

@@ -17,8 +17,8 @@ class RequestObserver:
     def queued(self, start: float, end: float) -> None:
         """The request waited for the engine from start to end."""
 
-    def prefill(self, start: float, end: float, batch_size: int, prompt_tokens: int) -> None:
-        """The first forward pass, over the prompt."""
+    def prefill(self, start: float, end: float, batch_size: int, prompt_tokens: int, cached_tokens: int) -> None:
+        """A forward pass over prompt_tokens of the prompt; cached_tokens of it came from the prefix cache."""
 
     def forward(self, step: int, start: float, end: float, batch_size: int) -> None:
         """A decode forward pass shared by batch_size requests; step counts this request's tokens."""

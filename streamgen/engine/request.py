@@ -30,6 +30,8 @@ class GenerationRequest:
     stop_token_ids: frozenset[int]  # the model's end-of-sequence ids plus the request's own
     request_id: str = ""
     arrival: float | None = None  # time.perf_counter() when accepted; queue time counts from here
+    namespace: str = ""  # whose KV cache this request may reuse (the API key's digest; "" when open)
+    dropped_messages: int = 0  # oldest chat messages left out to fit the context (truncate="oldest")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,7 @@ class TokenEvent:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache instead of a forward pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,7 @@ class Timings:
     prefill_s: float
     decode_tokens_per_s: float  # after the first token
     total_s: float
+    prefill_tokens: int = 0  # prompt tokens actually run (the rest were cached)
 
 
 @dataclass(frozen=True, slots=True)

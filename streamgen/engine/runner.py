@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from streamgen.engine.device import Device
+from streamgen.engine.slot_table import SlotTable
 
 _PAST_PREFIX = "past_key_values."
 _PRESENT_PREFIX = "present."
@@ -135,37 +136,47 @@ class PlainSlots:
 
     The plain graph's cache grows by concatenation and rows of one batch share
     its length, so requests cannot join and leave a running batch: models
-    without the GroupQueryAttention graph run one request at a time.
+    without the GroupQueryAttention graph run one request at a time, and keep
+    nothing between requests (no prefix reuse).
     """
 
     max_slots = 1
+    supports_reuse = False
 
     def __init__(self, runner: OnnxRunner) -> None:
         self.runner = runner
         self.info = runner.info
         self.device = runner.device
+        self.table = SlotTable(1, runner.info.context_length)
         self._state: KVState | None = None
-        self._taken = False
 
     @property
     def free_slots(self) -> int:
-        return 0 if self._taken else 1
+        return self.table.free_count
 
     def allocate(self) -> int | None:
-        if self._taken:
+        if not self.table.free_count:
             return None
-        self._taken, self._state = True, None
+        self.table.claim(0)
+        self._state = None
         return 0
 
     def free(self, slot: int) -> None:
-        self._taken, self._state = False, None
+        self.table.release(slot, keep_contents=False)
+        self._state = None
 
     def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
-        if self._state is None:
+        if self.table.lengths[slot] == 0:
             self._state, logits = self.runner.prefill([token_ids])
         else:
             logits = self.runner.extend(self._state, np.asarray([token_ids], dtype=np.int64))
+        self.table.append(slot, token_ids)
         return logits[0]
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
-        return self.runner.decode(self._state, np.asarray(token_ids, dtype=np.int64))
+        logits = self.runner.decode(self._state, np.asarray(token_ids, dtype=np.int64))
+        self.table.append(slots[0], token_ids)
+        return logits
+
+    def copy_prefix(self, src: int, dst: int, end: int) -> None:
+        raise ValueError("the plain graph has one slot and keeps no prefix")

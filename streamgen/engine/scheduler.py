@@ -1,12 +1,20 @@
 """Who runs this step. Pure policy: it sees sequences and counts, never tensors.
 
-- First come, first served: waiting requests take free slots in arrival order
-  and join the running batch at the next step boundary.
-- A per-step token budget bounds the work of one step: every decoding
-  sequence costs one token, and what is left goes to prompt chunks (at most
-  `prefill_chunk` tokens each). A long prompt is prefilled over several steps
-  while the others keep decoding, instead of freezing them.
-- The waiting queue is bounded; beyond it, add() refuses at once.
+A step is planned in two moves, because taking a slot can change how much
+of a prompt is left to run (a prefix-cache hit):
+1. admit(): first come, first served, waiting requests take free slots and
+   join the running batch at this step boundary;
+2. plan(): every decoding sequence gets one token; the per-step token budget
+   left over goes to prompt chunks (at most `prefill_chunk` tokens of one
+   sequence per step), in admission order. A long prompt is prefilled over
+   several steps while the others keep decoding, instead of freezing them.
+
+With prefix sharing on, a prompt whose next tokens another sequence is
+prefilling in this very step waits one step and then copies them (the core's
+catch-up), instead of running the same tokens twice: sixteen requests with
+one long system prompt prefill it once.
+
+The waiting queue is bounded; beyond it, add() refuses at once.
 """
 
 from __future__ import annotations
@@ -14,18 +22,19 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from streamgen.engine.prefix import common_prefix
 from streamgen.engine.sequence import Sequence, SeqStatus
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerLimits:
-    max_slots: int = 16  # sequences decoded together (the KV slots)
     max_waiting: int = 64  # accepted requests waiting for a slot
     token_budget: int = 256  # tokens per step: one per decoding sequence, the rest for prompt chunks
     prefill_chunk: int = 128  # most prompt tokens of one sequence in one step
+    share_prefixes: bool = True  # defer a prompt whose next tokens another sequence computes this step
 
     def __post_init__(self) -> None:
-        for name in ("max_slots", "max_waiting", "token_budget", "prefill_chunk"):
+        for name in ("max_waiting", "token_budget", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -38,13 +47,8 @@ class QueueFull(Exception):
 
 @dataclass(slots=True)
 class StepPlan:
-    admitted: list[Sequence] = field(default_factory=list)  # need a slot before running
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, prompt tokens this step)
     decode: list[Sequence] = field(default_factory=list)  # one token each
-
-    @property
-    def empty(self) -> bool:
-        return not (self.prefill or self.decode)
 
 
 class Scheduler:
@@ -63,26 +67,47 @@ class Scheduler:
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
-        """A finished or aborted sequence leaves at once; its slot is the caller's to free."""
+        """A finished or aborted sequence leaves at once; its slot is the caller's to release."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def schedule(self, free_slots: int) -> StepPlan:
-        plan = StepPlan(decode=[s for s in self.running if s.status == SeqStatus.DECODING])
-        budget = self.limits.token_budget - len(plan.decode)
-        while self.waiting and free_slots > 0 and budget > 0:
+    def admit(self, free_slots: int) -> list[Sequence]:
+        """Waiting sequences that take a slot now, in arrival order; the caller gives each its slot."""
+        decoding = sum(1 for s in self.running if s.status == SeqStatus.DECODING)
+        admitted = []
+        # No prompt budget left this step: a slot taken now would sit idle.
+        while self.waiting and free_slots > 0 and self.limits.token_budget > decoding:
             seq = self.waiting.popleft()
-            plan.admitted.append(seq)
+            admitted.append(seq)
             self.running.append(seq)
             free_slots -= 1
+        return admitted
+
+    def plan(self) -> StepPlan:
+        plan = StepPlan(decode=[s for s in self.running if s.status == SeqStatus.DECODING])
+        budget = self.limits.token_budget - len(plan.decode)
         for seq in self.running:
             if budget <= 0:
                 break
-            if seq.status == SeqStatus.DECODING:
+            if seq.status != SeqStatus.PREFILLING:
+                continue
+            if self.limits.share_prefixes and _computed_by_another(seq, plan.prefill):
                 continue
             n = min(seq.remaining_prompt, self.limits.prefill_chunk, budget)
             plan.prefill.append((seq, n))
             budget -= n
         return plan
+
+
+def _computed_by_another(seq: Sequence, planned: list[tuple[Sequence, int]]) -> bool:
+    """Whether a sequence already planned this step computes seq's next prompt token: the same tokens
+    at the same positions, from a cache no further along than seq's."""
+    for other, n in planned:
+        start = other.prefilled
+        if other.namespace != seq.namespace or not start <= seq.prefilled < start + n:
+            continue
+        if common_prefix(other.prompt_array, seq.prompt_array) > seq.prefilled:
+            return True
+    return False

@@ -11,6 +11,8 @@ import secrets
 import time
 from enum import IntEnum
 
+import numpy as np
+
 from streamgen.engine.detok import IncrementalDetokenizer
 from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
 from streamgen.engine.params import MAX_SEED
@@ -54,16 +56,17 @@ class Sequence:
         self.sampler = RowSampler(params, tokenizer.vocab_size, request.prompt_ids, seed)
         self.detok = IncrementalDetokenizer(tokenizer.decode, request.prompt_ids, params.stop)
         self.max_tokens = min(params.max_tokens, context_length - len(request.prompt_ids))
+        self.prompt_array = np.asarray(request.prompt_ids, dtype=np.int32)  # what the prefix cache compares
         self.status = SeqStatus.WAITING
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens already in the cache
+        self.cached_tokens = 0  # of those, how many were reused from the prefix cache instead of run
         self.output_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
         self.arrival = request.arrival if request.arrival is not None else time.perf_counter()
         self.started: float | None = None  # left the queue
         self.prefill_s = 0.0
         self.first_token_at: float | None = None
-        self.cancel_requested = False
 
     @property
     def prompt_len(self) -> int:
@@ -74,14 +77,26 @@ class Sequence:
         return self.prompt_len - self.prefilled
 
     @property
+    def namespace(self) -> str:
+        return self.request.namespace
+
+    @property
     def running(self) -> bool:
         return self.status < SeqStatus.FINISHED
 
-    def admitted(self, slot: int, now: float) -> None:
+    def admitted(self, slot: int, now: float, cached: int = 0) -> None:
+        """Took a slot that already holds the first `cached` prompt tokens."""
         self.slot = slot
         self.status = SeqStatus.PREFILLING
         self.started = now
         self.observer.queued(self.arrival, now)
+        self.reused(cached)
+
+    def reused(self, upto: int) -> None:
+        """The slot now holds the prompt up to `upto` without running it (a prefix-cache hit)."""
+        if upto > self.prefilled:
+            self.cached_tokens += upto - self.prefilled
+            self.prefilled = upto
 
     def accept(self, token_id: int, logprob: float | None, now: float) -> list[Event]:
         """Take a sampled token: stream it, then decide whether the sequence is done."""
@@ -118,8 +133,9 @@ class Sequence:
             reason,
             tail,
             self.detok.text,
-            Usage(self.prompt_len, n),
-            Timings(started - self.arrival, first - self.arrival, self.prefill_s, decode_rate, now - self.arrival),
+            Usage(self.prompt_len, n, self.cached_tokens),
+            Timings(started - self.arrival, first - self.arrival, self.prefill_s, decode_rate, now - self.arrival,
+                    self.prefilled - self.cached_tokens),
             self.sampler.seed,
         )
         self.observer.finished(event, now)

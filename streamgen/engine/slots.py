@@ -3,16 +3,22 @@
 Per layer, one K and one V buffer of shape [max_batch, kv_heads, max_context,
 head_dim] is allocated once on the device and bound as both past and present:
 GroupQueryAttention writes each new position in place, so nothing is copied
-or reallocated per step. A request owns one row (a slot) from allocate() to
-free(). Rows are right-padded: a row's length lives in the attention mask.
+or reallocated per step. Rows are right-padded: a row's length lives in the
+attention mask. What every row holds is recorded in a SlotTable
+(engine/slot_table.py), the single statement of the slot contract.
 
 - prefill(slot, ids) runs one row through a pointer view of that row (GQA
   refuses a batched prompt on top of an existing past), in chunks so that a
   long prompt never needs a huge activation.
-- decode(slots, ids) runs every row from 0 to the highest slot in use; the
+- decode(slots, ids) runs every row from 0 to the highest slot decoding; the
   IOBinding for each such width is built once and reused, so a step only
-  writes the fixed numpy input buffers in place and runs.
-Slots are handed out lowest first, so the decoded prefix stays short.
+  writes the fixed numpy input buffers in place and runs. GQA writes one
+  K/V position in every row it runs, so a row that is not decoding is fed a
+  filler token at its own next position: the one it will overwrite before it
+  ever reads it. Its contents stay bit for bit what they were.
+- copy_prefix(src, dst, end) copies K/V positions from one row to another
+  (prefix caching: a prompt that another row already holds is not prefilled
+  again).
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ import onnxruntime as ort
 
 from streamgen.engine.device import Device
 from streamgen.engine.runner import ModelInfo
+from streamgen.engine.slot_table import ContextFull, SlotTable
 
 _PAST = "past_key_values."
 _PRESENT = "present."
+
+__all__ = ["ContextFull", "SlotConfig", "SlotRunner"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +47,9 @@ class SlotConfig:
     prefill_chunk: int = 256  # tokens per prefill forward pass
 
 
-class ContextFull(Exception):
-    """A slot has no room for more tokens."""
-
-
 class SlotRunner:
+    supports_reuse = True  # rows can be kept, truncated and copied: prefix caching works
+
     def __init__(self, model_dir: Path, device: Device, config: SlotConfig = SlotConfig(), threads: int = 0,
                  profile_prefix: str | None = None) -> None:
         """profile_prefix: record ONNX Runtime's per-node profile (`bench variants`); end_profiling() writes it."""
@@ -68,22 +75,22 @@ class SlotRunner:
         b, h, t, d = config.max_batch, info.num_kv_heads, self.max_context, info.head_dim
         self._row_shape = (h, t, d)
         self._row_bytes = h * t * d * np.dtype(self._dtype).itemsize
-        # Allocated once, on the device, zeroed (free rows still run through
-        # decode, and stray NaN or denormal bit patterns have no place there);
-        # bound as past and present alike. On the CPU the OrtValue wraps the
-        # zeroed numpy array without a copy (and keeps it alive).
+        # Allocated once, on the device, zeroed (stray NaN or denormal bit
+        # patterns have no place in rows that run as fillers); bound as past and
+        # present alike. On the CPU the OrtValue wraps the zeroed numpy array
+        # without a copy (and keeps it alive), so numpy() is a view of it.
         self._kv = [
             ort.OrtValue.ortvalue_from_numpy(np.zeros((b, h, t, d), dtype=self._dtype), self._ort_device, device.index)
             for _ in self._past_names
         ]
+        self.table = SlotTable(b, t)
         # Fixed host buffers for decode, written in place every step.
         self._ids = np.zeros((b, 1), dtype=np.int64)
         self._positions = np.zeros((b, 1), dtype=np.int64)
         self._mask = np.zeros((b, t), dtype=np.int64)
+        self._columns = np.arange(t, dtype=np.int64)
         self._logits = np.zeros((b, 1, info.vocab_size), dtype=np.float32)
         self._decode_bindings: dict[int, ort.IOBinding] = {}
-        self.lengths = np.zeros(b, dtype=np.int64)  # tokens in each slot's cache
-        self._free = list(range(b))
 
     @property
     def max_slots(self) -> int:
@@ -94,29 +101,25 @@ class SlotRunner:
         """Device memory held by the KV buffers."""
         return self._row_bytes * self.config.max_batch * len(self._kv)
 
-    # ---- slots -----------------------------------------------------------------
+    # ---- slots: claimed and released through the table; these two are the plain case ----
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return self.table.free_count
 
     def allocate(self) -> int | None:
-        """The lowest free slot, or None when all are taken."""
-        if not self._free:
+        """The lowest free slot, emptied; None when all are taken."""
+        free = self.table.free_slots()
+        if not free:
             return None
-        self._free.sort()
-        slot = self._free.pop(0)
-        self.lengths[slot] = 0
-        return slot
+        self.table.claim(free[0])
+        return free[0]
 
     def free(self, slot: int) -> None:
-        if slot in self._free:
-            raise ValueError(f"slot {slot} is already free")
-        self.lengths[slot] = 0
-        self._free.append(slot)
+        self.table.release(slot, keep_contents=False)
 
     def room(self, slot: int) -> int:
-        return self.max_context - int(self.lengths[slot])
+        return self.table.room(slot)
 
     # ---- forward passes -----------------------------------------------------------
 
@@ -133,7 +136,7 @@ class SlotRunner:
         return logits
 
     def _prefill_chunk(self, slot: int, ids: np.ndarray) -> np.ndarray:
-        past = int(self.lengths[slot])
+        past = int(self.table.lengths[slot])
         total = past + len(ids)
         mask = np.zeros((1, self.max_context), dtype=np.int64)
         mask[0, :total] = 1
@@ -145,30 +148,53 @@ class SlotRunner:
         io.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
         self._bind_kv(io, first_row=slot, rows=1)
         self.session.run_with_iobinding(io)
-        self.lengths[slot] = total
+        self.table.append(slot, ids)
         return np.array(io.get_outputs()[0].numpy()[0, -1], dtype=np.float32)
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         """Feed one token to each slot; returns logits [len(slots), V] in the same order."""
         slots = list(slots)
-        if any(self.lengths[s] >= self.max_context for s in slots):
+        lengths = self.table.lengths
+        if any(lengths[s] >= self.max_context for s in slots):
             raise ContextFull("a slot is full; end its request before decoding it")
         width = max(slots) + 1
-        # Rows below `width` that are not decoding (free or paused) still run:
-        # give them one valid position so the kernel sees a sane length.
+        # Every row below `width` runs, and GQA writes one position in each:
+        # at the row's length (its mask's sum minus one). For a decoding row that
+        # is its new token; for any other row (free, mid-prefill, prefilled
+        # earlier in this step) it is a filler at the row's own next position,
+        # which the row overwrites before it ever reads it. A full row has no
+        # such position: it is free (a request ends before its row fills), so it
+        # gives up its last token instead.
+        for row in range(width):
+            if lengths[row] >= self.max_context:
+                self.table.forget_last(row)
         self._ids[:width] = 0
-        self._mask[:width] = 0
-        self._mask[:width, 0] = 1
-        self._positions[:width] = 0
-        for slot, token in zip(slots, token_ids):
-            n = int(self.lengths[slot])
-            self._ids[slot, 0] = token
-            self._mask[slot, : n + 1] = 1
-            self._positions[slot, 0] = n
+        self._ids[slots, 0] = token_ids
+        self._positions[:width, 0] = lengths[:width]
+        np.less_equal(self._columns[None, :], lengths[:width, None], out=self._mask[:width], casting="unsafe")
         self.session.run_with_iobinding(self._decode_binding(width))
-        for slot in slots:
-            self.lengths[slot] += 1
+        for slot, token in zip(slots, token_ids):
+            self.table.append(slot, (token,))
         return self._logits[slots, 0].copy()
+
+    # ---- copies between rows ----------------------------------------------------------
+
+    def copy_prefix(self, src: int, dst: int, end: int) -> None:
+        """Give dst the K/V of src's positions [dst's length, end): dst must already hold src's tokens before it."""
+        start = int(self.table.lengths[dst])
+        if not start <= end <= self.table.lengths[src]:
+            raise ValueError(f"cannot copy positions [{start}, {end}) of slot {src}, which holds "
+                             f"{self.table.lengths[src]}")
+        if np.any(self.table.tokens[dst, :start] != self.table.tokens[src, :start]):
+            raise ValueError(f"slots {src} and {dst} differ before position {start}; copying would mix caches")
+        if end == start:
+            return
+        if self.device.kind != "cpu":
+            raise NotImplementedError("KV row copies on CUDA")
+        for kv in self._kv:
+            rows = kv.numpy()  # [B, H, T, D], a view of the device (host) buffer
+            rows[dst, :, start:end] = rows[src, :, start:end]
+        self.table.append(dst, self.table.tokens[src, start:end].copy())
 
     # ---- bindings -------------------------------------------------------------------
 

@@ -123,10 +123,11 @@ class RequestTelemetry(RequestObserver):
         if self._recording:
             self._child("queue", start, end)
 
-    def prefill(self, start: float, end: float, batch_size: int, prompt_tokens: int) -> None:
+    def prefill(self, start: float, end: float, batch_size: int, prompt_tokens: int, cached_tokens: int) -> None:
         if self._recording:
             self._child("prefill", start, end, {"streamgen.batch_size": batch_size,
-                                                "streamgen.prompt_tokens": prompt_tokens})
+                                                "streamgen.prompt_tokens": prompt_tokens,
+                                                "streamgen.cached_tokens": cached_tokens})
 
     def forward(self, step: int, start: float, end: float, batch_size: int) -> None:
         if self._decode_start is None:

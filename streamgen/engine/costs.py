@@ -1,0 +1,67 @@
+"""What a step costs, measured as the engine runs.
+
+The core times every forward pass and every KV copy and feeds the times here.
+Two policies read the estimates:
+- the prefix cache (engine/prefix.py) weighs the prefill a cache hit saves
+  against the wider decode steps it may cost;
+- the scheduler sizes each step's prompt work so that a step with decoding
+  requests stays under the inter-token latency target.
+
+Each cost is a line, time = a + b * n, fitted online from exponentially
+weighted moments, so it follows the machine as load and thermal state change
+and needs no calibration run. Until enough varied samples arrive, the priors
+(measured with `streamgen bench cache` on the default int8 build, 2-core CPU)
+stand in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_DECAY = 0.05  # weight of each new sample: about the last 20 samples matter
+
+
+@dataclass(slots=True)
+class OnlineLine:
+    """time_ms ≈ intercept + slope * n, from exponentially weighted moments of (n, time)."""
+
+    intercept: float
+    slope: float
+    _n: float = 0.0
+    _t: float = 0.0
+    _nn: float = 0.0
+    _nt: float = 0.0
+    _weight: float = 0.0
+
+    def observe(self, n: float, ms: float) -> None:
+        a = _DECAY if self._weight else 1.0
+        self._n += a * (n - self._n)
+        self._t += a * (ms - self._t)
+        self._nn += a * (n * n - self._nn)
+        self._nt += a * (n * ms - self._nt)
+        self._weight = min(1.0, self._weight + a)
+        variance = self._nn - self._n * self._n
+        if variance > 0.25 * max(1.0, self._n):  # enough spread in n to tell slope from intercept
+            self.slope = max(0.0, (self._nt - self._n * self._t) / variance)
+            self.intercept = max(0.0, self._t - self.slope * self._n)
+        else:  # one n only: keep the slope, move the line through the mean
+            self.intercept = max(0.0, self._t - self.slope * self._n)
+
+    def __call__(self, n: float) -> float:
+        return self.intercept + self.slope * n
+
+
+@dataclass(slots=True)
+class StepCosts:
+    """Milliseconds for the parts of a step; priors from `streamgen bench cache`."""
+
+    decode: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=6.0, slope=0.8))  # n = rows in the step
+    prefill: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=2.0, slope=0.25))  # n = prompt tokens
+    copy: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=0.05, slope=0.004))  # n = tokens copied
+
+    def decode_row_ms(self) -> float:
+        """What one more row adds to a decode step."""
+        return self.decode.slope
+
+    def prefill_ms_per_token(self) -> float:
+        return self.prefill.slope

@@ -1,0 +1,85 @@
+"""Automatic prefix caching over the KV slots: which slot a new request takes,
+and what it may reuse. Pure policy over the slot table: token ids, never text,
+never tensors.
+
+The rule (docs/benchmarks.md, "Prefix cache", has the measurements behind it):
+
+1. A request may reuse a row only if the row belongs to its namespace (the
+   API key it came with; one namespace when the server has no key).
+2. Among the free slots, each is scored by what taking it saves minus what it
+   costs: a row whose own tokens share a prefix of at least MIN_REUSE_TOKENS
+   with the prompt saves prefilling them; a slot above every busy row widens
+   each decode step (rows run from 0 to the highest busy one) for as long as
+   the request decodes. Ties go to an empty slot, then the least recently
+   used one, then the lowest.
+3. Whatever the slot, if another row of the namespace, busy or free, holds a
+   longer prefix, the core copies the missing part across (`best_source`),
+   since a copy costs a small fraction of a prefill of the same tokens.
+4. At least one prompt token is always run, to get the logits of the first
+   output token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamgen.engine.costs import StepCosts
+from streamgen.engine.slot_table import SlotTable, common_prefix
+
+__all__ = ["MIN_REUSE_TOKENS", "SlotChoice", "best_source", "choose_slot", "common_prefix", "reusable"]
+
+# Shorter shared prefixes (a chat template's opening, a default system
+# prompt) are not worth taking a row that holds another conversation; the
+# catch-up copy still picks them up from wherever they are.
+MIN_REUSE_TOKENS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class SlotChoice:
+    slot: int
+    keep: int  # leading prompt tokens the slot already holds (reused in place)
+
+
+def reusable(prompt_len: int, common: int) -> int:
+    """Cached tokens a prompt may use: all it shares, but at least one token must run."""
+    return min(common, prompt_len - 1)
+
+
+def choose_slot(table: SlotTable, prompt: np.ndarray, namespace: str, expected_steps: int,
+                costs: StepCosts, reuse: bool = True) -> SlotChoice:
+    """The free slot for a new request (the table must have one)."""
+    free = table.free_slots()
+    if not free:
+        raise ValueError("no free slot")
+    if not reuse:
+        return SlotChoice(free[0], 0)
+    width = table.width()
+    per_token, per_row = costs.prefill_ms_per_token(), costs.decode_row_ms()
+    best: tuple | None = None
+    for slot in free:
+        keep = 0
+        if table.namespace[slot] == namespace:
+            keep = reusable(len(prompt), table.common_prefix(slot, prompt))
+        saved = keep * per_token if keep >= MIN_REUSE_TOKENS else 0.0
+        widened = max(0, slot + 1 - width) * per_row * expected_steps
+        empty = table.lengths[slot] == 0
+        # Highest score first; then empty, least recently used, lowest.
+        rank = (saved - widened, empty, -int(table.last_used[slot]), -slot)
+        if best is None or rank > best[0]:
+            best = (rank, SlotChoice(slot, keep))
+    return best[1]
+
+
+def best_source(table: SlotTable, prompt: np.ndarray, namespace: str, exclude: int) -> tuple[int | None, int]:
+    """The row of the namespace (busy or free, other than `exclude`) holding the longest prefix of
+    prompt, and how many tokens of it may be used."""
+    best, longest = None, 0
+    for slot in range(table.size):
+        if slot == exclude or table.namespace[slot] != namespace or table.lengths[slot] <= longest:
+            continue
+        common = reusable(len(prompt), table.common_prefix(slot, prompt))
+        if common > longest:
+            best, longest = slot, common
+    return best, longest
