@@ -1,0 +1,122 @@
+"""Batch invariance under churn: random schedules, not orderly ones.
+
+Hypothesis draws a schedule: requests arrive at random steps with random
+prompts (many sharing a prefix, so the prefix cache keeps and copies rows),
+random output lengths and sampling (greedy or seeded), some are cancelled,
+and freed slots are taken again in whatever order the churn leaves them.
+Every request that runs to its end must give exactly its solo tokens; a
+cancelled one a prefix of them. Tiny model, GQA slots, prefix cache on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from streamgen.engine.core import EngineCore
+from streamgen.engine.generate import generate
+from streamgen.engine.params import SamplingParams
+from streamgen.engine.request import FinishEvent, TokenEvent, prepare_request
+from streamgen.engine.scheduler import SchedulerLimits
+from streamgen.engine.slot_table import SlotTable
+from streamgen.engine.slots import SlotConfig, SlotRunner
+
+from conftest import CPU
+
+# Shared openings (a system prompt, an earlier turn) and endings: prompts made
+# of them share prefixes of many lengths.
+OPENINGS = ["", "Paris is the capital of France. Berlin is the capital of Germany. ",
+            "The quick brown fox jumps over the lazy dog. The quick brown fox"]
+ENDINGS = ["Hello", " world! How are you today?", " Code: def f(x): return x * 2", " Numbers: 0 1 2 3 4 5",
+           " Streaming generation sends each token"]
+SLOTS, CONTEXT = 4, 160
+
+
+@dataclass(frozen=True)
+class Spec:
+    opening: int
+    endings: tuple[int, ...]
+    max_tokens: int
+    seed: int | None  # None: greedy
+
+    def text(self) -> str:
+        return OPENINGS[self.opening] + "".join(ENDINGS[i] for i in self.endings)
+
+    def params(self) -> SamplingParams:
+        sampling = {"temperature": 0.0} if self.seed is None else {"temperature": 0.9, "top_p": 0.95, "seed": self.seed}
+        return SamplingParams(max_tokens=self.max_tokens, ignore_eos=True, **sampling)
+
+
+specs = st.builds(Spec, st.integers(0, len(OPENINGS) - 1),
+                  st.lists(st.integers(0, len(ENDINGS) - 1), min_size=1, max_size=3).map(tuple),
+                  st.integers(1, 16), st.one_of(st.none(), st.integers(0, 3)))
+# A schedule: per step, the requests that arrive and whether one running request is cancelled.
+steps = st.lists(st.tuples(st.lists(specs, max_size=3), st.booleans(), st.integers(0, 7)), min_size=1, max_size=25)
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir) -> SlotRunner:
+    return SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=SLOTS, max_context=CONTEXT, prefill_chunk=8))
+
+
+@pytest.fixture(scope="module")
+def solo(runner, tiny_model):
+    """Each spec's tokens when it runs alone on an empty runner (memoized across examples)."""
+    tok, done = tiny_model.tokenizer, {}
+
+    def tokens(spec: Spec) -> list[int]:
+        if spec not in done:
+            runner.table = SlotTable(SLOTS, CONTEXT)
+            request = prepare_request(tok, CONTEXT, spec.params(), prompt=spec.text())
+            done[spec] = [e.token_id for e in generate(runner, tok, [request]) if isinstance(e, TokenEvent)]
+        return done[spec]
+
+    return tokens
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schedule=steps, budget=st.integers(4, 40), chunk=st.integers(1, 16))
+def test_every_request_equals_its_solo_run_under_random_churn(runner, tiny_model, solo, schedule, budget,
+                                                               chunk) -> None:
+    tok = tiny_model.tokenizer
+    # Solo runs first: they use the same runner, which the crowded run then starts afresh.
+    expected = [solo(spec) for arrivals, _, _ in schedule for spec in arrivals]
+    runner.table = SlotTable(SLOTS, CONTEXT)
+    core = EngineCore(runner, tok, SchedulerLimits(max_waiting=100, token_budget=budget, prefill_chunk=chunk),
+                      prefix_cache=True)
+    seqs, got, cancelled, finals = {}, {}, set(), {}
+
+    def run_step() -> None:
+        for event in core.step():
+            if isinstance(event, TokenEvent):
+                got[event.row].append(event.token_id)
+            else:
+                assert event.row not in finals, "exactly one final event per request"
+                finals[event.row] = event
+
+    for arrivals, cancel, pick in schedule:
+        for spec in arrivals:
+            key = len(seqs)
+            request = prepare_request(tok, CONTEXT, spec.params(), prompt=spec.text())
+            seqs[key], got[key] = core.add(request, key), []
+        running = [k for k, s in seqs.items() if s.running]
+        if cancel and running:
+            victim = running[pick % len(running)]
+            for event in core.cancel(seqs[victim]):
+                finals[victim] = event
+            cancelled.add(victim)
+        if core.has_work:
+            run_step()
+    while core.has_work:
+        run_step()
+
+    assert set(finals) == set(seqs)
+    for key, tokens in got.items():
+        if key in cancelled:
+            assert tokens == expected[key][: len(tokens)], f"request {key} (cancelled) diverged from its solo run"
+        else:
+            assert isinstance(finals[key], FinishEvent) and finals[key].finish_reason == "length"
+            assert tokens == expected[key], f"request {key} diverged from its solo run"
+    assert runner.table.free_count == SLOTS, "every slot came back"
