@@ -271,7 +271,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         lambda: load_model(directory, device, settings.threads, slots),
         EngineLimits(max_waiting=settings.max_queued, token_budget=settings.token_budget,
                      prefill_chunk=settings.prefill_chunk, max_prompt_tokens=settings.max_prompt_tokens,
-                     max_new_tokens=settings.max_new_tokens),
+                     max_new_tokens=settings.max_new_tokens, prefix_cache=settings.prefix_cache == "on"),
     )
     print(f"streamgen: loading {directory} on {device}", file=sys.stderr, flush=True)
     app = create_app(settings, engine, telemetry)

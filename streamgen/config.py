@@ -34,6 +34,7 @@ class Settings:
     max_queued: int = 64
     token_budget: int = 256
     prefill_chunk: int = 128
+    prefix_cache: str = "on"
     max_requests_per_connection: int = 8
     max_message_bytes: int = 65536
     max_prompt_tokens: int = 4096
@@ -68,6 +69,9 @@ _HELP: dict[str, str] = {
     "max_queued": "requests waiting for a slot; beyond it requests are refused with 'overloaded'",
     "token_budget": "tokens per engine step: one per decoding request, the rest for prompt chunks",
     "prefill_chunk": "most prompt tokens of one request per step, so long prompts do not stall others",
+    "prefix_cache": "on: a slot keeps its KV after its request ends, and a prompt that shares a prefix with a slot's "
+                    "tokens prefills only the rest (multi-turn chat, shared system prompts); off: every prompt is "
+                    "prefilled in full",
     "max_requests_per_connection": "requests in flight at once on one WebSocket",
     "max_message_bytes": "largest WebSocket message accepted; larger ones close the socket with 1009",
     "max_prompt_tokens": "longest prompt accepted, in tokens (also capped by the context)",
@@ -75,8 +79,9 @@ _HELP: dict[str, str] = {
     "max_connections": "open WebSocket connections; more are refused with 503",
     "idle_timeout": "seconds a connection may stay silent with nothing in flight before it is closed; 0 = never",
     "rate_limit": "generate requests per minute per client (API key, else address); 0 = no limit",
-    "api_key": "require this key (Authorization: Bearer KEY, or the WebSocket subprotocol bearer.KEY)",
-    "api_key_file": "read the API key from this file instead (first line)",
+    "api_key": "require this key (Authorization: Bearer KEY, or the WebSocket subprotocol bearer.KEY); several "
+               "keys separated by commas, one per client: each key's requests reuse only their own KV cache",
+    "api_key_file": "read the API keys from this file instead, one per line",
     "allowed_origins": "comma-separated extra Origins allowed to open WebSockets (same origin and loopback always are)",
     "shutdown_grace": "seconds running requests get to finish after SIGTERM before they end with shutting_down",
     "trace_detail": "token: forward/sample/detokenize spans per generated token; request: one decode span per request",
@@ -89,6 +94,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "quantize": QUANTIZATIONS,
     "graph": GRAPHS,
     "device": ("auto", "cpu", "cuda"),
+    "prefix_cache": ("on", "off"),
     "trace_detail": ("token", "request"),
     "log_level": ("debug", "info", "warning", "error"),
     "log_format": ("auto", "json", "console"),
@@ -135,15 +141,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     settings = Settings(**values)
     if settings.api_key_file and not settings.api_key:
         try:
-            key = Path(settings.api_key_file).expanduser().read_text().splitlines()[0].strip()
-        except (OSError, IndexError):
-            raise SystemExit(f"streamgen: cannot read an API key from {settings.api_key_file}") from None
-        settings = replace(settings, api_key=key)
-    if settings.api_key is not None and not _TOKEN.fullmatch(settings.api_key):
-        raise SystemExit("streamgen: the API key must be 16+ characters of A-Z a-z 0-9 - _ . ~ "
+            lines = Path(settings.api_key_file).expanduser().read_text().splitlines()
+        except OSError as exc:
+            raise SystemExit(f"streamgen: cannot read API keys from {settings.api_key_file}: {exc.strerror}") from None
+        keys = [line.strip() for line in lines if line.strip()]
+        if not keys:
+            raise SystemExit(f"streamgen: {settings.api_key_file} holds no API key (one per line)")
+        settings = replace(settings, api_key=",".join(keys))
+    if settings.api_key is not None and not all(_TOKEN.fullmatch(k) for k in settings.api_key.split(",")):
+        raise SystemExit("streamgen: an API key must be 16+ characters of A-Z a-z 0-9 - _ . ~ "
                          "(it travels in a WebSocket subprotocol); make one with: python -c "
                          "'import secrets; print(secrets.token_urlsafe(32))'")
     return settings
+
+
+def api_keys(settings: Settings) -> tuple[str, ...]:
+    """The keys a client may use; empty when the server is open."""
+    return tuple(settings.api_key.split(",")) if settings.api_key else ()
 
 
 _TOKEN = re.compile(r"[A-Za-z0-9\-_.~]{16,}")

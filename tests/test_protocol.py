@@ -116,9 +116,34 @@ def test_multi_turn_chat_over_one_socket(client: TestClient) -> None:
             msgs = _collect(ws, {f"t{turn}"})[f"t{turn}"]
             done = _check_stream(msgs)
             history += [{"role": "assistant", "content": done["text"]}, {"role": "user", "content": "More"}]
+            usage, timings = done["usage"], done["timings"]
             if turn:
                 assert msgs[0]["prompt_tokens"] > previous_prompt, "each turn carries the conversation"
+                # The slot kept the previous turn: at least its whole prompt is reused, not prefilled again.
+                assert usage["cached_tokens"] >= previous_prompt
+            assert timings["prefill_tokens"] == usage["prompt_tokens"] - usage["cached_tokens"] >= 1
             previous_prompt = msgs[0]["prompt_tokens"]
+
+
+def test_truncate_oldest_drops_turns_until_the_chat_fits(client: TestClient) -> None:
+    history = []
+    for i in range(12):
+        history += [{"role": "user", "content": f"Question {i}: Paris is the capital of France."},
+                    {"role": "assistant", "content": "Berlin is the capital of Germany. The quick brown fox."}]
+    history = [{"role": "system", "content": "Be brief."}, *history, {"role": "user", "content": "Last question"}]
+    frame = {"type": "generate", "id": "long", "messages": history, "params": {"temperature": 0, "max_tokens": 8}}
+    with client.websocket_connect("/v1/ws") as ws:
+        ws.send_text(json.dumps(frame))
+        err = ws.receive_json()
+        assert err["code"] == "context_length_exceeded" and 'truncate: "oldest"' in err["message"]
+        ws.send_text(json.dumps({**frame, "truncate": "oldest"}))
+        msgs = _collect(ws, {"long"})["long"]
+        start, done = msgs[0], _check_stream(msgs)
+        dropped = start["truncated_messages"]
+        assert dropped > 0 and dropped % 2 == 0, "whole turns go: a question and its answer"
+        assert start["prompt_tokens"] + 8 <= 256 and done["finish_reason"] in ("stop", "length")
+        ws.send_text(json.dumps({"type": "generate", "id": "p", "prompt": "Hi", "truncate": "oldest"}))
+        assert ws.receive_json()["param"] == "truncate", "a plain prompt is never cut"
 
 
 def test_cancel_stops_within_a_step_and_keeps_the_connection(client: TestClient) -> None:

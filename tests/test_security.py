@@ -157,3 +157,19 @@ def test_idle_connection_is_closed(make_client) -> None:
             ws.receive_json()
         assert closed.value.code == 1000 and "idle" in closed.value.reason
         assert 0.8 < time.monotonic() - start < 5
+
+
+def test_each_key_reuses_only_its_own_cache(make_client) -> None:
+    """A prefix-cache hit is a timing side channel: with keys, a request only hits KV its own key left."""
+    other = "another-k3y-for-tests_987654"
+    c = make_client(replace(SECURE, api_key=f"{KEY},{other}"))
+    prompt = "Paris is the capital of France. Berlin is the capital of Germany. The quick brown fox jumps. " * 3
+
+    def cached(key: str, rid: str) -> int:
+        with c.websocket_connect("/v1/ws", headers={"Authorization": f"Bearer {key}"}) as ws:
+            ws.send_text(_gen(rid, prompt, temperature=0, max_tokens=2))
+            return _collect(ws, {rid})[rid][-1]["usage"]["cached_tokens"]
+
+    assert cached(KEY, "a1") == 0
+    assert cached(other, "b1") == 0, "the other key does not see the first key's prompt"
+    assert cached(KEY, "a2") > 30 and cached(other, "b2") > 30, "each key hits what it left itself"

@@ -139,8 +139,21 @@ class EngineCore:
         now = time.perf_counter()
         for seq in seqs:
             choice = choose_slot(table, seq.prompt_array, seq.namespace, seq.max_tokens, self.costs, self.reuse)
+            if choice.move_to is not None:
+                self._move(choice.slot, choice.move_to)
             table.claim(choice.slot, seq.namespace, keep=choice.keep)
             seq.admitted(choice.slot, now, cached=choice.keep)
+
+    def _move(self, src: int, dst: int) -> None:
+        """Move a free row's contents to another free row (it keeps its age), so src can be taken."""
+        table = self.runner.table
+        held, age = int(table.lengths[src]), int(table.last_used[src])
+        table.claim(dst, table.namespace[src])
+        start = time.perf_counter()
+        self.runner.copy_prefix(src, dst, held)
+        self.costs.copy.observe(held, (time.perf_counter() - start) * 1000)
+        table.release(dst)
+        table.last_used[dst] = age
 
     def _catch_up(self) -> None:
         """A prefilling sequence copies the part of its prompt that another row already holds beyond its own."""

@@ -171,12 +171,14 @@ class Engine:
         core = self.core
         return self._pending + (len(core.scheduler.waiting) if core else 0)
 
-    def prepare(self, params: SamplingParams, *, prompt=None, messages=None, request_id: str = "") -> GenerationRequest:
+    def prepare(self, params: SamplingParams, *, prompt=None, messages=None, request_id: str = "",
+                truncate: str = "refuse", namespace: str = "") -> GenerationRequest:
         """Tokenize and validate against the loaded model (raises ValidationError)."""
         model = self._require_ready()
         return prepare_request(
             model.tokenizer, model.context_length, params, prompt=prompt, messages=messages, request_id=request_id,
             max_prompt_tokens=self.limits.max_prompt_tokens, max_new_tokens=self.limits.max_new_tokens,
+            truncate=truncate, namespace=namespace,
         )
 
     def end_all(self, code: str, message: str) -> None:

@@ -2,20 +2,26 @@
 and what it may reuse. Pure policy over the slot table: token ids, never text,
 never tensors.
 
-The rule (docs/benchmarks.md, "Prefix cache", has the measurements behind it):
+Decode cost grows with the highest busy row (rows run from 0 to it), so
+running requests are packed into the lowest rows, and the rows above them
+serve as the cache. The rule (docs/benchmarks.md, "Prefix cache", has the
+measurements behind it):
 
 1. A request may reuse a row only if the row belongs to its namespace (the
    API key it came with; one namespace when the server has no key).
 2. Among the free slots, each is scored by what taking it saves minus what it
    costs: a row whose own tokens share a prefix of at least MIN_REUSE_TOKENS
    with the prompt saves prefilling them; a slot above every busy row widens
-   each decode step (rows run from 0 to the highest busy one) for as long as
-   the request decodes. Ties go to an empty slot, then the least recently
-   used one, then the lowest.
-3. Whatever the slot, if another row of the namespace, busy or free, holds a
-   longer prefix, the core copies the missing part across (`best_source`),
-   since a copy costs a small fraction of a prefill of the same tokens.
-4. At least one prompt token is always run, to get the logits of the first
+   each decode step for as long as the request decodes. Ties go to an empty
+   slot, then the least recently used one, then the lowest.
+3. If the chosen row holds another conversation worth keeping (at least
+   MIN_REUSE_TOKENS beyond what the request keeps), and a free row holds
+   something less recent (or nothing), that conversation is first moved
+   there: a KV copy costs a small fraction of prefilling it again. So the
+   free rows keep the most recently used conversations.
+4. Whatever the slot, if another row of the namespace, busy or free, holds a
+   longer prefix, the core copies the missing part across (`best_source`).
+5. At least one prompt token is always run, to get the logits of the first
    output token.
 """
 
@@ -40,6 +46,7 @@ MIN_REUSE_TOKENS = 32
 class SlotChoice:
     slot: int
     keep: int  # leading prompt tokens the slot already holds (reused in place)
+    move_to: int | None = None  # first move the slot's other contents to this free slot (rule 3)
 
 
 def reusable(prompt_len: int, common: int) -> int:
@@ -64,12 +71,32 @@ def choose_slot(table: SlotTable, prompt: np.ndarray, namespace: str, expected_s
             keep = reusable(len(prompt), table.common_prefix(slot, prompt))
         saved = keep * per_token if keep >= MIN_REUSE_TOKENS else 0.0
         widened = max(0, slot + 1 - width) * per_row * expected_steps
-        empty = table.lengths[slot] == 0
         # Highest score first; then empty, least recently used, lowest.
-        rank = (saved - widened, empty, -int(table.last_used[slot]), -slot)
+        rank = (saved - widened, table.lengths[slot] == 0, -int(table.last_used[slot]), -slot)
         if best is None or rank > best[0]:
-            best = (rank, SlotChoice(slot, keep))
-    return best[1]
+            best = (rank, slot, keep)
+    _, slot, keep = best
+    return SlotChoice(slot, keep, _move_target(table, slot, keep, free))
+
+
+def _move_target(table: SlotTable, slot: int, keep: int, free: list[int]) -> int | None:
+    """Where the chosen slot's other contents should go, if anywhere (rule 3)."""
+    held = int(table.lengths[slot])
+    if held - keep < MIN_REUSE_TOKENS or _held_elsewhere(table, slot):
+        return None
+    # The free row holding the least valuable contents: none, else the least recently used.
+    target = min((s for s in free if s != slot), default=None,
+                 key=lambda s: (table.lengths[s] > 0, int(table.last_used[s])))
+    if target is None or (table.lengths[target] and table.last_used[target] > table.last_used[slot]):
+        return None
+    return target
+
+
+def _held_elsewhere(table: SlotTable, slot: int) -> bool:
+    """Whether another row of the same namespace holds everything this one does."""
+    held = int(table.lengths[slot])
+    return any(other != slot and table.namespace[other] == table.namespace[slot] and table.lengths[other] >= held
+               and table.common_prefix(other, table.tokens[slot, :held]) == held for other in range(table.size))
 
 
 def best_source(table: SlotTable, prompt: np.ndarray, namespace: str, exclude: int) -> tuple[int | None, int]:

@@ -93,6 +93,9 @@ def require_unicode(text: str, param: str) -> None:
                               code="invalid_request") from None
 
 
+TRUNCATE_CHOICES = ("refuse", "oldest")  # what to do when a chat does not fit the context window
+
+
 def prepare_request(
     tokenizer: TextTokenizer,
     context_length: int,
@@ -103,17 +106,45 @@ def prepare_request(
     request_id: str = "",
     max_prompt_tokens: int | None = None,
     max_new_tokens: int | None = None,
+    truncate: str = "refuse",
+    namespace: str = "",
 ) -> GenerationRequest:
-    """Tokenize and check a request against the model's limits and the server's."""
+    """Tokenize and check a request against the model's limits and the server's.
+
+    truncate="oldest" drops the oldest non-system chat messages until the
+    prompt and the output it asks for fit (the count is in dropped_messages);
+    "refuse" (the default) answers context_length_exceeded instead.
+    """
     if (prompt is None) == (messages is None):
         raise ValidationError("give exactly one of prompt or messages", param="prompt", code="invalid_request")
+    if truncate not in TRUNCATE_CHOICES:
+        raise ValidationError(f"truncate must be one of {', '.join(TRUNCATE_CHOICES)}, got {str(truncate)[:40]!r}",
+                              param="truncate", code="invalid_request")
+    if max_new_tokens is not None and params.max_tokens is not None and params.max_tokens > max_new_tokens:
+        raise ValidationError(
+            f"max_tokens must be at most {max_new_tokens} on this server, got {params.max_tokens}",
+            param="max_tokens",
+        )
+    # The output a request needs room for: what it asked, else the default (within the server's cap).
+    wanted = params.max_tokens or (DEFAULT_MAX_TOKENS if max_new_tokens is None
+                                   else min(DEFAULT_MAX_TOKENS, max_new_tokens))
+    prompt_limit = context_length - 1 if max_prompt_tokens is None else min(context_length - 1, max_prompt_tokens)
+    dropped = 0
     if prompt is not None:
+        if truncate != "refuse":
+            raise ValidationError("truncate applies to chat messages; a plain prompt is never cut",
+                                  param="truncate", code="invalid_request")
         if not isinstance(prompt, str) or not prompt:
             raise ValidationError("prompt must be a non-empty string", param="prompt", code="invalid_request")
         require_unicode(prompt, "prompt")
         ids = tokenizer.encode(prompt)
     else:
         ids = tokenizer.encode(tokenizer.render_chat(messages))
+        if truncate == "oldest":
+            while len(ids) > min(prompt_limit, context_length - wanted) and (shorter := _drop_oldest(messages)):
+                dropped += len(messages) - len(shorter)
+                messages = shorter
+                ids = tokenizer.encode(tokenizer.render_chat(messages))
     if not ids:
         raise ValidationError("the prompt encodes to no tokens", param="prompt", code="invalid_request")
     if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
@@ -122,25 +153,20 @@ def prepare_request(
             param="prompt",
             code="prompt_too_long",
         )
-    if max_new_tokens is not None and params.max_tokens is not None and params.max_tokens > max_new_tokens:
-        raise ValidationError(
-            f"max_tokens must be at most {max_new_tokens} on this server, got {params.max_tokens}",
-            param="max_tokens",
-        )
+    hint = "" if truncate == "oldest" or messages is None else ', or send truncate: "oldest"'
     if len(ids) >= context_length:
         raise ValidationError(
-            f"the prompt has {len(ids)} tokens but the context window is {context_length}; shorten it",
+            f"the prompt has {len(ids)} tokens but the context window is {context_length}; shorten it{hint}",
             param="prompt",
             code="context_length_exceeded",
         )
     if params.max_tokens is None:
         # Not given: the default, or whatever room the context (and the server) leaves.
-        cap = DEFAULT_MAX_TOKENS if max_new_tokens is None else min(DEFAULT_MAX_TOKENS, max_new_tokens)
-        params = replace(params, max_tokens=min(cap, context_length - len(ids)))
+        params = replace(params, max_tokens=min(wanted, context_length - len(ids)))
     elif len(ids) + params.max_tokens > context_length:
         raise ValidationError(
             f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
-            f"of {context_length} tokens; shorten the prompt or lower max_tokens",
+            f"of {context_length} tokens; shorten the prompt or lower max_tokens{hint}",
             param="max_tokens",
             code="context_length_exceeded",
         )
@@ -151,4 +177,19 @@ def prepare_request(
                 param="stop_token_ids",
             )
     stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else tokenizer.stop_token_ids)
-    return GenerationRequest(tuple(ids), params, stops, request_id)
+    return GenerationRequest(tuple(ids), params, stops, request_id, namespace=namespace, dropped_messages=dropped)
+
+
+def _drop_oldest(messages: Sequence[ChatMessage]) -> tuple[ChatMessage, ...] | None:
+    """The chat without its oldest non-system turn (a message, and any assistant replies left at the
+    front), or None when only the last message is left to drop."""
+    lead = 0
+    while lead < len(messages) and messages[lead].role == "system":
+        lead += 1
+    system, rest = list(messages[:lead]), list(messages[lead:])
+    if len(rest) <= 1:
+        return None
+    rest = rest[1:]
+    while len(rest) > 1 and rest[0].role == "assistant":
+        rest = rest[1:]
+    return (*system, *rest)

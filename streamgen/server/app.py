@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from streamgen.config import Settings
+from streamgen.config import Settings, api_keys
 from streamgen.engine.engine import Engine, EngineState
 from streamgen.server.protocol import PROTOCOL_VERSION
 from streamgen.server.security import AccessPolicy, RateLimiter, Refusal
@@ -36,7 +35,7 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
     """The app around an engine that is not started yet. Without telemetry, tracing is off
     (trace ids are still made) and /metrics still works."""
     telemetry = telemetry or Telemetry.from_env(env={})
-    policy = AccessPolicy(settings.api_key, settings.allowed_origins)
+    policy = AccessPolicy(api_keys(settings), settings.allowed_origins)
     limiter = RateLimiter(settings.rate_limit)
     drain = Drain(engine, settings.shutdown_grace)
 
@@ -110,8 +109,10 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
             telemetry.rejected_early(None, refusal.code, refusal.message, None)
             await _deny(ws, refusal)
             return
-        client = _client_identity(ws, policy)
-        connection = Connection(ws, engine, settings, telemetry, limiter, client)
+        key = policy.key_id(ws.headers, ws.scope.get("subprotocols", []))
+        client = f"key:{key}" if key else "addr:" + (ws.client.host if ws.client else "unknown")
+        # Each key's requests reuse only the KV cache its own requests left (docs/security.md).
+        connection = Connection(ws, engine, settings, telemetry, limiter, client, namespace=key or "")
         drain.connections.add(connection)
         try:
             await connection.serve()
@@ -167,14 +168,6 @@ async def _deny(ws: WebSocket, refusal: Refusal) -> None:
             JSONResponse({"error": {"code": refusal.code, "message": refusal.message}}, status_code=refusal.status))
     else:
         await ws.close(code=1008 if refusal.status in (401, 403) else 1013, reason=refusal.message[:120])
-
-
-def _client_identity(ws: WebSocket, policy: AccessPolicy) -> str:
-    """Rate limits apply per API key when keys are in use, else per peer address."""
-    if policy.requires_key:
-        key = ws.headers.get("authorization", "") or ",".join(ws.scope.get("subprotocols", []))
-        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
-    return "addr:" + (ws.client.host if ws.client else "unknown")
 
 
 async def _announce_when_ready(settings: Settings, engine: Engine) -> None:

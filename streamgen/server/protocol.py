@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamgen.engine.params import SamplingParams
-from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from streamgen.engine.request import TRUNCATE_CHOICES, ErrorEvent, FinishEvent, TokenEvent
 from streamgen.engine.tokenizer import ChatMessage, parse_messages
 from streamgen.errors import ValidationError
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
-_GENERATE_FIELDS = {"type", "id", "prompt", "messages", "params", "traceparent"}
+_GENERATE_FIELDS = {"type", "id", "prompt", "messages", "params", "traceparent", "truncate"}
 MAX_TRACEPARENT_CHARS = 256
 _CANCEL_FIELDS = {"type", "id"}
 _PING_FIELDS = {"type", "id"}
@@ -40,6 +40,7 @@ class Generate:
     messages: tuple[ChatMessage, ...] | None
     params: SamplingParams
     traceparent: str | None = None  # W3C trace context of the caller, if any
+    truncate: str = "refuse"  # "oldest": drop the oldest chat turns that do not fit the context
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +106,14 @@ def _parse_generate(raw: dict, request_id: str | None) -> Generate:
     if traceparent is not None and (not isinstance(traceparent, str) or len(traceparent) > MAX_TRACEPARENT_CHARS):
         raise ProtocolError(f"traceparent must be a W3C traceparent string of at most {MAX_TRACEPARENT_CHARS} characters",
                             code="invalid_message", param="traceparent", request_id=rid)
-    return Generate(rid, prompt, messages, params, traceparent)
+    truncate = raw.get("truncate", "refuse")
+    if truncate not in TRUNCATE_CHOICES:
+        raise ProtocolError(f"truncate must be one of {', '.join(TRUNCATE_CHOICES)}, got {str(truncate)[:40]!r}",
+                            code="invalid_request", param="truncate", request_id=rid)
+    if truncate != "refuse" and messages is None:
+        raise ProtocolError("truncate applies to chat messages; a plain prompt is never cut",
+                            code="invalid_request", param="truncate", request_id=rid)
+    return Generate(rid, prompt, messages, params, traceparent, truncate)
 
 
 def _require_id(raw: Mapping[str, Any]) -> str:
@@ -127,10 +135,13 @@ def _only(raw: Mapping[str, Any], allowed: set[str], request_id: str | None) -> 
 # ---- server -> client ---------------------------------------------------------
 
 
-def start_message(request_id: str, prompt_tokens: int, trace_id: str | None = None) -> dict[str, Any]:
+def start_message(request_id: str, prompt_tokens: int, trace_id: str | None = None,
+                  truncated_messages: int | None = None) -> dict[str, Any]:
     msg: dict[str, Any] = {"type": "start", "id": request_id, "prompt_tokens": prompt_tokens}
     if trace_id:
         msg["trace_id"] = trace_id
+    if truncated_messages is not None:
+        msg["truncated_messages"] = truncated_messages
     return msg
 
 
@@ -150,11 +161,13 @@ def done_message(request_id: str, event: FinishEvent) -> dict[str, Any]:
         "finish_reason": str(event.finish_reason),
         "tail": event.tail,
         "text": event.text,
-        "usage": {"prompt_tokens": event.usage.prompt_tokens, "completion_tokens": event.usage.completion_tokens},
+        "usage": {"prompt_tokens": event.usage.prompt_tokens, "completion_tokens": event.usage.completion_tokens,
+                  "cached_tokens": event.usage.cached_tokens},
         "timings": {
             "queue_ms": round(t.queue_s * 1000, 2),
             "time_to_first_token_ms": round(t.time_to_first_token_s * 1000, 2),
             "prefill_ms": round(t.prefill_s * 1000, 2),
+            "prefill_tokens": t.prefill_tokens,
             "decode_tokens_per_s": round(t.decode_tokens_per_s, 2),
             "total_ms": round(t.total_s * 1000, 2),
         },

@@ -1,6 +1,9 @@
 """Who may connect: API key, WebSocket Origin, per-client request rate.
 
-- The API key (optional) is compared in constant time. HTTP callers send
+- API keys (optional; one or several, one per client or tenant) are compared
+  in constant time. A request is known by the digest of its key: the rate
+  limit counts per key, and the prefix cache only lets a request reuse KV
+  left by the same key (docs/security.md). HTTP callers send
   `Authorization: Bearer KEY`. Browsers cannot set headers on a WebSocket, so
   the handshake also accepts the key as the subprotocol `bearer.KEY`, offered
   next to `streamgen.v1`; the server answers with `streamgen.v1` and never
@@ -14,8 +17,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
+from collections.abc import Sequence
 from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -35,16 +40,18 @@ class Refusal:
 
 
 class AccessPolicy:
-    def __init__(self, api_key: str | None, allowed_origins: str = "") -> None:
-        self._key = api_key.encode() if api_key else None
+    def __init__(self, api_keys: Sequence[str] | str | None, allowed_origins: str = "") -> None:
+        if isinstance(api_keys, str):
+            api_keys = [api_keys]
+        self._keys = [k.encode() for k in api_keys or ()]
         self._origins = {o.strip().rstrip("/") for o in allowed_origins.split(",") if o.strip()}
 
     @property
     def requires_key(self) -> bool:
-        return self._key is not None
+        return bool(self._keys)
 
     def check_http(self, headers: Headers) -> Refusal | None:
-        if self._key is None or self._key_ok(_bearer(headers.get("authorization"))):
+        if not self._keys or self.key_id(headers) is not None:
             return None
         return _missing_or_wrong(_bearer(headers.get("authorization")))
 
@@ -54,22 +61,31 @@ class AccessPolicy:
             return Refusal(403, "origin_not_allowed",
                            f"WebSocket connections from origin {origin[:100]!r} are not allowed; "
                            "the server lists the origins it accepts in --allowed-origins")
-        if self._key is None:
+        if not self._keys or self.key_id(headers, offered) is not None:
             return None
-        candidates = [_bearer(headers.get("authorization"))]
-        candidates += [p[len(_BEARER):] for p in offered if p.startswith(_BEARER)]
-        if any(self._key_ok(c) for c in candidates):
-            return None
-        return _missing_or_wrong(next((c for c in candidates if c), None))
+        return _missing_or_wrong(next((c for c in _candidates(headers, offered) if c), None))
 
-    def _key_ok(self, candidate: str | None) -> bool:
-        return candidate is not None and hmac.compare_digest(candidate.encode(), self._key)
+    def key_id(self, headers: Headers, offered: Sequence[str] = ()) -> str | None:
+        """A short digest naming the valid key the caller sent, or None (no key required, or none valid)."""
+        for candidate in _candidates(headers, offered):
+            if candidate is not None and self._key_ok(candidate):
+                return hashlib.sha256(candidate.encode()).hexdigest()[:16]
+        return None
+
+    def _key_ok(self, candidate: str) -> bool:
+        # Every key is compared, so the time taken does not tell which one matched.
+        return sum(hmac.compare_digest(candidate.encode(), key) for key in self._keys) > 0
 
     def _origin_ok(self, origin: str, host: str) -> bool:
         if "*" in self._origins or origin.rstrip("/") in self._origins:
             return True
         parts = urlsplit(origin)
         return parts.netloc == host or (parts.hostname or "") in _LOOPBACK
+
+
+def _candidates(headers: Headers, offered: Sequence[str]) -> list[str | None]:
+    """Keys a caller offers: the Authorization header, then `bearer.KEY` subprotocols."""
+    return [_bearer(headers.get("authorization"))] + [p[len(_BEARER):] for p in offered if p.startswith(_BEARER)]
 
 
 def _bearer(value: str | None) -> str | None:

@@ -41,13 +41,14 @@ class _InFlight:
 
 class Connection:
     def __init__(self, websocket: WebSocket, engine: Engine, settings: Settings, telemetry: Telemetry,
-                 limiter: RateLimiter, client: str) -> None:
+                 limiter: RateLimiter, client: str, namespace: str = "") -> None:
         self.ws = websocket
         self.engine = engine
         self.settings = settings
         self.telemetry = telemetry
         self.limiter = limiter
         self.client = client  # rate-limit identity: the API key, else the peer address
+        self.namespace = namespace  # prefix-cache isolation: the API key's digest, "" when the server is open
         # A traceparent on the handshake parents every request of the connection
         # that does not bring its own.
         self._traceparent = websocket.headers.get("traceparent")
@@ -138,7 +139,8 @@ class Connection:
         tel = self.telemetry.start_request(msg.id, operation, msg.traceparent or self._traceparent)
         try:
             with tel.tokenize():
-                request = self.engine.prepare(msg.params, prompt=msg.prompt, messages=msg.messages, request_id=msg.id)
+                request = self.engine.prepare(msg.params, prompt=msg.prompt, messages=msg.messages, request_id=msg.id,
+                                              truncate=msg.truncate, namespace=self.namespace)
             tel.accepted(request.params, len(request.prompt_ids), msg.prompt or _last_user_text(msg))
             handle = self.engine.submit(request, observer=tel)
         except EngineOverloaded as exc:
@@ -149,7 +151,8 @@ class Connection:
             tel.rejected(exc.code, exc.message, getattr(exc, "param", None))
             self._send(protocol.error_message(msg.id, exc.code, exc.message, getattr(exc, "param", None)))
             return
-        self._send(protocol.start_message(msg.id, len(request.prompt_ids), tel.trace_id))
+        self._send(protocol.start_message(msg.id, len(request.prompt_ids), tel.trace_id,
+                                          request.dropped_messages if msg.truncate == "oldest" else None))
         task = asyncio.create_task(self._stream(msg.id, handle))
         self._inflight[msg.id] = _InFlight(handle, task)
 

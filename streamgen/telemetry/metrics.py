@@ -56,6 +56,14 @@ class Metrics:
             "streamgen.tokens.input", unit="{token}", description="Prompt tokens of accepted requests")
         self.output_tokens = meter.create_counter(
             "streamgen.tokens.output", unit="{token}", description="Generated tokens")
+        self.prefix_cache_queries = meter.create_counter(
+            "streamgen.prefix_cache.queries", unit="{request}",
+            description="Requests that looked their prompt up in the prefix cache")
+        self.prefix_cache_query_tokens = meter.create_counter(
+            "streamgen.prefix_cache.query_tokens", unit="{token}", description="Prompt tokens looked up")
+        self.prefix_cache_hit_tokens = meter.create_counter(
+            "streamgen.prefix_cache.hit_tokens", unit="{token}",
+            description="Prompt tokens whose KV was reused from the prefix cache instead of prefilled")
         self.requests = meter.create_counter(
             "streamgen.requests", unit="{request}",
             description="Finished requests, by finish_reason, or by error.type when they failed")

@@ -84,6 +84,7 @@ class RequestTelemetry(RequestObserver):
         self._arrival = time.perf_counter()  # replaced by the engine's own stamp in queued()
         self._decode_start: float | None = None
         self._steps = 0
+        self._admitted = False  # took a slot (and so looked its prompt up in the prefix cache)
         self.log = telemetry.logger.bind(request_id=request_id, trace_id=self.trace_id, span_id=self.span_id)
 
     # ---- on the event loop, before the engine --------------------------------
@@ -120,6 +121,7 @@ class RequestTelemetry(RequestObserver):
 
     def queued(self, start: float, end: float) -> None:
         self._arrival = start
+        self._admitted = True
         if self._recording:
             self._child("queue", start, end)
 
@@ -158,6 +160,10 @@ class RequestTelemetry(RequestObserver):
             self.log.error("request.failed", code=event.code, message=event.message)
             return
         t, usage = event.timings, event.usage
+        if self._admitted:
+            metrics.prefix_cache_queries.add(1, self._metric_attrs)
+            metrics.prefix_cache_query_tokens.add(usage.prompt_tokens, self._metric_attrs)
+            metrics.prefix_cache_hit_tokens.add(usage.cached_tokens, self._metric_attrs)
         if self._recording:
             if not self._per_token and self._decode_start is not None:
                 self._child("decode", self._decode_start, now, {"streamgen.steps": self._steps})
@@ -165,6 +171,7 @@ class RequestTelemetry(RequestObserver):
                 "gen_ai.response.finish_reasons": [str(event.finish_reason)],
                 "gen_ai.response.model": self._tel.model_name,
                 "gen_ai.usage.output_tokens": usage.completion_tokens,
+                "gen_ai.usage.cache_read.input_tokens": usage.cached_tokens,
                 "streamgen.time_to_first_token_ms": round(t.time_to_first_token_s * 1000, 3),
             })
         self.span.end(end_time=_ns(now))
@@ -172,7 +179,8 @@ class RequestTelemetry(RequestObserver):
         metrics.requests.add(1, {**self._metric_attrs, "finish_reason": str(event.finish_reason)})
         metrics.request_duration.record(t.total_s, self._metric_attrs)
         timings = {"queue_ms": round(t.queue_s * 1000, 2), "time_to_first_token_ms": round(t.time_to_first_token_s * 1000, 2),
-                   "decode_tokens_per_s": round(t.decode_tokens_per_s, 2), "total_ms": round(t.total_s * 1000, 2)}
+                   "decode_tokens_per_s": round(t.decode_tokens_per_s, 2), "total_ms": round(t.total_s * 1000, 2),
+                   "cached_tokens": usage.cached_tokens, "prefill_tokens": t.prefill_tokens}
         if event.finish_reason == FinishReason.CANCELLED:
             self.log.info("request.cancelled", completion_tokens=usage.completion_tokens, **timings)
             return
