@@ -162,3 +162,73 @@ def _batched_steps(server) -> float:
     single = sum(float(line.split()[-1]) for line in text.splitlines()
                  if line.startswith("streamgen_engine_batch_size_bucket") and 'le="1.0"' in line)
     return count - single
+
+
+C_PROMPTS = ["Write a haiku about autumn leaves.", "Name three primary colors.", "What is 12 times 12?",
+             "Describe a cat in one sentence.", "Give me a tip for learning to code."]
+
+
+def test_a_request_in_a_freed_slot_below_a_busy_one_equals_its_solo_run(real_server) -> None:
+    """A takes slot 0 and ends after 3 tokens; B takes slot 1 and keeps decoding; C then takes the freed
+    slot 0. Every C must give its solo tokens (decode steps of B used to write into row 0)."""
+
+    def chat(rid: str, text: str, **params) -> str:
+        return json.dumps({"type": "generate", "id": rid, "messages": [{"role": "user", "content": text}],
+                           "params": {"temperature": 0, **params}})
+
+    async def until_final(ws, rid: str) -> list[dict]:
+        msgs = []
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg.get("id") == rid:
+                msgs.append(msg)
+                if msg["type"] in ("done", "error"):
+                    return msgs
+
+    async def run() -> list[tuple[list[int], list[int]]]:
+        results = []
+        async with websockets.connect(real_server.ws_url) as ws:
+            for i, prompt in enumerate(C_PROMPTS):
+                solo = await until_final(ws, (await ws.send(chat(f"solo{i}", prompt, max_tokens=40))) or f"solo{i}")
+                await ws.send(chat(f"a{i}", "What is the capital of France?", max_tokens=3))
+                while json.loads(await ws.recv())["type"] != "token":
+                    pass  # A holds its slot
+                await ws.send(chat(f"b{i}", "Tell me a long story about a dragon.", max_tokens=400, ignore_eos=True))
+                await until_final(ws, f"a{i}")  # A is done: its slot is free, B keeps decoding above it
+                await ws.send(chat(f"c{i}", prompt, max_tokens=40))
+                crowded = await until_final(ws, f"c{i}")
+                await ws.send(json.dumps({"type": "cancel", "id": f"b{i}"}))
+                await until_final(ws, f"b{i}")
+                results.append(([m["token_id"] for m in solo if m["type"] == "token"],
+                                [m["token_id"] for m in crowded if m["type"] == "token"]))
+        return results
+
+    for solo, crowded in asyncio.run(run()):
+        assert len(solo) >= 5 and crowded == solo
+
+
+def test_the_second_turn_of_a_chat_reuses_the_first(real_server) -> None:
+    async def run() -> tuple[dict, dict, dict]:
+        history = [{"role": "user", "content": "Tell me a joke."}]
+        async with websockets.connect(real_server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "generate", "id": "t1", "messages": history,
+                                      "params": {"temperature": 0, "max_tokens": 100}}))
+            first = [json.loads(await ws.recv())]
+            while first[-1]["type"] not in ("done", "error"):
+                first.append(json.loads(await ws.recv()))
+            history += [{"role": "assistant", "content": first[-1]["text"]},
+                        {"role": "user", "content": "Another one, please."}]
+            await ws.send(json.dumps({"type": "generate", "id": "t2", "messages": history,
+                                      "params": {"temperature": 0, "max_tokens": 20}}))
+            second = [json.loads(await ws.recv())]
+            while second[-1]["type"] not in ("done", "error"):
+                second.append(json.loads(await ws.recv()))
+        return first[0], first[-1], second[-1]
+
+    start, first, second = asyncio.run(run())
+    assert first["finish_reason"] == "stop", "ended by the model's end-of-turn token"
+    # The slot holds turn 1's prompt and every token it fed back; the re-rendered history matches them
+    # all (the end-of-turn token was sampled but never fed, so nothing there can differ).
+    held = start["prompt_tokens"] + first["usage"]["completion_tokens"]
+    assert second["usage"]["cached_tokens"] == held
+    assert second["timings"]["prefill_tokens"] == second["usage"]["prompt_tokens"] - held

@@ -201,7 +201,7 @@ def first_slot(runner: FakeRunner) -> int:
     return int(np.flatnonzero(runner.table.lengths)[0])
 
 
-def test_an_identical_prompt_still_runs_one_token() -> None:
+def test_an_identical_prompt_still_runs_two_tokens() -> None:
     core, runner = _core(slots=1, prefix_cache=True)
     request = _request(20, max_tokens=2)
     core.add(request, key=0)
@@ -209,16 +209,16 @@ def test_an_identical_prompt_still_runs_one_token() -> None:
     runner.calls.clear()
     core.add(request, key=1)
     (final,) = [e for e in _run(core) if isinstance(e, FinishEvent)]
-    assert final.usage.cached_tokens == 19 and _prefilled(runner) == 1
+    assert final.usage.cached_tokens == 18 and _prefilled(runner) == 2
 
 
 def test_requests_sharing_a_long_prompt_prefill_it_once_and_copy_it() -> None:
     core, runner = _core(slots=4, budget=64, chunk=16, prefix_cache=True)
     system = tuple(range(1, 41))  # 40 shared tokens
-    seqs = [core.add(GenerationRequest(system + (41 + i,), SamplingParams(temperature=0.0, max_tokens=2), frozenset()),
-                     key=i) for i in range(4)]
+    seqs = [core.add(GenerationRequest(system + (41 + i, 45 + i), SamplingParams(temperature=0.0, max_tokens=2),
+                                       frozenset()), key=i) for i in range(4)]
     events = _run(core)
-    assert _prefilled(runner) == 40 + 4, "the shared part once, each request's own token once"
+    assert _prefilled(runner) == 40 + 4 * 2, "the shared part once, each request's own tokens once"
     finals = {e.row: e for e in events if isinstance(e, FinishEvent)}
     assert [finals[i].usage.cached_tokens for i in range(1, 4)] == [40, 40, 40]
     assert all(s.output_ids == [(s.request.prompt_ids[-1] + 1 + k) % V for k in range(2)] for s in seqs)
@@ -246,3 +246,14 @@ def test_with_the_prefix_cache_off_nothing_is_kept_or_copied() -> None:
     assert finals[0].usage.cached_tokens == 0
     assert _prefilled(runner) == 90 and not any(kind == "copy" for kind, _, _ in runner.calls)
     assert runner.table.lengths.tolist() == [0, 0]
+
+
+def test_no_prompt_chunk_is_a_single_token_on_top_of_a_cache() -> None:
+    """A one-token pass on top of a past rounds differently from a longer one (engine/slot_table.py)."""
+    core, runner = _core(slots=3, budget=5, chunk=4, prefix_cache=True)
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        core.add(_request(int(rng.integers(2, 30)), max_tokens=int(rng.integers(1, 6)), first=int(rng.integers(V))), i)
+        core.step()
+    _run(core)
+    assert all(n >= 2 for kind, _, n in runner.calls if kind == "prefill")

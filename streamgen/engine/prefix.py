@@ -21,8 +21,9 @@ measurements behind it):
    free rows keep the most recently used conversations.
 4. Whatever the slot, if another row of the namespace, busy or free, holds a
    longer prefix, the core copies the missing part across (`best_source`).
-5. At least one prompt token is always run, to get the logits of the first
-   output token.
+5. At least two prompt tokens are always run: the last one's logits give the
+   first output token, and a one-token pass on top of a cache would round
+   differently from a solo prefill (engine/slot_table.py, MIN_PREFILL_PASS).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamgen.engine.costs import StepCosts
-from streamgen.engine.slot_table import SlotTable, common_prefix
+from streamgen.engine.slot_table import MIN_PREFILL_PASS, SlotTable, common_prefix
 
 __all__ = ["MIN_REUSE_TOKENS", "SlotChoice", "best_source", "choose_slot", "common_prefix", "reusable"]
 
@@ -50,8 +51,9 @@ class SlotChoice:
 
 
 def reusable(prompt_len: int, common: int) -> int:
-    """Cached tokens a prompt may use: all it shares, but at least one token must run."""
-    return min(common, prompt_len - 1)
+    """Cached tokens a prompt may use: all it shares, but at least MIN_PREFILL_PASS tokens must run (the
+    logits of the first output token come from them, and a shorter pass would round differently)."""
+    return max(0, min(common, prompt_len - MIN_PREFILL_PASS))
 
 
 def choose_slot(table: SlotTable, prompt: np.ndarray, namespace: str, expected_steps: int,

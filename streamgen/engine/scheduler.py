@@ -8,6 +8,8 @@ of a prompt is left to run (a prefix-cache hit):
    left over goes to prompt chunks (at most `prefill_chunk` tokens of one
    sequence per step), in admission order. A long prompt is prefilled over
    several steps while the others keep decoding, instead of freezing them.
+   A chunk is never a single token on top of a past (see chunk_size), so a
+   prompt cut differently still gives bit-identical results.
 
 With prefix sharing on, a prompt whose next tokens another sequence is
 prefilling in this very step waits one step and then copies them (the core's
@@ -22,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from streamgen.engine.prefix import common_prefix
+from streamgen.engine.slot_table import chunk_size, common_prefix
 from streamgen.engine.sequence import Sequence, SeqStatus
 
 
@@ -95,7 +97,7 @@ class Scheduler:
                 continue
             if self.limits.share_prefixes and _computed_by_another(seq, plan.prefill):
                 continue
-            n = min(seq.remaining_prompt, self.limits.prefill_chunk, budget)
+            n = chunk_size(seq.remaining_prompt, min(self.limits.prefill_chunk, budget))
             plan.prefill.append((seq, n))
             budget -= n
         return plan

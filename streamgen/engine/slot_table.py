@@ -91,6 +91,22 @@ class SlotTable:
         return common_prefix(self.tokens[slot, : self.lengths[slot]], prompt)
 
 
+# GroupQueryAttention runs a one-token pass on top of a past through its
+# decode path, which rounds differently (about 1e-5 in the logits) from the
+# prompt path that a longer chunk, or a whole prompt, goes through. Prompt
+# chunks are therefore never a single token on top of a past: then a prompt
+# gives bit-identical K/V and logits however it is cut into chunks and
+# whatever part of it came from the prefix cache, and a request gives the
+# same tokens alone or in a crowd.
+MIN_PREFILL_PASS = 2
+
+
+def chunk_size(remaining: int, limit: int) -> int:
+    """Prompt tokens to run next: about `limit`, but never a single token, and never leaving one behind."""
+    n = max(min(remaining, limit), min(MIN_PREFILL_PASS, remaining))
+    return remaining if remaining - n == 1 else n
+
+
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the longest common prefix of two token-id arrays."""
     n = min(len(a), len(b))

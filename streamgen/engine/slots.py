@@ -32,7 +32,7 @@ import onnxruntime as ort
 
 from streamgen.engine.device import Device
 from streamgen.engine.runner import ModelInfo
-from streamgen.engine.slot_table import ContextFull, SlotTable
+from streamgen.engine.slot_table import ContextFull, SlotTable, chunk_size
 
 _PAST = "past_key_values."
 _PRESENT = "present."
@@ -129,10 +129,12 @@ class SlotRunner:
             raise ValueError("prefill needs at least one token")
         if len(token_ids) > self.room(slot):
             raise ContextFull(f"slot {slot} has room for {self.room(slot)} tokens, got {len(token_ids)}")
-        chunk = self.config.prefill_chunk
-        logits = None
-        for start in range(0, len(token_ids), chunk):
-            logits = self._prefill_chunk(slot, np.asarray(token_ids[start : start + chunk], dtype=np.int64))
+        ids = np.asarray(token_ids, dtype=np.int64)
+        start = 0
+        while start < len(ids):
+            n = chunk_size(len(ids) - start, self.config.prefill_chunk)
+            logits = self._prefill_chunk(slot, ids[start : start + n])
+            start += n
         return logits
 
     def _prefill_chunk(self, slot: int, ids: np.ndarray) -> np.ndarray:
