@@ -171,11 +171,16 @@ FINISHED = "['stop', 'length'].includes(document.getElementById('finish').textCo
 
 
 def open_chat(browser, url: str, **page_options):
-    """The browser client at url, once its socket is open."""
+    """The browser client at url in a new page (and browser context), once its socket is open."""
     page = browser.new_page(**page_options)
+    load_chat(page, url)
+    return page
+
+
+def load_chat(page, url: str) -> None:
+    """Load the browser client at url into page and wait for its socket to open."""
     page.goto(url + "/")
     page.wait_for_selector("#status[data-state=open]", timeout=15000)
-    return page
 
 
 def ask(page, prompt: str, max_tokens: int | None = None, wait: bool = True) -> None:

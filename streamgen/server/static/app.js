@@ -1,238 +1,345 @@
-// streamgen browser client: WebSocket protocol v1 (docs/protocol.md), no build step.
-"use strict";
+// streamgen's browser client: the page's state, and what each user action and
+// server message does to it. WebSocket protocol v1 (docs/protocol.md). No
+// build step: ES modules and vendored libraries, served as they are.
+import { copyText } from "./clipboard.js";
+import { Connection } from "./connection.js";
+import * as store from "./store.js";
+import {
+  flash, isSendKey, onChatAction, onConversationAction, renderAnswerFooter, renderConversation,
+  renderConversationList, renderStreamedText, showEditor,
+} from "./view.js";
 
 const $ = (id) => document.getElementById(id);
 const WS_URL = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/ws`;
+const SETTINGS = ["system", "temperature", "top_p", "top_k", "max_tokens", "seed"];
+const TITLE_CHARS = 60;
 
 const state = {
-  socket: null,
-  retryMs: 500,          // reconnection back-off, doubled up to 8 s
-  history: [],           // [{role, content}] of the finished turns
-  current: null,         // the request being streamed: {id, el, text, started, firstAt, tokens, traceId}
+  conversations: store.loadConversations(),
+  active: null,     // the conversation on screen; a new one joins `conversations` with its first message
+  request: null,    // the answer being streamed: {id, conversation, message, started, firstAt, frame}
   nextId: 1,
-  jaegerUrl: null,       // from /v1/models; links each answer to its trace
-  apiKey: localStorage.getItem("streamgen.apiKey") || "",  // sent as a subprotocol (browsers cannot set WS headers)
-  opened: false,         // whether the current socket ever opened (a refused handshake never does)
+  jaegerUrl: null,  // from /v1/models; null when the server links no trace viewer
+  apiKey: store.loadApiKey(),
 };
 
-// ---- connection ----------------------------------------------------------------
+const connection = new Connection(WS_URL, { onMessage: handle, onState: connectionChanged });
 
-function connect() {
-  setStatus("connecting", "connecting");
-  const protocols = ["streamgen.v1", ...(state.apiKey ? [`bearer.${state.apiKey}`] : [])];
-  const socket = new WebSocket(WS_URL, protocols);
-  state.socket = socket;
-  state.opened = false;
-  socket.onopen = () => {
-    state.opened = true;
-    state.retryMs = 500;
-    setStatus("open", "connected");
-    updateButtons();
-  };
-  socket.onmessage = (ev) => handle(JSON.parse(ev.data));
-  socket.onclose = () => {
-    if (state.current) finish({ finish_reason: "connection lost" }, true);
-    const why = state.opened ? "disconnected" : "refused (API key or origin?)";
-    setStatus("closed", `${why}, retrying in ${(state.retryMs / 1000).toFixed(1)} s`);
-    updateButtons();
-    setTimeout(connect, state.retryMs);
-    state.retryMs = Math.min(state.retryMs * 2, 8000);
-  };
+// ---- conversations ---------------------------------------------------------------
+
+function openConversation(conversation) {
+  state.active = conversation;
+  store.saveActiveId(conversation.id);
+  render();
+  showSidebar(false);
 }
 
-function send(message) {
-  if (state.socket && state.socket.readyState === WebSocket.OPEN) {
-    state.socket.send(JSON.stringify(message));
-    return true;
-  }
-  return false;
-}
-
-function setStatus(kind, text) {
-  const el = $("status");
-  el.dataset.state = kind;
-  el.textContent = text;
-}
-
-// ---- messages from the server ------------------------------------------------
-
-function handle(msg) {
-  const cur = state.current;
-  if (msg.type === "pong") return;
-  if (!cur || msg.id !== cur.id) {
-    if (msg.type === "error") addMessage("error", `${msg.code}: ${msg.message}`);
-    return;
-  }
-  switch (msg.type) {
-    case "start":
-      cur.promptTokens = msg.prompt_tokens;
-      cur.traceId = msg.trace_id || null;
-      showTrace(cur.traceId);
-      break;
-    case "token":
-      if (cur.firstAt === null) {
-        cur.firstAt = performance.now();
-        $("ttft").textContent = `${Math.round(cur.firstAt - cur.started)} ms`;
-      }
-      cur.tokens += 1;
-      appendText(msg.text);
-      $("tokens").textContent = String(cur.tokens);
-      if (cur.tokens > 1) {
-        const rate = (cur.tokens - 1) / ((performance.now() - cur.firstAt) / 1000);
-        $("tps").textContent = rate.toFixed(1);
-      }
-      break;
-    case "done":
-      appendText(msg.tail || "");
-      finish(msg, false);
-      break;
-    case "error":
-      cur.el.classList.add("error");
-      appendText(`\n[${msg.code}] ${msg.message}`);
-      finish({ finish_reason: `error: ${msg.code}` }, true);
-      break;
-  }
-}
-
-function appendText(text) {
-  if (!text) return;
-  const cur = state.current;
-  cur.text += text;
-  cur.body.textContent = cur.text;
-  scrollDown();
-}
-
-function finish(msg, failed) {
-  const cur = state.current;
-  if (!cur) return;
-  cur.el.classList.remove("streaming");
-  $("finish").textContent = msg.finish_reason;
-  if (msg.timings) {
-    $("tps").textContent = msg.timings.decode_tokens_per_s.toFixed(1);
-    $("ttft").textContent = `${Math.round(msg.timings.time_to_first_token_ms)} ms`;
-    const meta = document.createElement("span");
-    meta.className = "meta";
-    meta.textContent = `${msg.usage.completion_tokens} tokens · ${msg.finish_reason} · ` +
-      `${msg.timings.decode_tokens_per_s.toFixed(1)} tok/s · seed ${msg.seed}`;
-    cur.el.appendChild(meta);
-  }
-  if (cur.traceId) cur.el.appendChild(traceLink(cur.traceId));
-  // Keep the turn in the conversation unless it failed before producing text.
-  if (!failed || cur.text) {
-    state.history.push({ role: "user", content: cur.prompt });
-    state.history.push({ role: "assistant", content: cur.text });
-  }
-  state.current = null;
+function render() {
+  renderConversationList(state.conversations, state.active.id);
+  renderConversation(state.active, {
+    streaming: state.request?.message ?? null, busy: state.request !== null, jaegerUrl: state.jaegerUrl,
+  });
   updateButtons();
 }
 
-function traceLink(traceId, label = `trace ${traceId}`) {
-  const el = document.createElement(state.jaegerUrl ? "a" : "span");
-  el.className = "trace";
-  el.textContent = label;
-  el.dataset.traceId = traceId;
-  if (state.jaegerUrl) {
-    el.href = `${state.jaegerUrl.replace(/\/$/, "")}/trace/${traceId}`;
-    el.target = "_blank";
-    el.rel = "noopener";
+function persist() {
+  if (!store.saveConversations(state.conversations)) {
+    showNotice("The browser's storage is full: delete old conversations to keep new ones.");
   }
-  return el;
 }
 
-function showTrace(traceId) {
-  $("trace").replaceChildren(traceId ? traceLink(traceId, traceId.slice(0, 16) + "…") : document.createTextNode("–"));
+function newChat() {
+  if (state.active.messages.length > 0) openConversation(store.newConversation());
+  $("prompt").focus();
 }
 
-// ---- sending -----------------------------------------------------------------
+function deleteConversation(id) {
+  const conversation = state.conversations.find((c) => c.id === id);
+  if (!conversation || !confirm(`Delete the conversation "${conversation.title}"?`)) return;
+  if (state.request?.conversation === conversation) stop();
+  state.conversations = state.conversations.filter((c) => c !== conversation);
+  persist();
+  if (state.active === conversation) openConversation(newestConversation() ?? store.newConversation());
+  else render();
+}
 
-function params() {
-  const p = {
+function newestConversation() {
+  return [...state.conversations].sort((a, b) => b.updated - a.updated)[0];
+}
+
+// Another tab saved its conversations: take its list, so that the next save
+// here does not drop what was added there. The conversation being answered in
+// this tab stays as it is here until its answer is done.
+function adoptConversationsFromAnotherTab() {
+  const answering = state.request?.conversation;
+  state.conversations = store.loadConversations().map((c) => (c.id === answering?.id ? answering : c));
+  state.active = state.conversations.find((c) => c.id === state.active.id) ?? state.active;
+  render();
+}
+
+// An answer that was streaming when the page closed never got its `done`.
+function markInterrupted() {
+  for (const message of state.conversations.flatMap((c) => c.messages)) {
+    if (message.role === "assistant" && !message.meta?.finish) {
+      message.meta = { ...message.meta, finish: "interrupted" };
+    }
+  }
+}
+
+// ---- asking ---------------------------------------------------------------------
+
+function submitPrompt(ev) {
+  ev.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text || !readyToSend()) return;
+  addUserTurn(state.active, text);
+  $("prompt").value = "";
+  startAnswer(state.active);
+}
+
+function readyToSend() {
+  if (state.request) return false;
+  if (connection.isOpen) return true;
+  showNotice("Not connected; the page reconnects by itself, try again in a moment.");
+  return false;
+}
+
+function addUserTurn(conversation, text) {
+  if (!state.conversations.includes(conversation)) state.conversations.push(conversation);
+  if (!conversation.title) conversation.title = text.replace(/\s+/g, " ").slice(0, TITLE_CHARS);
+  conversation.messages.push({ role: "user", content: text });
+}
+
+function startAnswer(conversation) {
+  const id = `r${state.nextId++}`;
+  // "truncate": the server drops the oldest turns when the conversation has
+  // outgrown the model's context, so a long chat goes on.
+  connection.send({ type: "generate", id, messages: requestMessages(conversation), params: readParams(),
+                    truncate: "oldest" });
+  const message = { role: "assistant", content: "", meta: { tokens: 0 } };
+  conversation.messages.push(message);
+  conversation.updated = Date.now();
+  state.request = { id, conversation, message, started: performance.now(), firstAt: null, frame: 0 };
+  resetStats();
+  hideNotice();
+  announce("Answering…");
+  persist();
+  render();
+}
+
+function requestMessages(conversation) {
+  const system = $("system").value.trim();
+  // An answer that failed before its first token has nothing to tell the model.
+  const turns = conversation.messages.filter((m) => m.content !== "").map(({ role, content }) => ({ role, content }));
+  return [...(system ? [{ role: "system", content: system }] : []), ...turns];
+}
+
+function readParams() {
+  const params = {
     temperature: Number($("temperature").value),
     top_p: Number($("top_p").value),
     top_k: Math.max(0, parseInt($("top_k").value || "0", 10)),
     max_tokens: Math.max(1, parseInt($("max_tokens").value || "256", 10)),
   };
   const seed = $("seed").value.trim();
-  if (seed !== "") p.seed = parseInt(seed, 10);
-  return p;
-}
-
-function submit(ev) {
-  ev.preventDefault();
-  const prompt = $("prompt").value.trim();
-  if (!prompt || state.current) return;
-  const system = $("system").value.trim();
-  const messages = [
-    ...(system ? [{ role: "system", content: system }] : []),
-    ...state.history,
-    { role: "user", content: prompt },
-  ];
-  const id = `r${state.nextId++}`;
-  if (!send({ type: "generate", id, messages, params: params() })) {
-    addMessage("error", "not connected; the page reconnects by itself, try again in a moment");
-    return;
-  }
-  addMessage("user", prompt);
-  const el = addMessage("assistant streaming", "");
-  state.current = { id, el, body: el.querySelector(".body"), prompt, text: "", started: performance.now(),
-                    firstAt: null, tokens: 0 };
-  $("prompt").value = "";
-  for (const k of ["ttft", "tps", "finish", "trace"]) $(k).textContent = "–";
-  $("tokens").textContent = "0";
-  updateButtons();
+  if (seed !== "") params.seed = parseInt(seed, 10);
+  return params;
 }
 
 function stop() {
-  if (state.current) send({ type: "cancel", id: state.current.id });
+  if (state.request) connection.send({ type: "cancel", id: state.request.id });
 }
 
-function clearChat() {
-  if (state.current) stop();
-  state.history = [];
-  $("chat").replaceChildren();
+function regenerate() {
+  if (!readyToSend() || state.active.messages.at(-1)?.role !== "assistant") return;
+  state.active.messages.pop();
+  startAnswer(state.active);
 }
 
-// ---- view helpers ------------------------------------------------------------
-
-function addMessage(kind, text) {
-  const el = document.createElement("div");
-  el.className = `msg ${kind}`;
-  const body = document.createElement("span");
-  body.className = "body";
-  body.textContent = text;
-  el.appendChild(body);
-  $("chat").appendChild(el);
-  scrollDown();
-  return el;
+function sendEdited(index, text) {
+  const edited = text.trim();
+  if (!edited || !readyToSend()) return;
+  state.active.messages.splice(index);  // the old turn and the answer to it
+  if (index === 0) state.active.title = "";
+  addUserTurn(state.active, edited);
+  startAnswer(state.active);
 }
 
-function scrollDown() {
-  const chat = $("chat");
-  chat.scrollTop = chat.scrollHeight;
+// ---- messages from the server -----------------------------------------------------
+
+function handle(msg) {
+  const request = state.request;
+  if (msg.type === "pong") return;
+  if (!request || msg.id !== request.id) {
+    if (msg.type === "error") showNotice(`${msg.code}: ${msg.message}`);
+    return;
+  }
+  ON_SERVER_MESSAGE[msg.type]?.(request, msg);
+}
+
+const ON_SERVER_MESSAGE = {
+  start(request, msg) {
+    Object.assign(request.message.meta, { traceId: msg.trace_id ?? null, truncated: msg.truncated_messages ?? 0 });
+    if (onScreen(request)) renderAnswerFooter(indexOf(request), request.message.meta, state.jaegerUrl);
+  },
+  token(request, msg) {
+    request.firstAt ??= performance.now();
+    request.message.meta.tokens += 1;
+    request.message.content += msg.text;
+    showLiveStats(request);
+    scheduleFrame(request);
+  },
+  done(request, msg) {
+    request.message.content += msg.tail || "";
+    finish(request, { finish: msg.finish_reason, usage: msg.usage, timings: msg.timings, seed: msg.seed });
+  },
+  error(request, msg) {
+    finish(request, { finish: `error: ${msg.code}`, error: `${msg.code}: ${msg.message}` });
+  },
+};
+
+function finish(request, meta) {
+  cancelAnimationFrame(request.frame);
+  Object.assign(request.message.meta, meta);
+  request.conversation.updated = Date.now();
+  state.request = null;
+  showFinalStats(request.message.meta);
+  announce(`Answer ${meta.finish}, ${request.message.meta.tokens} tokens.`);
+  persist();
+  render();
+}
+
+// Tokens can come faster than the screen refreshes: the answer's Markdown is
+// rendered at most once a frame.
+function scheduleFrame(request) {
+  if (request.frame) return;
+  request.frame = requestAnimationFrame(() => {
+    request.frame = 0;
+    if (onScreen(request)) renderStreamedText(indexOf(request), request.message.content);
+  });
+}
+
+function onScreen(request) {
+  return request.conversation === state.active;
+}
+
+function indexOf(request) {
+  return request.conversation.messages.indexOf(request.message);
+}
+
+function connectionChanged(kind, text) {
+  const status = $("status");
+  status.dataset.state = kind;
+  status.textContent = text;
+  if (kind === "closed" && state.request) {
+    finish(state.request, { finish: "connection lost", error: "The connection dropped before the answer was done." });
+  }
+  updateButtons();
+}
+
+// ---- copying ----------------------------------------------------------------------
+
+async function copy(text, button) {
+  const copied = await copyText(text);
+  flash(button, copied ? "Copied" : "Copy failed");
+  announce(copied ? "Copied to the clipboard." : "The browser did not allow copying.");
+}
+
+// ---- the stats line, notices, the live region ------------------------------------------
+
+function resetStats() {
+  for (const id of ["ttft", "tps", "finish"]) $(id).textContent = "–";
+  $("tokens").textContent = "0";
+}
+
+function showLiveStats(request) {
+  const tokens = request.message.meta.tokens;
+  $("tokens").textContent = String(tokens);
+  $("ttft").textContent = `${Math.round(request.firstAt - request.started)} ms`;
+  if (tokens > 1) $("tps").textContent = ((tokens - 1) / ((performance.now() - request.firstAt) / 1000)).toFixed(1);
+}
+
+// The server's own figures replace the page's estimates once they arrive.
+function showFinalStats(meta) {
+  $("finish").textContent = meta.finish;
+  if (!meta.timings) return;
+  $("tps").textContent = meta.timings.decode_tokens_per_s.toFixed(1);
+  $("ttft").textContent = `${Math.round(meta.timings.time_to_first_token_ms)} ms`;
+}
+
+function showNotice(text) {
+  $("notice-text").textContent = text;
+  $("notice").hidden = false;
+}
+
+function hideNotice() {
+  $("notice").hidden = true;
+}
+
+function announce(text) {
+  $("announcer").textContent = text;
 }
 
 function updateButtons() {
-  const open = state.socket && state.socket.readyState === WebSocket.OPEN;
-  $("send").disabled = !open || state.current !== null;
-  $("stop").disabled = state.current === null;
+  $("send").disabled = !connection.isOpen || state.request !== null;
+  $("stop").disabled = state.request === null;
 }
 
-function authHeaders() {
-  return state.apiKey ? { Authorization: `Bearer ${state.apiKey}` } : {};
+// ---- the sidebar on narrow screens ----------------------------------------------
+
+function sidebarOpen() {
+  return document.body.classList.contains("sidebar-open");
+}
+
+function showSidebar(open) {
+  document.body.classList.toggle("sidebar-open", open);
+  $("sidebar-toggle").setAttribute("aria-expanded", String(open));
+  if (open) $("new-chat").focus();
+}
+
+function onEscape() {
+  if (sidebarOpen()) {
+    showSidebar(false);
+    $("sidebar-toggle").focus();
+  } else {
+    stop();
+  }
+}
+
+// ---- settings, API key, model info -------------------------------------------------
+
+function restoreSettings() {
+  const saved = store.loadSettings();
+  for (const id of SETTINGS) if (typeof saved[id] === "string") $(id).value = saved[id];
+  showSliderValues();
+}
+
+function saveSettings() {
+  store.saveSettings(Object.fromEntries(SETTINGS.map((id) => [id, $(id).value])));
+  showSliderValues();
+}
+
+function resetSettings() {
+  for (const id of SETTINGS) $(id).value = $(id).defaultValue;
+  saveSettings();
+}
+
+function showSliderValues() {
+  for (const id of ["temperature", "top_p"]) $(`${id}-value`).textContent = $(id).value;
 }
 
 function saveKey(ev) {
   ev.preventDefault();
   state.apiKey = $("api-key").value.trim();
-  localStorage.setItem("streamgen.apiKey", state.apiKey);
+  store.saveApiKey(state.apiKey);
   $("key-form").hidden = true;
-  if (state.socket) state.socket.close();  // reconnects with the key
+  connection.reopen(state.apiKey);
   loadModelInfo();
 }
 
 async function loadModelInfo() {
   try {
-    const res = await fetch("/v1/models", { headers: authHeaders() });
+    const res = await fetch("/v1/models", { headers: state.apiKey ? { Authorization: `Bearer ${state.apiKey}` } : {} });
     if (res.status === 401) {
       $("key-form").hidden = false;
       $("model").textContent = "this server needs an API key";
@@ -240,26 +347,65 @@ async function loadModelInfo() {
     }
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     const body = await res.json();
-    const m = body.data[0];
-    state.jaegerUrl = (body.ui && body.ui.jaeger_url) || null;
-    $("model").textContent = `${m.id} · ${m.quantization} · ${m.device} · context ${m.context_length}`;
-  } catch (err) {
+    const { id, quantization, device, context_length: context } = body.data[0];
+    $("model").textContent = `${id} · ${quantization} · ${device} · context ${context}`;
+    state.jaegerUrl = body.ui?.jaeger_url ?? null;
+    if (state.jaegerUrl) render();  // answers already on screen get their trace links
+  } catch {
     $("model").textContent = "model not ready yet";
     setTimeout(loadModelInfo, 2000);
   }
 }
 
-for (const id of ["temperature", "top_p"]) {
-  $(id).addEventListener("input", () => { $(`${id}-value`).textContent = $(id).value; });
-}
-$("composer").addEventListener("submit", submit);
-$("key-form").addEventListener("submit", saveKey);
-$("prompt").addEventListener("keydown", (ev) => {
-  if (ev.key === "Enter" && !ev.shiftKey) submit(ev);
-});
-$("stop").addEventListener("click", stop);
-$("clear").addEventListener("click", clearChat);
-if (window.matchMedia("(max-width: 700px)").matches) document.querySelector("#settings details").open = false;
+// ---- wiring ------------------------------------------------------------------------
 
-loadModelInfo();
-connect();
+function bindControls() {
+  $("composer").addEventListener("submit", submitPrompt);
+  $("prompt").addEventListener("keydown", (ev) => {
+    if (isSendKey(ev)) submitPrompt(ev);
+  });
+  $("stop").addEventListener("click", stop);
+  $("new-chat").addEventListener("click", newChat);
+  $("sidebar-toggle").addEventListener("click", () => showSidebar(!sidebarOpen()));
+  $("dismiss-notice").addEventListener("click", hideNotice);
+  $("key-form").addEventListener("submit", saveKey);
+  $("settings").addEventListener("input", saveSettings);
+  $("reset-settings").addEventListener("click", resetSettings);
+  document.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") onEscape();
+  });
+  // On a narrow screen a tap outside the open list closes it. (The path, not
+  // the target: a delete button is gone from the page once its click is handled.)
+  document.addEventListener("click", (ev) => {
+    if (sidebarOpen() && !ev.composedPath().some((el) => el.id === "sidebar" || el.id === "sidebar-toggle")) {
+      showSidebar(false);
+    }
+  });
+  onConversationAction({
+    open: (id) => openConversation(state.conversations.find((c) => c.id === id)),
+    delete: deleteConversation,
+  });
+  onChatAction({
+    copy: (index, button) => copy(state.active.messages[index].content, button),
+    copyCode: (button) => copy(button.closest(".code-block").querySelector("code").textContent, button),
+    regenerate,
+    edit: (index) => showEditor(index, state.active.messages[index].content),
+    editSend: sendEdited,
+    editCancel: render,
+  });
+  store.onSavedInAnotherTab(adoptConversationsFromAnotherTab);
+}
+
+function main() {
+  restoreSettings();
+  markInterrupted();
+  const saved = state.conversations.find((c) => c.id === store.loadActiveId());
+  openConversation(saved ?? store.newConversation());
+  bindControls();
+  // On a phone the settings start folded so that the chat has the screen.
+  if (window.matchMedia("(max-width: 700px)").matches) document.querySelector("#settings details").open = false;
+  loadModelInfo();
+  connection.open(state.apiKey);
+}
+
+main();
