@@ -37,6 +37,8 @@ Use **this** function, see [the docs](https://example.com/docs):
 <script>window.__xss = 'script'</script>
 <a href="javascript:window.__xss = 'href'">run</a> <a onclick="window.__xss = 'onclick'">click</a>
 [or this](javascript:window.__xss='markdown-link')
+<style>body {{ display: none; }}</style><p id="send" style="position: fixed; inset: 0">a fake page</p>
+<button data-action="regenerate">Regenerate</button><input aria-label="a fake field">
 """
 
 
@@ -246,10 +248,14 @@ def test_markdown_is_rendered_highlighted_and_sanitized(browser, real_server) ->
     # What the user typed is shown as typed.
     assert page.locator(".msg.user .body").inner_text() == "Show me <b>code</b>"
 
-    # The model's HTML runs nothing: no script, no handler, no javascript: link.
-    assert body.locator("script").count() == 0
-    assert body.locator("[onerror], [onclick]").count() == 0
+    # The model's HTML runs nothing (no script, no handler, no javascript: link), loads
+    # nothing, restyles nothing, and has no controls or ids that could pass for the page's.
+    assert body.locator("script, img, style, input").count() == 0
+    assert body.locator("[onerror], [onclick], [style], [id], [data-action=regenerate]").count() == 0
     assert body.locator("a[href^='javascript']").count() == 0
+    assert body.locator("button").all_inner_texts() == ["Copy"], "only the code block's own copy button"
+    assert page.evaluate("document.getElementById('send').tagName") == "BUTTON"
+    assert page.locator("body").is_visible()
     body.get_by_text("click", exact=True).click()
     body.get_by_text("run", exact=True).click()
     page.wait_for_timeout(300)  # time for an image error handler to have fired

@@ -7,6 +7,14 @@
 // simply not shown.
 import { element } from "./dom.js";
 
+// What each phase is, for the tooltip of its legend entry and bar segment.
+const PHASES = {
+  queue: "waiting for the engine to take the request",
+  prefill: "running the prompt through the model",
+  other: "tokenizing, sampling the first token and sending it",
+  decode: "generating the rest of the answer",
+};
+
 /** The footer's elements for one answer's meta (possibly none yet). */
 export function answerFooter(meta, jaegerUrl) {
   const parts = [];
@@ -60,11 +68,12 @@ function timingView(t, usage) {
   return view;
 }
 
+// prefill_tokens (the prompt tokens actually run, the rest came from the
+// cache) is shown when the server sends it. No rate: a prefill of a few tokens
+// after a cache hit costs a whole forward pass, and its "tokens per second"
+// would mislead.
 function prefillFigure(t) {
-  const parts = [ms(t.prefill_ms)];
-  if (Number.isFinite(t.prefill_tokens)) parts.push(`${t.prefill_tokens} tok`);
-  if (t.prefill_tokens > 0 && t.prefill_ms > 0) parts.push(rate(t.prefill_tokens / (t.prefill_ms / 1000)));
-  return parts.join(" · ");
+  return Number.isFinite(t.prefill_tokens) ? `${ms(t.prefill_ms)} · ${t.prefill_tokens} tok` : ms(t.prefill_ms);
 }
 
 function timingBar(phases, totalMs) {
@@ -75,7 +84,7 @@ function timingBar(phases, totalMs) {
   for (const phase of phases) {
     const segment = element("span", `segment ${phase.name}`);
     segment.style.flexGrow = String(Math.max(0, phase.ms) || 0);
-    segment.title = `${phase.name} ${ms(phase.ms)}`;
+    segment.title = `${phase.name} ${ms(phase.ms)}: ${PHASES[phase.name]}`;
     bar.append(segment);
   }
   return bar;
@@ -83,7 +92,7 @@ function timingBar(phases, totalMs) {
 
 function figures(phases, t, usage) {
   const list = element("dl", "figures");
-  for (const phase of phases) list.append(figure(phase.name, phase.figure, phase.name));
+  for (const phase of phases) list.append(figure(phase.name, phase.figure, phase.name, PHASES[phase.name]));
   list.append(figure("first token", ms(t.time_to_first_token_ms)));
   list.append(figure("prompt", promptFigure(usage)));
   list.append(figure("completion", `${usage.completion_tokens ?? "?"} tok`));
@@ -95,15 +104,16 @@ function promptFigure(usage) {
   return Number.isFinite(usage.cached_tokens) ? `${tokens} · ${usage.cached_tokens} cached` : tokens;
 }
 
-function figure(name, value, swatch) {
+function figure(name, value, swatch, help) {
   const item = element("div", "figure");
   const term = element("dt", "", name);
   if (swatch) term.prepend(element("span", `swatch ${swatch}`));
+  if (help) term.title = help;
   item.append(term, element("dd", "", value));
   return item;
 }
 
-// Three significant figures at most: 0.4 ms, 42 ms, 342 ms, 3.27 s, 12.4 s.
+// Short figures: 0.4 ms, 42 ms, 342 ms, 3.27 s, 12.4 s.
 function ms(value) {
   if (!Number.isFinite(value)) return "–";
   if (value >= 1000) return `${(value / 1000).toFixed(value >= 10000 ? 1 : 2)} s`;

@@ -6,7 +6,7 @@ import { Connection } from "./connection.js";
 import * as store from "./store.js";
 import {
   flash, isSendKey, onChatAction, onConversationAction, renderAnswerFooter, renderConversation,
-  renderConversationList, renderStreamedText, showEditor,
+  renderConversationList, renderStreamedText, scrollToLatest, showEditor,
 } from "./view.js";
 
 const $ = (id) => document.getElementById(id);
@@ -35,6 +35,7 @@ function openConversation(conversation) {
 }
 
 function render() {
+  document.title = state.active.title ? `${state.active.title} · streamgen` : "streamgen";
   renderConversationList(state.conversations, state.active.id);
   renderConversation(state.active, {
     streaming: state.request?.message ?? null, busy: state.request !== null, jaegerUrl: state.jaegerUrl,
@@ -125,6 +126,7 @@ function startAnswer(conversation) {
   announce("Answering…");
   persist();
   render();
+  scrollToLatest();
 }
 
 function requestMessages(conversation) {
@@ -204,9 +206,14 @@ function finish(request, meta) {
   request.conversation.updated = Date.now();
   state.request = null;
   showFinalStats(request.message.meta);
-  announce(`Answer ${meta.finish}, ${request.message.meta.tokens} tokens.`);
+  announce(finishSentence(request.message.meta));
   persist();
   render();
+}
+
+function finishSentence({ finish, tokens }) {
+  const how = { stop: "done", length: "stopped at the token limit", cancelled: "cancelled" }[finish] ?? finish;
+  return `Answer ${how}, ${tokens} token${tokens === 1 ? "" : "s"}.`;
 }
 
 // Tokens can come faster than the screen refreshes: the answer's Markdown is

@@ -20,9 +20,20 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
+// What an answer may contain: HTML for text and nothing more. Nothing that
+// loads from elsewhere (an image URL can carry the conversation away), no
+// styles that could cover the page, no form controls that could pass for the
+// page's own, no ids or names that would shadow the page's elements.
+const SANITIZE = {
+  USE_PROFILES: { html: true },
+  FORBID_TAGS: ["img", "picture", "video", "audio", "source", "style", "form", "input", "button", "textarea", "select"],
+  FORBID_ATTR: ["style", "id", "name"],
+  ALLOW_DATA_ATTR: false,
+};
+
 /** Render `text` as sanitized Markdown into `target`, replacing what was there. */
 export function renderMarkdown(target, text) {
-  target.innerHTML = DOMPurify.sanitize(toHtml(text));
+  target.innerHTML = DOMPurify.sanitize(toHtml(text), SANITIZE);
   for (const pre of target.querySelectorAll("pre")) addCodeHeader(pre);
 }
 
@@ -43,14 +54,13 @@ function renderCode({ text, lang }) {
   const language = (lang || "").trim().split(/\s+/)[0].toLowerCase();
   const known = LANGUAGE_NAME.test(language) && hljs.getLanguage(language) !== undefined;
   const html = known ? hljs.highlight(text, { language, ignoreIllegals: true }).value : escapeHtml(text);
-  const label = known ? ` data-language="${language}"` : "";
-  return `<pre${label}><code class="hljs${known ? ` language-${language}` : ""}">${html}</code></pre>\n`;
+  return `<pre><code class="hljs${known ? ` language-${language}` : ""}">${html}</code></pre>\n`;
 }
 
 // A bar above each code block with its language and a copy button (the
 // chat's click handler finds it by data-action).
 function addCodeHeader(pre) {
-  const language = pre.dataset.language;
+  const language = pre.querySelector("code")?.className.match(/\blanguage-(\S+)/)?.[1];
   const copy = element("button", "ghost", "Copy");
   copy.type = "button";
   copy.dataset.action = "copy-code";

@@ -1,6 +1,6 @@
 // The DOM of conversations: the list in the sidebar and the messages of the
 // open one. It draws what it is given and reports clicks to the handlers
-// app.js binds; it keeps no state of its own.
+// app.js binds; what it remembers lives in the DOM.
 import { answerFooter } from "./answer.js";
 import { element } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
@@ -52,17 +52,30 @@ export function renderConversation(conversation, context) {
     editable: !context.busy && index === lastUser,
     regenerable: !context.busy && index === lastAnswer,
   }));
+  // Redrawing the conversation on screen leaves a reader who scrolled up where they are.
+  const keepPlace = chat.dataset.conversation === conversation.id && !atBottom();
+  const top = chat.scrollTop;
   chat.replaceChildren(...(items.length > 0 ? items : [emptyHint()]));
-  chat.scrollTop = chat.scrollHeight;
+  chat.scrollTop = keepPlace ? top : chat.scrollHeight;
+  chat.dataset.conversation = conversation.id;
 }
 
 /** Redraw the streamed answer's text; a reader who scrolled up is left where they are. */
 export function renderStreamedText(index, text) {
   const body = chat.querySelector(`.msg[data-index="${index}"] .body`);
   if (!body) return;
-  const atBottom = chat.scrollHeight - chat.scrollTop - chat.clientHeight < 48;
+  const follow = atBottom();
   renderMarkdown(body, text);
-  if (atBottom) chat.scrollTop = chat.scrollHeight;
+  if (follow) chat.scrollTop = chat.scrollHeight;
+}
+
+/** Scroll to the newest message (the user just sent one). */
+export function scrollToLatest() {
+  chat.scrollTop = chat.scrollHeight;
+}
+
+function atBottom() {
+  return chat.scrollHeight - chat.scrollTop - chat.clientHeight < 48;
 }
 
 /** Redraw the footer of the answer at `index` (e.g. when `start` says turns were dropped). */
