@@ -153,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--duration", type=float, default=15.0, help="seconds per level and server (default 15)")
     bl.add_argument("--max-batch", type=int, default=32, help="slots of the batching server (default 32)")
     bl.add_argument("--plot", type=Path, default=None, help="write a PNG plot to this file")
+    bc = _bench_parser(bsub, "cache", "the prefix cache on vs off: multi-turn, shared system prompt, no sharing",
+                       "Starts two `streamgen serve` processes (--prefix-cache on and off) and alternates three "
+                       "workloads between them: an 8-turn conversation (time to first token per turn), 16 clients "
+                       "sharing a ~500-token system prompt (TTFT p95), and 16 clients with unrelated prompts "
+                       "(throughput). First measures, in this process, the step costs the slot choice weighs.",
+                       quantize={**one, "default": "int8", "help": "variant (default int8, the serving default)"},
+                       rounds=3)
+    bc.add_argument("--duration", type=float, default=20.0,
+                    help="seconds of the no-sharing workload per round and server (default 20)")
+    bc.add_argument("--per-client", type=int, default=3,
+                    help="requests per client in the shared-prompt workload (default 3)")
     _bench_parser(bsub, "socket", "tokens/s over the WebSocket vs the engine alone, same request",
                   "Starts `streamgen serve` on a free loopback port and alternates the same greedy request between "
                   "the in-process engine and a WebSocket client.", quantize=one, rounds=5, tokens=True, json=False)
@@ -169,6 +180,7 @@ _BENCHES = {
     "quality": "streamgen.bench.quality:run_quality_bench",
     "load": "streamgen.bench.load:run_load_bench",
     "socket": "streamgen.bench.socket:run_socket_bench",
+    "cache": "streamgen.bench.cache:run_cache_bench",
     "tracing": "streamgen.bench.tracing:run_tracing_bench",
     "variants": "streamgen.bench.variants:run_variants_bench",
 }

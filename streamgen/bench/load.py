@@ -23,20 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from streamgen.bench.clients import Streamed, percentiles, websocket_request
 from streamgen.bench.common import ServeProcess, serve_args
 from streamgen.bench.quality import load_texts
 
 LEVELS = (1, 4, 16, 32)
 PROMPT_WORDS = (12, 48, 190)  # about 16, 64 and 256 tokens
 OUTPUT_TOKENS = (32, 64, 128)
-
-
-@dataclass(frozen=True, slots=True)
-class RequestResult:
-    ok: bool
-    ttft_s: float
-    itl_s: list[float]
-    tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,62 +44,30 @@ class LevelResult:
     itl_ms: dict[str, float]
 
 
-def _pcts(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
-    a = np.asarray(values) * 1000
-    return {f"p{p}": round(float(np.percentile(a, p)), 2) for p in (50, 95, 99)}
-
-
-async def _one_request(url: str, prompt: str, max_tokens: int, rid: str) -> RequestResult:
-    import websockets
-
-    try:
-        async with websockets.connect(url, max_size=None) as ws:
-            sent = time.perf_counter()
-            await ws.send(json.dumps({"type": "generate", "id": rid, "prompt": prompt,
-                                      "params": {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}}))
-            stamps: list[float] = []
-            while True:
-                msg = json.loads(await ws.recv())
-                if msg["type"] == "token":
-                    stamps.append(time.perf_counter())
-                elif msg["type"] == "done":
-                    ok = bool(stamps)
-                    break
-                elif msg["type"] == "error":
-                    ok = False
-                    break
-    except (OSError, asyncio.TimeoutError, Exception):  # noqa: BLE001 - any failure counts as failed
-        return RequestResult(False, 0.0, [], 0)
-    if not stamps:
-        return RequestResult(False, 0.0, [], 0)
-    return RequestResult(ok, stamps[0] - sent, list(np.diff(stamps)), len(stamps))
-
-
-async def _client(url: str, prompts: list[str], deadline: float, seed: int, out: list[RequestResult]) -> None:
+async def _client(url: str, prompts: list[str], deadline: float, seed: int, out: list[Streamed]) -> None:
     rng = np.random.default_rng(seed)
     n = 0
     while time.perf_counter() < deadline:
         prompt = prompts[int(rng.integers(len(prompts)))]
         max_tokens = int(OUTPUT_TOKENS[int(rng.integers(len(OUTPUT_TOKENS)))])
-        out.append(await _one_request(url, prompt, max_tokens, f"c{seed}-{n}"))
+        out.append(await websocket_request(url, {"type": "generate", "id": f"c{seed}-{n}", "prompt": prompt, "params": {
+            "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}}))
         n += 1
 
 
-async def _level(url: str, prompts: list[str], clients: int, duration: float) -> tuple[list[RequestResult], float]:
-    results: list[RequestResult] = []
+async def _level(url: str, prompts: list[str], clients: int, duration: float) -> tuple[list[Streamed], float]:
+    results: list[Streamed] = []
     start = time.perf_counter()
     await asyncio.gather(*(_client(url, prompts, start + duration, seed, results) for seed in range(clients)))
     return results, time.perf_counter() - start
 
 
-def summarize(server: str, clients: int, results: list[RequestResult], wall_s: float) -> LevelResult:
+def summarize(server: str, clients: int, results: list[Streamed], wall_s: float) -> LevelResult:
     ok = [r for r in results if r.ok]
     tokens = sum(r.tokens for r in ok)
     return LevelResult(
         server, clients, len(results), len(results) - len(ok), tokens, round(tokens / wall_s, 1),
-        _pcts([r.ttft_s for r in ok]), _pcts([g for r in ok for g in r.itl_s]),
+        percentiles([r.ttft_s for r in ok]), percentiles([g for r in ok for g in r.itl_s]),
     )
 
 

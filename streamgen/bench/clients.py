@@ -1,0 +1,64 @@
+"""Benchmark clients: one request over a real connection, timed at the client.
+
+Every benchmark that drives a server measures through here, so time to first
+token and inter-token gaps mean the same thing in all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """One request as the client saw it."""
+
+    ok: bool
+    sent: float  # perf_counter() when the request left
+    stamps: list[float] = field(default_factory=list)  # arrival of each token
+    final: dict[str, Any] = field(default_factory=dict)  # the done (or error) message
+
+    @property
+    def tokens(self) -> int:
+        return len(self.stamps)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.stamps[0] - self.sent if self.stamps else float("nan")
+
+    @property
+    def itl_s(self) -> list[float]:
+        return list(np.diff(self.stamps))
+
+
+async def websocket_request(url: str, frame: dict[str, Any]) -> Streamed:
+    """Send one generate frame on a new connection and read its stream to the final message."""
+    import websockets
+
+    sent = time.perf_counter()
+    stamps: list[float] = []
+    try:
+        async with websockets.connect(url, max_size=None) as ws:
+            sent = time.perf_counter()
+            await ws.send(json.dumps(frame))
+            while True:
+                msg = json.loads(await ws.recv())
+                if msg["type"] == "token":
+                    stamps.append(time.perf_counter())
+                elif msg["type"] in ("done", "error"):
+                    return Streamed(msg["type"] == "done" and bool(stamps), sent, stamps, msg)
+    except Exception as exc:  # noqa: BLE001 - a benchmark counts any failure as a failed request
+        return Streamed(False, sent, stamps, {"type": "error", "message": f"{type(exc).__name__}: {exc}"})
+
+
+def percentiles(values_s: list[float]) -> dict[str, float]:
+    """p50/p95/p99 in milliseconds."""
+    if not values_s:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+    a = np.asarray(values_s) * 1000
+    return {f"p{p}": round(float(np.percentile(a, p)), 2) for p in (50, 95, 99)}
