@@ -112,6 +112,25 @@ def test_logprob_is_under_the_raw_model_distribution() -> None:
     assert out.logprobs[0] == pytest.approx(math.log(0.40), abs=1e-5)
 
 
+def test_top_logprobs_are_the_most_likely_tokens_in_order() -> None:
+    row = RowSampler(SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3), V, [], seed=0)
+    out = sample(_logits_for(PROBS), [row])
+    ranked = sorted(range(len(PROBS)), key=lambda t: -PROBS[t])[:3]
+    assert [t for t, _ in out.top_logprobs[0]] == ranked
+    assert [lp for _, lp in out.top_logprobs[0]] == pytest.approx([math.log(PROBS[t]) for t in ranked], abs=1e-5)
+    assert sample(_logits_for(PROBS), [RowSampler(SamplingParams(logprobs=True), V, [], 0)]).top_logprobs == [None]
+
+
+def test_logit_bias_moves_a_token_and_a_ban_removes_it() -> None:
+    logits = _logits_for(PROBS)
+    favourite = int(np.argmax(logits[0]))
+    banned = RowSampler(SamplingParams(temperature=0.0, logit_bias=((favourite, -100.0),)), V, [], 0)
+    assert int(sample(logits, [banned]).token_ids[0]) != favourite
+    pushed = RowSampler(SamplingParams(temperature=0.0, logit_bias=((0, 100.0),)), V, [], 0)
+    assert int(sample(logits, [pushed]).token_ids[0]) == 0
+    assert SamplingParams.from_mapping({"logit_bias": {"7": -100, 3: 5}}).logit_bias == ((3, 5.0), (7, -100.0))
+
+
 def test_rows_keep_their_own_parameters() -> None:
     logits = np.repeat(_logits_for(PROBS), 2, axis=0)
     rows = [RowSampler(SamplingParams(temperature=0.0), V, [], 0), RowSampler(SamplingParams(top_k=1, temperature=1.0, repetition_penalty=100.0), V, [1], 0)]
@@ -136,6 +155,11 @@ def test_rows_keep_their_own_parameters() -> None:
         ({"logprobs": "yes"}, "logprobs", "true or false"),
         ({"presence_penalty": 3}, "presence_penalty", "[-2, 2]"),
         ({"temprature": 1}, "temprature", "unknown parameter 'temprature'"),
+        ({"top_logprobs": 3}, "top_logprobs", "needs logprobs: true"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", "[0, 20]"),
+        ({"logit_bias": {"x": 1}}, "logit_bias", "keys must be token ids"),
+        ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+        ({"logit_bias": [1]}, "logit_bias", "must be an object"),
     ],
 )
 def test_invalid_parameters_are_rejected_with_what_is_allowed(raw: dict, param: str, fragment: str) -> None:

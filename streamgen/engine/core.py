@@ -107,10 +107,11 @@ class EngineCore:
             events += failed
             picked = sample(logits, [s.sampler for s in ready])
         sampled = time.perf_counter()
-        for seq, token_id, logprob in zip(ready, picked.token_ids, picked.logprobs):
+        for seq, token_id, logprob, top in zip(ready, picked.token_ids, picked.logprobs, picked.top_logprobs):
             try:
                 seq.observer.sample(len(seq.output_ids), sample_start, sampled, len(ready))
-                events += seq.accept(int(token_id), float(logprob) if seq.request.params.logprobs else None, sampled)
+                events += seq.accept(int(token_id), float(logprob) if seq.request.params.logprobs else None, sampled,
+                                     top)
             except Exception:  # noqa: BLE001 - e.g. detokenization: this request fails, the batch goes on
                 events.append(self._fail(seq))
             if not seq.running:

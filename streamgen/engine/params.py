@@ -18,6 +18,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 128
 MAX_STOP_TOKEN_IDS = 64
 MAX_SEED = 2**53 - 1  # largest integer a JSON client (JavaScript) holds exactly
+MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
+MAX_LOGIT_BIAS = 300  # entries; the OpenAI API's limit
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -42,6 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also the most likely alternatives at each position
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before any filter
 
     @property
     def greedy(self) -> bool:
@@ -62,6 +66,8 @@ class SamplingParams:
                 allowed = ", ".join(sorted(known))
                 raise ValidationError(f"unknown parameter {key!r}; allowed: {allowed}", param=str(key))
         values = {name: _CHECKS[name](name, raw[name]) for name in raw}
+        if values.get("top_logprobs") and not values.get("logprobs"):
+            raise ValidationError("top_logprobs needs logprobs: true", param="top_logprobs")
         return cls(**values)
 
 
@@ -124,6 +130,22 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
+def _logit_bias(name: str, value: Any) -> tuple[tuple[int, float], ...]:
+    """{token id: bias}; ids may come as strings (JSON object keys always are)."""
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"{name} must be an object mapping token ids to numbers, got {_type_name(value)}",
+                              param=name)
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValidationError(f"{name} allows at most {MAX_LOGIT_BIAS} entries, got {len(value)}", param=name)
+    out = []
+    for key, bias in value.items():
+        if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.isdigit())):
+            raise ValidationError(f"{name} keys must be token ids, got {str(key)[:40]!r}", param=name)
+        # The upper bound is the vocabulary size, checked where the model is known.
+        out.append((_integer(name, int(key), 0, 2**31 - 1), _number(name, bias, -100.0, 100.0)))
+    return tuple(sorted(out))
+
+
 def _seed(name: str, value: Any) -> int | None:
     return None if value is None else _integer(name, value, 0, MAX_SEED)
 
@@ -142,6 +164,8 @@ _CHECKS = {
     "ignore_eos": _flag,
     "seed": _seed,
     "logprobs": _flag,
+    "top_logprobs": lambda n, v: _integer(n, v, 0, MAX_TOP_LOGPROBS),
+    "logit_bias": _logit_bias,
 }
 
 assert set(_CHECKS) == {f.name for f in fields(SamplingParams)}, "every parameter needs a check"

@@ -41,6 +41,7 @@ class TokenEvent:
     token_id: int
     text: str  # newly streamable text; empty while bytes or a possible stop string are held back
     logprob: float | None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # (token id, logprob) alternatives, most likely first
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,11 +171,11 @@ def prepare_request(
             param="max_tokens",
             code="context_length_exceeded",
         )
-    for tid in params.stop_token_ids:
-        if tid >= tokenizer.vocab_size:
+    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+        if any(tid >= tokenizer.vocab_size for tid in ids):
             raise ValidationError(
-                f"stop_token_ids entries must be below the vocabulary size {tokenizer.vocab_size}, got {tid}",
-                param="stop_token_ids",
+                f"{name} token ids must be below the vocabulary size {tokenizer.vocab_size}, got {max(ids)}",
+                param=name,
             )
     stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else tokenizer.stop_token_ids)
     return GenerationRequest(tuple(ids), params, stops, request_id, namespace=namespace, dropped_messages=dropped)

@@ -31,6 +31,10 @@ class RowSampler:
         # Counts are only kept when a penalty needs them: [V] arrays per row.
         self._output_counts: np.ndarray | None = None
         self._seen: np.ndarray | None = None
+        self._bias: tuple[np.ndarray, np.ndarray] | None = None  # (token ids, biases)
+        if params.logit_bias:
+            ids, biases = zip(*params.logit_bias)
+            self._bias = (np.asarray(ids, dtype=np.int64), np.asarray(biases, dtype=np.float32))
         if params.uses_penalties:
             self._output_counts = np.zeros(vocab_size, dtype=np.int32)
             self._seen = np.zeros(vocab_size, dtype=bool)
@@ -43,11 +47,15 @@ class RowSampler:
             self._seen[token_id] = True
 
     def apply_penalties(self, logits: np.ndarray) -> np.ndarray:
-        """Return penalised logits for one row ([V], a new array when changed)."""
+        """Return biased and penalised logits for one row ([V], a new array when changed)."""
         p = self.params
-        if self._output_counts is None:
+        if self._output_counts is None and self._bias is None:
             return logits
         out = logits.astype(np.float32, copy=True)
+        if self._bias is not None:
+            out[self._bias[0]] += self._bias[1]
+        if self._output_counts is None:
+            return out
         if p.repetition_penalty != 1.0:
             # CTRL-style: shrink positive logits, grow negative ones.
             seen = self._seen
@@ -58,10 +66,14 @@ class RowSampler:
         return out
 
 
+Alternatives = tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
 @dataclass(frozen=True, slots=True)
 class SampleOutput:
     token_ids: np.ndarray  # [B] int64
     logprobs: np.ndarray  # [B] float32; log p(token) under the model's raw distribution
+    top_logprobs: list[Alternatives | None]  # per row: the most likely tokens, when the row asked for them
 
 
 def sample(logits: np.ndarray, rows: Sequence[RowSampler]) -> SampleOutput:
@@ -71,13 +83,19 @@ def sample(logits: np.ndarray, rows: Sequence[RowSampler]) -> SampleOutput:
         raise ValueError(f"logits has {batch} rows but {len(rows)} samplers were given")
     token_ids = np.empty(batch, dtype=np.int64)
     logprobs = np.zeros(batch, dtype=np.float32)
+    top: list[Alternatives | None] = [None] * batch
     for i, row in enumerate(rows):
         raw = logits[i]
         token = _sample_row(row.apply_penalties(raw), row)
         token_ids[i] = token
         if row.params.logprobs:
-            logprobs[i] = raw[token] - _logsumexp(raw)
-    return SampleOutput(token_ids, logprobs)
+            norm = _logsumexp(raw)
+            logprobs[i] = raw[token] - norm
+            if k := row.params.top_logprobs:
+                best = np.argpartition(-raw, k - 1)[:k]
+                best = best[np.argsort(-raw[best], kind="stable")]
+                top[i] = tuple((int(t), float(raw[t] - norm)) for t in best)
+    return SampleOutput(token_ids, logprobs, top)
 
 
 def _sample_row(logits: np.ndarray, row: RowSampler) -> int:

@@ -98,7 +98,8 @@ class Sequence:
             self.cached_tokens += upto - self.prefilled
             self.prefilled = upto
 
-    def accept(self, token_id: int, logprob: float | None, now: float) -> list[Event]:
+    def accept(self, token_id: int, logprob: float | None, now: float,
+               top_logprobs: tuple[tuple[int, float], ...] | None = None) -> list[Event]:
         """Take a sampled token: stream it, then decide whether the sequence is done."""
         if token_id in self.request.stop_token_ids:
             return [self.finish(FinishReason.STOP, now)]
@@ -111,7 +112,7 @@ class Sequence:
             self.first_token_at = done
         index = len(self.output_ids) - 1
         self.observer.detokenize(index, detok_start, done)
-        event = TokenEvent(self.key, index, token_id, step.delta, logprob)
+        event = TokenEvent(self.key, index, token_id, step.delta, logprob, top_logprobs)
         self.observer.token(event, done)
         if step.stopped:
             return [event, self.finish(FinishReason.STOP, done, flush=False)]
