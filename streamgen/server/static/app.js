@@ -304,13 +304,14 @@ function showSidebar(open) {
   if (open) $("new-chat").focus();
 }
 
+function closeSidebar() {
+  showSidebar(false);
+  $("sidebar-toggle").focus();
+}
+
 function onEscape() {
-  if (sidebarOpen()) {
-    showSidebar(false);
-    $("sidebar-toggle").focus();
-  } else {
-    stop();
-  }
+  if (sidebarOpen()) closeSidebar();
+  else stop();
 }
 
 // ---- settings, API key, model info -------------------------------------------------
@@ -374,6 +375,7 @@ function bindControls() {
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", newChat);
   $("sidebar-toggle").addEventListener("click", () => showSidebar(!sidebarOpen()));
+  $("sidebar-close").addEventListener("click", closeSidebar);
   $("dismiss-notice").addEventListener("click", hideNotice);
   $("key-form").addEventListener("submit", saveKey);
   $("settings").addEventListener("input", saveSettings);
