@@ -1,0 +1,63 @@
+"""Regenerate docs/screenshot.png: the chat page after two real answers with code blocks.
+
+    .venv/bin/python tests/screenshot.py
+
+Starts `streamgen serve` on the default model (int8, from the cache:
+`streamgen pull --quantize int8` first on a fresh machine), asks two questions
+greedily in headless Chromium (Debian's package) at desktop size in light
+mode, and saves the page once the second answer is done. The second turn
+shows the server reusing the first turn's KV cache ("cached" in its figures).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import CHROMIUM, CHROMIUM_ARGS, FINISHED, ServerProcess, ask, open_chat  # noqa: E402
+
+from streamgen.models.cache import streamgen_home  # noqa: E402
+
+OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+QUESTIONS = ("Write a Python function that reverses a string.", "Now use it to check whether a word is a palindrome.")
+VIEWPORT = {"width": 1280, "height": 1000}
+
+
+def greedy(page) -> None:
+    """Temperature 0, set the way a user would drag the slider, so the answer is the same on every run."""
+    page.evaluate("""() => {
+        const slider = document.getElementById('temperature');
+        slider.value = '0';
+        slider.dispatchEvent(new Event('input', {bubbles: true}));
+    }""")
+
+
+def main() -> int:
+    server = ServerProcess(streamgen_home())
+    try:
+        server.wait_ready()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = open_chat(browser, server.url, viewport=VIEWPORT, color_scheme="light")
+            page.wait_for_function("document.getElementById('model').textContent.includes('context')")
+            greedy(page)
+            for question in QUESTIONS:
+                ask(page, question, max_tokens=200, wait=False)
+                page.wait_for_function(FINISHED, timeout=120_000)
+            if page.locator(".msg.assistant .code-block").count() == 0:
+                print("no answer has a code block; the screenshot would not show highlighting", file=sys.stderr)
+                return 1
+            page.screenshot(path=str(OUTPUT))
+            browser.close()
+    finally:
+        server.stop()
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
