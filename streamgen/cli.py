@@ -30,6 +30,9 @@ _PARAM_HELP = {
     "ignore_eos": "keep generating past end-of-sequence tokens (benchmarks)",
     "seed": "random seed; the same prompt, parameters and seed give the same tokens",
     "logprobs": "report the mean log-probability of the chosen tokens",
+    "top_logprobs": "with --logprobs: also compute this many most likely alternatives per token, 0-20 (default 0)",
+    "logit_bias": "ID=BIAS: add BIAS (-100 to 100) to token ID's logit before sampling; repeat for several "
+                  "(-100 bans a token)",
 }
 
 
@@ -71,9 +74,19 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
         elif f.name == "stop_token_ids":
             group.add_argument("--stop-token-id", dest=f.name, type=int, action="append", metavar="ID",
                                help=_PARAM_HELP[f.name])
+        elif f.name == "logit_bias":
+            group.add_argument(flag, type=_bias_pair, action="append", metavar="ID=BIAS", help=_PARAM_HELP[f.name])
         else:
             kind = int if f.type.startswith("int") else float
             group.add_argument(flag, type=kind, default=None, help=_PARAM_HELP[f.name])
+
+
+def _bias_pair(text: str) -> tuple[int, float]:
+    token, _, bias = text.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS such as 42=-100, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +326,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise SystemExit("streamgen generate: give a PROMPT argument or pipe one on stdin")
         prompt = sys.stdin.read()
     given = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name) is not None}
+    if "logit_bias" in given:
+        given["logit_bias"] = dict(given["logit_bias"])
     params = SamplingParams.from_mapping(given)
     device = resolve_device(args.device)
     directory = ensure_model(args.model, args.quantize, args.home, allow_pull=not args.no_pull, graph=args.graph)

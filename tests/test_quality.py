@@ -43,7 +43,10 @@ def test_variants_benchmark_builds_and_measures_against_int8(tiny_hf_dir, tiny_m
         assert r["batch1_tok_s"] > 0 and r["batch16_tok_s"] > 0
         assert 0 < r["matmul_share"] < 1 and 0 < r["attention_share"] < 1
         assert r["mean_kl"] >= 0 and 0 < r["top1_agreement"] <= 1
-        assert r["batch_invariant"] is True
+        assert isinstance(r["batch_invariant"], bool)
+    # 8-bit weights are batch-invariant on every CPU seen; MLAS's 4-bit kernels are on AVX-512 but not on
+    # AVX2 (docs/benchmarks.md), so int4's flag is reported, not asserted.
+    assert rows["int8"]["batch_invariant"] and rows["int8 block 32"]["batch_invariant"]
     # 8-bit weights stay closer to fp32 than 4-bit ones.
     assert rows["int8 block 32"]["mean_kl"] < rows["int4"]["mean_kl"]
     assert main(["bench", "variants", "--model", str(tiny_hf_dir), "--home", str(tiny_cache.home),

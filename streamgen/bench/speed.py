@@ -86,9 +86,10 @@ class SlotContender(_Contender):
                                                                       prefill_chunk=512), threads)
 
     def _take(self, n: int) -> list[int]:
-        for s in list(range(BATCH)):
-            if s not in self.runner._free:
-                self.runner.free(s)
+        """Slots 0..n-1, emptied."""
+        table = self.runner.table
+        for s in np.flatnonzero(table.busy):
+            table.release(int(s), keep_contents=False)
         return [self.runner.allocate() for _ in range(n)]
 
     def batch1(self, prompt):

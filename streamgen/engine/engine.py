@@ -62,6 +62,9 @@ class ShuttingDown(StreamgenError):
     code = "shutting_down"
 
 
+SHUTTING_DOWN_MESSAGE = "the server is shutting down; retry on another instance"
+
+
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
     max_waiting: int = 64  # accepted requests waiting for a slot; more are refused (overloaded)
@@ -73,13 +76,19 @@ class EngineLimits:
 
 
 class RequestHandle:
-    """One submitted request, seen from the event loop."""
+    """One submitted sequence, seen from the event loop.
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, observer: RequestObserver) -> None:
+    Its events go to an asyncio queue as (tag, event); sequences of one
+    request (its n choices) share a queue and carry their choice as the tag.
+    """
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, observer: RequestObserver,
+                 queue: asyncio.Queue[tuple[int, Event]] | None = None, tag: int = 0) -> None:
         self.request = request
         self.observer = observer
+        self.tag = tag
         self._loop = loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._events: asyncio.Queue[tuple[int, Event]] = queue if queue is not None else asyncio.Queue()
         self.cancelled = False  # read by the worker thread once per step
         self.sequence: Sequence | None = None  # set by the worker when it takes the request
 
@@ -87,8 +96,9 @@ class RequestHandle:
         self.cancelled = True
 
     async def events(self) -> AsyncIterator[Event]:
+        """This sequence's events, to its final one (only for a handle with a queue of its own)."""
         while True:
-            event = await self._events.get()
+            _, event = await self._events.get()
             yield event
             if isinstance(event, (FinishEvent, ErrorEvent)):
                 return
@@ -100,9 +110,9 @@ class RequestHandle:
 
 def _hand_over(batch: list[tuple[RequestHandle, Event]]) -> None:
     """Give events to their handles' event loop with one cross-thread wake-up per loop, not per token."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple[int, Event]]]] = {}
     for handle, event in batch:
-        by_loop.setdefault(handle._loop, []).append((handle._events, event))
+        by_loop.setdefault(handle._loop, []).append((handle._events, (handle.tag, event)))
     for loop, items in by_loop.items():
         try:
             loop.call_soon_threadsafe(_put_all, items)
@@ -110,9 +120,9 @@ def _hand_over(batch: list[tuple[RequestHandle, Event]]) -> None:
             pass  # the event loop is closed: nobody is listening any more
 
 
-def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
-    for q, event in items:
-        q.put_nowait(event)
+def _put_all(items: list[tuple[asyncio.Queue, tuple[int, Event]]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 class Engine:
@@ -188,20 +198,28 @@ class Engine:
 
     def submit(self, request: GenerationRequest, observer: RequestObserver = NULL_OBSERVER) -> RequestHandle:
         """Queue a validated request. Call from the event loop's thread."""
+        return self.submit_all([request], [observer])[0]
+
+    def submit_all(self, requests: list[GenerationRequest], observers: list[RequestObserver]) -> list[RequestHandle]:
+        """Queue the sequences of one request together (its n choices): all are taken or none.
+        Their handles share one queue of (choice, event)."""
         if self.draining:
-            raise ShuttingDown("the server is shutting down; retry on another instance")
+            raise ShuttingDown(SHUTTING_DOWN_MESSAGE)
         self._require_ready()
         waiting = self.queued_requests
-        if waiting >= self.limits.max_waiting:
-            raise EngineOverloaded(
-                f"the server is at capacity ({waiting} requests waiting); retry after retry_after_ms",
-                retry_after_ms=self._retry_after_ms(waiting),
-            )
-        handle = RequestHandle(replace(request, arrival=time.perf_counter()), asyncio.get_running_loop(), observer)
+        if waiting + len(requests) > self.limits.max_waiting:
+            retry = self._retry_after_ms(waiting)
+            raise EngineOverloaded(f"the server is at capacity ({waiting} requests waiting); retry in {retry} ms",
+                                   retry_after_ms=retry)
+        loop, arrival = asyncio.get_running_loop(), time.perf_counter()
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        handles = [RequestHandle(replace(r, arrival=arrival), loop, o, queue, tag)
+                   for tag, (r, o) in enumerate(zip(requests, observers, strict=True))]
         with self._pending_lock:
-            self._pending += 1
-        self._inbox.put(handle)
-        return handle
+            self._pending += len(handles)
+        for handle in handles:
+            self._inbox.put(handle)
+        return handles
 
     def _retry_after_ms(self, waiting: int) -> int:
         """About when a slot should free up: the queue ahead drains at slots / mean request time."""
@@ -276,8 +294,9 @@ class Engine:
             try:
                 item.sequence = self.core.add(item.request, key, item.observer)
             except QueueFull as full:  # submit() checks first; this only closes the race between the two
-                event = ErrorEvent(key, "overloaded", "the server is at capacity; retry after retry_after_ms",
-                                   retry_after_ms=self._retry_after_ms(full.waiting))
+                retry = self._retry_after_ms(full.waiting)
+                event = ErrorEvent(key, "overloaded", f"the server is at capacity; retry in {retry} ms",
+                                   retry_after_ms=retry)
                 item.observer.finished(event, time.perf_counter())
                 item._deliver(event)
             else:

@@ -1,8 +1,9 @@
 """Requests and what comes back from them, as small typed values.
 
-`prepare_request` is the edge: it turns a prompt or chat messages plus
-parameters into a GenerationRequest the engine can trust, or raises a
-ValidationError that names the offending field.
+`prepare_request` turns a validated prompt or chat (server/spec.py checked
+its shape) plus parameters into a GenerationRequest the engine can trust:
+it tokenizes and checks what needs the model, raising a ValidationError that
+names the offending field.
 """
 
 from __future__ import annotations
@@ -85,15 +86,6 @@ class ErrorEvent:
 Event = TokenEvent | FinishEvent | ErrorEvent
 
 
-def require_unicode(text: str, param: str) -> None:
-    """JSON can carry lone surrogates, which are not text; the tokenizer would choke on them."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError(f"{param} is not valid Unicode (it holds a lone surrogate)", param=param,
-                              code="invalid_request") from None
-
-
 TRUNCATE_CHOICES = ("refuse", "oldest")  # what to do when a chat does not fit the context window
 
 
@@ -112,15 +104,15 @@ def prepare_request(
 ) -> GenerationRequest:
     """Tokenize and check a request against the model's limits and the server's.
 
-    truncate="oldest" drops the oldest non-system chat messages until the
-    prompt and the output it asks for fit (the count is in dropped_messages);
-    "refuse" (the default) answers context_length_exceeded instead.
+    The request's shape was validated at the edge (server/spec.py); what is
+    checked here needs the model: token counts, the context window, the
+    vocabulary. truncate="oldest" drops the oldest non-system chat messages
+    until the prompt and the output it asks for fit (the count is in
+    dropped_messages); "refuse" (the default) answers context_length_exceeded
+    instead.
     """
-    if (prompt is None) == (messages is None):
-        raise ValidationError("give exactly one of prompt or messages", param="prompt", code="invalid_request")
-    if truncate not in TRUNCATE_CHOICES:
-        raise ValidationError(f"truncate must be one of {', '.join(TRUNCATE_CHOICES)}, got {str(truncate)[:40]!r}",
-                              param="truncate", code="invalid_request")
+    if (prompt is None) == (messages is None) or truncate not in TRUNCATE_CHOICES:
+        raise ValueError("prepare_request takes exactly one of prompt and messages, and a truncate choice")
     if max_new_tokens is not None and params.max_tokens is not None and params.max_tokens > max_new_tokens:
         raise ValidationError(
             f"max_tokens must be at most {max_new_tokens} on this server, got {params.max_tokens}",
@@ -132,12 +124,6 @@ def prepare_request(
     prompt_limit = context_length - 1 if max_prompt_tokens is None else min(context_length - 1, max_prompt_tokens)
     dropped = 0
     if prompt is not None:
-        if truncate != "refuse":
-            raise ValidationError("truncate applies to chat messages; a plain prompt is never cut",
-                                  param="truncate", code="invalid_request")
-        if not isinstance(prompt, str) or not prompt:
-            raise ValidationError("prompt must be a non-empty string", param="prompt", code="invalid_request")
-        require_unicode(prompt, "prompt")
         ids = tokenizer.encode(prompt)
     else:
         ids = tokenizer.encode(tokenizer.render_chat(messages))
@@ -171,10 +157,10 @@ def prepare_request(
             param="max_tokens",
             code="context_length_exceeded",
         )
-    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
-        if any(tid >= tokenizer.vocab_size for tid in ids):
+    for name, named in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+        if any(tid >= tokenizer.vocab_size for tid in named):
             raise ValidationError(
-                f"{name} token ids must be below the vocabulary size {tokenizer.vocab_size}, got {max(ids)}",
+                f"{name} token ids must be below the vocabulary size {tokenizer.vocab_size}, got {max(named)}",
                 param=name,
             )
     stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else tokenizer.stop_token_ids)

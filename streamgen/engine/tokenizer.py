@@ -7,10 +7,9 @@ the serving path needs neither transformers nor torch.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -18,7 +17,6 @@ from tokenizers import Tokenizer
 
 from streamgen.errors import ValidationError
 
-CHAT_ROLES = ("system", "user", "assistant")
 # End-of-turn markers used by common chat templates. The GGUF-converted
 # tokenizer swaps bos and eos, so the template's own marker is the reliable one.
 _END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
@@ -77,35 +75,6 @@ class TextTokenizer:
             raise ValidationError(
                 f"the chat template rejected these messages: {exc}", param="messages", code="invalid_request"
             ) from exc
-
-
-def parse_messages(raw: Any) -> tuple[ChatMessage, ...]:
-    """Validate untrusted chat messages: a non-empty list of {role, content}."""
-    if not isinstance(raw, list) or not raw:
-        raise ValidationError(
-            "messages must be a non-empty list of {role, content} objects", param="messages", code="invalid_request"
-        )
-    out = []
-    for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(m, Mapping) or set(m) != {"role", "content"}:
-            raise ValidationError(
-                f"{where} must be an object with exactly 'role' and 'content'", param=where, code="invalid_request"
-            )
-        if m["role"] not in CHAT_ROLES:
-            raise ValidationError(
-                f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {str(m['role'])[:40]!r}",
-                param=where, code="invalid_request",
-            )
-        if not isinstance(m["content"], str):
-            raise ValidationError(f"{where}.content must be a string", param=where, code="invalid_request")
-        try:
-            m["content"].encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValidationError(f"{where}.content is not valid Unicode (it holds a lone surrogate)", param=where,
-                                  code="invalid_request") from None
-        out.append(ChatMessage(m["role"], m["content"]))
-    return tuple(out)
 
 
 def _raise_template_error(message: str) -> None:

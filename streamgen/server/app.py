@@ -17,9 +17,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from streamgen.config import Settings, api_keys
-from streamgen.engine.engine import Engine, EngineState
+from streamgen.engine.engine import SHUTTING_DOWN_MESSAGE, Engine, EngineState
 from streamgen.server.protocol import PROTOCOL_VERSION
 from streamgen.server.security import AccessPolicy, RateLimiter, Refusal
+from streamgen.server.service import Caller, RequestService
 from streamgen.server.shutdown import Drain
 from streamgen.server.ws import Connection
 from streamgen.telemetry.logs import get_logger
@@ -37,7 +38,8 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
     telemetry = telemetry or Telemetry.from_env(env={})
     policy = AccessPolicy(api_keys(settings), settings.allowed_origins)
     limiter = RateLimiter(settings.rate_limit)
-    drain = Drain(engine, settings.shutdown_grace)
+    service = RequestService(engine, telemetry, limiter)
+    drain = Drain(engine, service, settings.shutdown_grace)
 
     def current_stats() -> dict[str, int]:
         return {"active_requests": engine.active_requests, "queued_requests": engine.queued_requests,
@@ -101,7 +103,7 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
     async def websocket(ws: WebSocket) -> None:
         refusal = policy.check_websocket(ws.headers, ws.scope.get("subprotocols", []))
         if refusal is None and drain.started:
-            refusal = Refusal(503, "shutting_down", "the server is shutting down; retry on another instance")
+            refusal = Refusal(503, "shutting_down", SHUTTING_DOWN_MESSAGE)
         if refusal is None and len(drain.connections) >= settings.max_connections:
             refusal = Refusal(503, "too_many_connections",
                               f"the server holds its maximum of {settings.max_connections} connections; retry later")
@@ -109,10 +111,9 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
             telemetry.rejected_early(None, refusal.code, refusal.message, None)
             await _deny(ws, refusal)
             return
-        key = policy.key_id(ws.headers, ws.scope.get("subprotocols", []))
-        client = f"key:{key}" if key else "addr:" + (ws.client.host if ws.client else "unknown")
-        # Each key's requests reuse only the KV cache its own requests left (docs/security.md).
-        connection = Connection(ws, engine, settings, telemetry, limiter, client, namespace=key or "")
+        caller = _caller(policy.key_id(ws.headers, ws.scope.get("subprotocols", [])), ws.client,
+                         ws.headers.get("traceparent"))
+        connection = Connection(ws, service, settings, caller)
         drain.connections.add(connection)
         try:
             await connection.serve()
@@ -168,6 +169,13 @@ async def _deny(ws: WebSocket, refusal: Refusal) -> None:
             JSONResponse({"error": {"code": refusal.code, "message": refusal.message}}, status_code=refusal.status))
     else:
         await ws.close(code=1008 if refusal.status in (401, 403) else 1013, reason=refusal.message[:120])
+
+
+def _caller(key: str | None, client, traceparent: str | None) -> Caller:
+    """Rate limits count per API key when keys are in use, else per peer address; each key's requests
+    reuse only the KV cache its own requests left (docs/security.md)."""
+    identity = f"key:{key}" if key else "addr:" + (client.host if client else "unknown")
+    return Caller(identity, key or "", traceparent)
 
 
 async def _announce_when_ready(settings: Settings, engine: Engine) -> None:

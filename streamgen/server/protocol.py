@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamgen.engine.params import SamplingParams
-from streamgen.engine.request import TRUNCATE_CHOICES, ErrorEvent, FinishEvent, TokenEvent
-from streamgen.engine.tokenizer import ChatMessage, parse_messages
+from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
 from streamgen.errors import ValidationError
+from streamgen.server.service import Started
+from streamgen.server.spec import RequestSpec, parse_messages, parse_prompt, parse_truncate
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
@@ -35,12 +36,11 @@ class ProtocolError(ValidationError):
 
 @dataclass(frozen=True, slots=True)
 class Generate:
-    id: str
-    prompt: str | None
-    messages: tuple[ChatMessage, ...] | None
-    params: SamplingParams
-    traceparent: str | None = None  # W3C trace context of the caller, if any
-    truncate: str = "refuse"  # "oldest": drop the oldest chat turns that do not fit the context
+    spec: RequestSpec
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,29 +91,18 @@ def _parse_generate(raw: dict, request_id: str | None) -> Generate:
     if has_prompt == has_messages:
         raise ProtocolError("generate needs exactly one of 'prompt' or 'messages'",
                             code="invalid_request", param="prompt", request_id=rid)
-    prompt, messages = None, None
     try:
-        if has_prompt:
-            prompt = raw["prompt"]
-            if not isinstance(prompt, str) or not prompt:
-                raise ValidationError("prompt must be a non-empty string", param="prompt", code="invalid_request")
-        else:
-            messages = parse_messages(raw["messages"])
+        prompt = parse_prompt(raw["prompt"]) if has_prompt else None
+        messages = parse_messages(raw["messages"]) if has_messages else None
         params = SamplingParams.from_mapping(raw.get("params", {}))
+        truncate = parse_truncate(raw.get("truncate", "refuse"), chat=has_messages)
     except ValidationError as exc:
         raise ProtocolError(exc.message, code=exc.code, param=exc.param, request_id=rid) from None
     traceparent = raw.get("traceparent")
     if traceparent is not None and (not isinstance(traceparent, str) or len(traceparent) > MAX_TRACEPARENT_CHARS):
         raise ProtocolError(f"traceparent must be a W3C traceparent string of at most {MAX_TRACEPARENT_CHARS} characters",
                             code="invalid_message", param="traceparent", request_id=rid)
-    truncate = raw.get("truncate", "refuse")
-    if truncate not in TRUNCATE_CHOICES:
-        raise ProtocolError(f"truncate must be one of {', '.join(TRUNCATE_CHOICES)}, got {str(truncate)[:40]!r}",
-                            code="invalid_request", param="truncate", request_id=rid)
-    if truncate != "refuse" and messages is None:
-        raise ProtocolError("truncate applies to chat messages; a plain prompt is never cut",
-                            code="invalid_request", param="truncate", request_id=rid)
-    return Generate(rid, prompt, messages, params, traceparent, truncate)
+    return Generate(RequestSpec(rid, prompt, messages, params, truncate, traceparent=traceparent))
 
 
 def _require_id(raw: Mapping[str, Any]) -> str:
@@ -135,13 +124,12 @@ def _only(raw: Mapping[str, Any], allowed: set[str], request_id: str | None) -> 
 # ---- server -> client ---------------------------------------------------------
 
 
-def start_message(request_id: str, prompt_tokens: int, trace_id: str | None = None,
-                  truncated_messages: int | None = None) -> dict[str, Any]:
-    msg: dict[str, Any] = {"type": "start", "id": request_id, "prompt_tokens": prompt_tokens}
-    if trace_id:
-        msg["trace_id"] = trace_id
-    if truncated_messages is not None:
-        msg["truncated_messages"] = truncated_messages
+def start_message(started: Started) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "start", "id": started.request_id, "prompt_tokens": started.prompt_tokens}
+    if started.trace_id:
+        msg["trace_id"] = started.trace_id
+    if started.truncated_messages is not None:
+        msg["truncated_messages"] = started.truncated_messages
     return msg
 
 
@@ -150,6 +138,8 @@ def token_message(request_id: str, event: TokenEvent) -> dict[str, Any]:
                            "text": event.text}
     if event.logprob is not None:
         msg["logprob"] = round(event.logprob, 6)
+    if event.top_logprobs is not None:
+        msg["top_logprobs"] = [{"token_id": t, "logprob": round(lp, 6)} for t, lp in event.top_logprobs]
     return msg
 
 

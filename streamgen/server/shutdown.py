@@ -19,20 +19,21 @@ from typing import TYPE_CHECKING
 import structlog
 import uvicorn
 
-from streamgen.engine.engine import Engine
+from streamgen.engine.engine import SHUTTING_DOWN_MESSAGE, Engine
 
 if TYPE_CHECKING:
+    from streamgen.server.service import RequestService
     from streamgen.server.ws import Connection
 
 log = structlog.get_logger("streamgen.server")
 
-SHUTDOWN_MESSAGE = "the server is shutting down; retry on another instance"
 _FLUSH_S = 2.0  # how long closing sockets wait for their final messages to go out
 
 
 class Drain:
-    def __init__(self, engine: Engine, grace_s: float) -> None:
+    def __init__(self, engine: Engine, service: RequestService, grace_s: float) -> None:
         self.engine = engine
+        self.service = service
         self.grace_s = grace_s
         self.started = False
         self.connections: set[Connection] = set()
@@ -45,8 +46,9 @@ class Drain:
         await self._until(lambda: not (self.engine.active_requests or self.engine.queued_requests), self.grace_s)
         ended = self.engine.active_requests + self.engine.queued_requests
         if ended:
-            self.engine.end_all("shutting_down", SHUTDOWN_MESSAGE)
-        await self._until(lambda: not any(c.in_flight for c in self.connections), _FLUSH_S)
+            self.engine.end_all("shutting_down", SHUTTING_DOWN_MESSAGE)
+        # Every stream, WebSocket or HTTP, has sent its final message.
+        await self._until(lambda: not self.service.in_flight, _FLUSH_S)
         for connection in list(self.connections):
             connection.close(1001, "server shutting down")
         await self._until(lambda: not self.connections, _FLUSH_S)

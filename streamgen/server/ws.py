@@ -18,13 +18,11 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketState
 
 from streamgen.config import Settings
-from streamgen.engine.engine import Engine, EngineOverloaded, RequestHandle
 from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
-from streamgen.errors import StreamgenError
 from streamgen.server import protocol
 from streamgen.server.protocol import Cancel, Generate, Ping, ProtocolError
-from streamgen.server.security import SUBPROTOCOL, RateLimiter
-from streamgen.telemetry.setup import Telemetry
+from streamgen.server.security import SUBPROTOCOL
+from streamgen.server.service import Caller, Generation, RequestRefused, RequestService
 
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
@@ -35,23 +33,18 @@ _RECENT = 256  # finished request ids remembered per connection
 
 @dataclass(slots=True)
 class _InFlight:
-    handle: RequestHandle
+    generation: Generation
     task: asyncio.Task
 
 
 class Connection:
-    def __init__(self, websocket: WebSocket, engine: Engine, settings: Settings, telemetry: Telemetry,
-                 limiter: RateLimiter, client: str, namespace: str = "") -> None:
+    def __init__(self, websocket: WebSocket, service: RequestService, settings: Settings, caller: Caller) -> None:
         self.ws = websocket
-        self.engine = engine
+        self.service = service
         self.settings = settings
-        self.telemetry = telemetry
-        self.limiter = limiter
-        self.client = client  # rate-limit identity: the API key, else the peer address
-        self.namespace = namespace  # prefix-cache isolation: the API key's digest, "" when the server is open
         # A traceparent on the handshake parents every request of the connection
-        # that does not bring its own.
-        self._traceparent = websocket.headers.get("traceparent")
+        # that does not bring its own (the caller carries it).
+        self.caller = caller
         self._out: asyncio.Queue[Any] = asyncio.Queue()
         self._inflight: dict[str, _InFlight] = {}
         # A cancel can cross the request's final message on the wire; cancelling a
@@ -74,7 +67,7 @@ class Connection:
             await self._read_loop()
         finally:
             for item in self._inflight.values():
-                item.handle.cancel()  # the engine stops them within one step
+                item.generation.cancel()  # the engine stops them within one step
                 item.task.cancel()
             self._out.put_nowait(None)
             await asyncio.gather(writer, *(i.task for i in self._inflight.values()), return_exceptions=True)
@@ -104,7 +97,7 @@ class Connection:
             try:
                 self._dispatch(protocol.parse_client_message(text))
             except ProtocolError as exc:
-                self.telemetry.rejected_early(exc.request_id, exc.code, exc.message, exc.param)
+                self.service.telemetry.rejected_early(exc.request_id, exc.code, exc.message, exc.param)
                 self._send(protocol.error_message(exc.request_id, exc.code, exc.message, exc.param))
 
     def _dispatch(self, msg: Generate | Cancel | Ping) -> None:
@@ -117,7 +110,7 @@ class Connection:
             if item is None:
                 raise ProtocolError(f"no request with id {msg.id[:40]!r} is in flight on this connection",
                                     code="unknown_id", param="id", request_id=msg.id)
-            item.handle.cancel()
+            item.generation.cancel()
         else:
             self._start(msg)
 
@@ -129,38 +122,21 @@ class Connection:
             raise ProtocolError(
                 f"at most {self.settings.max_requests_per_connection} requests may be in flight on one connection",
                 code="too_many_requests", request_id=msg.id)
-        if retry := self.limiter.take(self.client):
-            self.telemetry.rejected_early(msg.id, "rate_limited", "rate limit", None)
-            self._send(protocol.error_message(
-                msg.id, "rate_limited", f"more than {self.limiter.per_minute} requests per minute from this client; "
-                "retry after retry_after_ms", retry_after_ms=retry))
-            return
-        operation = "chat" if msg.messages is not None else "text_completion"
-        tel = self.telemetry.start_request(msg.id, operation, msg.traceparent or self._traceparent)
         try:
-            with tel.tokenize():
-                request = self.engine.prepare(msg.params, prompt=msg.prompt, messages=msg.messages, request_id=msg.id,
-                                              truncate=msg.truncate, namespace=self.namespace)
-            tel.accepted(request.params, len(request.prompt_ids), msg.prompt or _last_user_text(msg))
-            handle = self.engine.submit(request, observer=tel)
-        except EngineOverloaded as exc:
-            tel.rejected(exc.code, exc.message, None)
-            self._send(protocol.error_message(msg.id, exc.code, exc.message, retry_after_ms=exc.retry_after_ms))
+            generation = self.service.start(msg.spec, self.caller)
+        except RequestRefused as refused:
+            extra = {"retry_after_ms": refused.retry_after_ms} if refused.retry_after_ms is not None else {}
+            self._send(protocol.error_message(msg.id, refused.code, refused.message, refused.param, **extra))
             return
-        except StreamgenError as exc:
-            tel.rejected(exc.code, exc.message, getattr(exc, "param", None))
-            self._send(protocol.error_message(msg.id, exc.code, exc.message, getattr(exc, "param", None)))
-            return
-        self._send(protocol.start_message(msg.id, len(request.prompt_ids), tel.trace_id,
-                                          request.dropped_messages if msg.truncate == "oldest" else None))
-        task = asyncio.create_task(self._stream(msg.id, handle))
-        self._inflight[msg.id] = _InFlight(handle, task)
+        self._send(protocol.start_message(generation.started))
+        task = asyncio.create_task(self._stream(msg.id, generation))
+        self._inflight[msg.id] = _InFlight(generation, task)
 
     # ---- streaming and writing ----------------------------------------------
 
-    async def _stream(self, request_id: str, handle: RequestHandle) -> None:
+    async def _stream(self, request_id: str, generation: Generation) -> None:
         try:
-            async for event in handle.events():
+            async for _, event in generation.events():
                 if isinstance(event, TokenEvent):
                     self._send(protocol.token_message(request_id, event))
                 elif isinstance(event, FinishEvent):
@@ -187,9 +163,3 @@ class Connection:
                 await self.ws.send_text(json.dumps(message, ensure_ascii=False))
             except Exception:  # noqa: BLE001 - the peer is gone; the reader sees the disconnect
                 return
-
-
-def _last_user_text(msg: Generate) -> str:
-    """What to log as 'the prompt' of a chat: its last user message."""
-    users = [m.content for m in msg.messages or () if m.role == "user"]
-    return users[-1] if users else ""

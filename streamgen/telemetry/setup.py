@@ -53,8 +53,9 @@ class Telemetry:
             log_prompts=log_prompts,
         )
 
-    def start_request(self, request_id: str, operation: str, traceparent: str | None) -> RequestTelemetry:
-        return RequestTelemetry(self, request_id, operation, parent_context(traceparent))
+    def start_request(self, request_id: str, operation: str, traceparent: str | None,
+                      choices: int = 1) -> RequestTelemetry:
+        return RequestTelemetry(self, request_id, operation, parent_context(traceparent), choices)
 
     def rejected_early(self, request_id: str | None, code: str, message: str, param: str | None) -> None:
         """A message refused before it became a request (parse errors, limits): log and count it."""
