@@ -27,6 +27,11 @@ class LoadedModel:
         return Path(model).name if model.startswith("/") else model
 
     @property
+    def created(self) -> int:
+        """When the build was published (Unix seconds): its manifest is written last."""
+        return int((self.directory / "manifest.json").stat().st_mtime)
+
+    @property
     def context_length(self) -> int:
         return self.runner.info.context_length
 

@@ -34,6 +34,9 @@ class TextTokenizer:
         self.chat_template = chat_template
         self.stop_token_ids = stop_token_ids
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._special = set(tokenizer.get_added_tokens_decoder())
+        # Byte-level BPE (GPT-2 style) spells each byte as one printable character.
+        self._byte_of = _BYTE_OF if type(tokenizer.decoder).__name__ == "ByteLevel" else None
         self._template = None
         if chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -59,6 +62,17 @@ class TextTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level token can be part of a UTF-8 character)."""
+        token = self._tok.id_to_token(token_id)
+        if token is None:
+            return b""
+        if token_id in self._special:
+            return token.encode("utf-8")
+        if self._byte_of is None:
+            return self.decode([token_id]).encode("utf-8")
+        return bytes(self._byte_of[c] for c in token if c in self._byte_of)
+
     def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
         if self._template is None:
             raise ValidationError(
@@ -75,6 +89,23 @@ class TextTokenizer:
             raise ValidationError(
                 f"the chat template rejected these messages: {exc}", param="messages", code="invalid_request"
             ) from exc
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-character table, inverted: printable bytes stand for themselves, the rest are shifted
+    to code points from 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_alphabet()
 
 
 def _raise_template_error(message: str) -> None:

@@ -18,6 +18,8 @@ from starlette.websockets import WebSocket
 
 from streamgen.config import Settings, api_keys
 from streamgen.engine.engine import SHUTTING_DOWN_MESSAGE, Engine, EngineState
+from streamgen.server.openai import openai_routes
+from streamgen.server.openai_schema import error_body
 from streamgen.server.protocol import PROTOCOL_VERSION
 from streamgen.server.security import AccessPolicy, RateLimiter, Refusal
 from streamgen.server.service import Caller, RequestService
@@ -77,12 +79,15 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
     async def models(request: Request) -> JSONResponse:
         model = engine.model
         if model is None:
-            return JSONResponse({"error": f"the engine is {engine.state}"}, status_code=503)
+            return JSONResponse(error_body("engine_unavailable", f"the engine is {engine.state}"), status_code=503)
+        # OpenAI's shape (object, data[].id/object/created/owned_by); the rest are extras clients ignore.
         return JSONResponse({
             "object": "list",
             "data": [{
                 "id": model.manifest.model,
                 "object": "model",
+                "created": model.created,
+                "owned_by": "streamgen",
                 "context_length": model.context_length,
                 "device": str(model.runner.device),
                 "quantization": model.manifest.quantization,
@@ -129,6 +134,7 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
             Route("/v1/stats", stats),
             Route("/metrics", metrics),
             WebSocketRoute(WS_PATH, websocket),
+            *openai_routes(service, policy, settings.max_message_bytes),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         lifespan=lifespan,
@@ -155,8 +161,8 @@ class _RequireKey:
         if scope["type"] == "http" and path not in _PUBLIC and not path.startswith("/static/"):
             refusal = self.policy.check_http(Headers(scope=scope))
             if refusal is not None:
-                response = JSONResponse({"error": {"code": refusal.code, "message": refusal.message}},
-                                        status_code=refusal.status, headers={"WWW-Authenticate": "Bearer"})
+                response = JSONResponse(error_body(refusal.code, refusal.message), status_code=refusal.status,
+                                        headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

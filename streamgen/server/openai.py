@@ -1,0 +1,192 @@
+"""The OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions.
+
+A thin transport over the request service: parse the body (openai_schema),
+start the request, then encode its events as one JSON response or as an SSE
+stream (sse-starlette frames it: `data: {json}` events, then `data: [DONE]`).
+A client that goes away cancels its request, streamed or not, within one
+engine step. docs/openai.md says what is supported and what is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from streamgen.errors import ValidationError
+from streamgen.server import openai_schema as api
+from streamgen.server.openai_schema import ApiRequest, Tokens
+from streamgen.server.security import AccessPolicy
+from streamgen.server.service import Caller, Generation, RequestRefused, RequestService
+
+_SSE_PING_S = 15  # keeps idle proxies from closing a stream that waits in the queue
+
+
+def openai_routes(service: RequestService, policy: AccessPolicy, max_body_bytes: int) -> list[Route]:
+    async def chat(request: Request) -> Response:
+        return await _serve(request, api.chat_spec)
+
+    async def completions(request: Request) -> Response:
+        return await _serve(request, api.completion_spec)
+
+    async def _serve(request: Request, parse: Callable[[Any], ApiRequest]) -> Response:
+        try:
+            parsed = parse(await _read_json(request, max_body_bytes))
+        except ValidationError as exc:
+            return error_response(exc.code, exc.message, exc.param)
+        key = policy.key_id(request.headers)
+        caller = Caller(f"key:{key}" if key else "addr:" + (request.client.host if request.client else "unknown"),
+                        key or "", request.headers.get("traceparent"))
+        try:
+            generation = service.start(parsed.spec, caller)
+        except RequestRefused as refused:
+            param, message = parsed.client_param(refused.param, refused.message)
+            return error_response(refused.code, message, param, refused.retry_after_ms)
+        tokenizer = service.engine.model.tokenizer
+        tokens = Tokens(tokenizer.decode, tokenizer.token_bytes)
+        headers = {"x-request-id": parsed.response_id}
+        if parsed.stream:
+            return EventSourceResponse(_stream(parsed, generation, tokens), ping=_SSE_PING_S, headers=headers)
+        try:
+            return JSONResponse(await _whole(request, parsed, generation, tokens), headers=headers)
+        except _Failed as failed:
+            return error_response(failed.event.code, failed.event.message)
+
+    return [Route(api.CHAT_PATH, chat, methods=["POST"]), Route(api.COMPLETIONS_PATH, completions, methods=["POST"])]
+
+
+def error_response(code: str, message: str, param: str | None = None, retry_after_ms: int | None = None) -> Response:
+    """The API's error shape and status; a 429 says when to retry in the headers the SDKs honour."""
+    headers = {}
+    if retry_after_ms is not None:
+        headers = {"retry-after-ms": str(retry_after_ms), "retry-after": str(max(1, math.ceil(retry_after_ms / 1000)))}
+    return JSONResponse(api.error_body(code, message, param), status_code=api.ERROR_STATUS.get(code, 400),
+                        headers=headers)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ValidationError(f"the request body is larger than {limit} bytes", code="payload_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ValidationError(f"the request body is larger than {limit} bytes", code="payload_too_large")
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ValidationError(f"the request body is not valid JSON: {str(exc)[:120]}", code="invalid_json") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# ---- one JSON response ------------------------------------------------------------
+
+
+async def _whole(request: Request, parsed: ApiRequest, generation: Generation, tokens: Tokens) -> dict[str, Any]:
+    """Collect every choice; a client that disconnects meanwhile cancels the request."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
+    logprobs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(generation.choices)}
+    finals: dict[int, FinishEvent] = {}
+    try:
+        async for choice, event in generation.events():
+            if isinstance(event, TokenEvent) and event.logprob is not None:
+                logprobs[choice].append(api.chat_logprobs(event, tokens))
+            elif isinstance(event, FinishEvent):
+                finals[choice] = event
+            elif isinstance(event, ErrorEvent):
+                raise _Failed(event)
+    finally:
+        watcher.cancel()
+    choices = [_whole_choice(parsed, i, finals[i], logprobs[i]) for i in range(generation.choices)]
+    return api.response(parsed, generation.started.model, choices,
+                        api.usage(generation.started.prompt_tokens, list(finals.values())))
+
+
+class _Failed(Exception):
+    def __init__(self, event: ErrorEvent) -> None:
+        super().__init__(event.message)
+        self.event = event
+
+
+async def _cancel_on_disconnect(request: Request, generation: Generation) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    generation.cancel()
+
+
+def _whole_choice(parsed: ApiRequest, index: int, final: FinishEvent, logprobs: list[dict[str, Any]]
+                  ) -> dict[str, Any]:
+    reason = api.finish_reason(final)
+    if parsed.kind == "chat":
+        return {"index": index, "message": {"role": "assistant", "content": final.text},
+                "logprobs": {"content": logprobs} if parsed.spec.params.logprobs else None, "finish_reason": reason}
+    return {"index": index, "text": final.text, "logprobs": _legacy_logprobs(logprobs, final.text)
+            if parsed.spec.params.logprobs else None, "finish_reason": reason}
+
+
+def _legacy_logprobs(entries: list[dict[str, Any]], text: str) -> dict[str, Any]:
+    """The completions API's older shape: parallel lists, alternatives as {token: logprob}."""
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
+# ---- a stream ------------------------------------------------------------------
+
+
+async def _stream(parsed: ApiRequest, generation: Generation, tokens: Tokens) -> AsyncIterator[dict[str, str]]:
+    """SSE events as the SDKs parse them: a role delta first (chat), content deltas, a final chunk per choice
+    with its finish_reason, the usage chunk when asked for, then [DONE]. An error mid-stream is an
+    `error` object, and the stream ends."""
+    model, chat = generation.started.model, parsed.kind == "chat"
+    finals: list[FinishEvent] = []
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> dict[str, str]:
+        return {"data": json.dumps(api.chunk(parsed, model, choices, **extra), ensure_ascii=False)}
+
+    if chat:
+        for i in range(generation.choices):
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+    async for choice, ev in generation.events():
+        if isinstance(ev, TokenEvent):
+            if not ev.text and ev.logprob is None:
+                continue  # held back (part of a character, or of a possible stop string)
+            entry = api.chat_logprobs(ev, tokens)
+            yield event([_delta(chat, choice, ev.text, entry)])
+        elif isinstance(ev, FinishEvent):
+            finals.append(ev)
+            if ev.tail:
+                yield event([_delta(chat, choice, ev.tail, None)])
+            done = {"index": choice, "finish_reason": api.finish_reason(ev), "logprobs": None}
+            yield event([{**done, "delta": {}} if chat else {**done, "text": ""}])
+        else:
+            yield {"data": json.dumps(api.error_body(ev.code, ev.message))}
+            return
+    if parsed.include_usage:
+        yield event([], usage=api.usage(generation.started.prompt_tokens, finals))
+    yield {"data": "[DONE]"}
+
+
+def _delta(chat: bool, choice: int, text: str, logprob: dict[str, Any] | None) -> dict[str, Any]:
+    if chat:
+        return {"index": choice, "delta": {"content": text},
+                "logprobs": {"content": [logprob]} if logprob else None, "finish_reason": None}
+    legacy = _legacy_logprobs([logprob], text) if logprob else None
+    return {"index": choice, "text": text, "logprobs": legacy, "finish_reason": None}
