@@ -56,6 +56,43 @@ async def websocket_request(url: str, frame: dict[str, Any]) -> Streamed:
         return Streamed(False, sent, stamps, {"type": "error", "message": f"{type(exc).__name__}: {exc}"})
 
 
+async def sse_request(base_url: str, body: dict[str, Any], path: str = "/v1/chat/completions",
+                      headers: dict[str, str] | None = None) -> Streamed:
+    """POST one streaming OpenAI-style request (stream forced on) and read the SSE stream to [DONE].
+    Each chunk with content counts as a token's arrival; the last chunk with usage is the final."""
+    import httpx
+
+    sent = time.perf_counter()
+    stamps: list[float] = []
+    final: dict[str, Any] = {}
+    try:
+        async with httpx.AsyncClient(timeout=None) as client:
+            sent = time.perf_counter()
+            async with client.stream("POST", base_url + path, headers=headers,
+                                     json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+                if r.status_code != 200:
+                    return Streamed(False, sent, stamps, json.loads(await r.aread()))
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        return Streamed(bool(stamps), sent, stamps, final)
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        return Streamed(False, sent, stamps, chunk)
+                    if any(_chunk_text(c) for c in chunk.get("choices", ())):
+                        stamps.append(time.perf_counter())
+                    if chunk.get("usage"):
+                        final = chunk
+        return Streamed(False, sent, stamps, {"error": "the stream ended without [DONE]"})
+    except Exception as exc:  # noqa: BLE001 - a benchmark counts any failure as a failed request
+        return Streamed(False, sent, stamps, {"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _chunk_text(choice: dict[str, Any]) -> str:
+    return (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+
+
 def percentiles(values_s: list[float]) -> dict[str, float]:
     """p50/p95/p99 in milliseconds."""
     if not values_s:

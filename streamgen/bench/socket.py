@@ -1,24 +1,27 @@
-"""`streamgen bench socket`: tokens/s over the WebSocket against the engine alone.
+"""`streamgen bench socket`: tokens/s over the transports against the engine alone.
 
 Baseline: the same greedy request run through `generate()` in this process.
-Contender: that request sent to a real `streamgen serve` process over a real
-WebSocket, timed at the client. Rounds alternate between the two; medians and
-ratios are printed. Shows what the server, the thread hand-off and the socket
-cost per token.
+Contenders: that request sent to a real `streamgen serve` process over a real
+WebSocket, and over the OpenAI-compatible API as an SSE stream
+(/v1/chat/completions, stream: true), timed at the client. Rounds rotate the
+order of the three; medians and ratios are printed. Shows what the server,
+the thread hand-off, the framing and the socket cost per token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 
+from streamgen.bench.clients import Streamed, sse_request, websocket_request
 from streamgen.bench.common import PROMPT, ServeProcess, load_for_bench, serve_args
 from streamgen.engine.generate import generate
 from streamgen.engine.request import TokenEvent
+
+CONTENDERS = ("engine", "websocket", "sse")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,53 +41,50 @@ def _engine_run(model, request) -> Run:
     return _rates(sent, stamps)
 
 
-async def _socket_run(url: str, tokens: int) -> Run:
-    import websockets
+def _client_run(streamed: Streamed) -> Run:
+    if not streamed.ok:
+        raise RuntimeError(f"the server refused the request: {streamed.final}")
+    return _rates(streamed.sent, streamed.stamps)
 
-    async with websockets.connect(url) as ws:
-        msg = {"type": "generate", "id": "bench", "messages": [{"role": "user", "content": PROMPT}],
-               "params": {"temperature": 0, "max_tokens": tokens, "ignore_eos": True}}
-        sent = time.perf_counter()
-        await ws.send(json.dumps(msg))
-        stamps = []
-        while True:
-            m = json.loads(await ws.recv())
-            if m["type"] == "token":
-                stamps.append(time.perf_counter())
-            elif m["type"] in ("done", "error"):
-                if m["type"] == "error":
-                    raise RuntimeError(f"the server refused the request: {m}")
-                return _rates(sent, stamps)
+
+def _run(who: str, model, request, server: ServeProcess, tokens: int) -> Run:
+    messages = [{"role": "user", "content": PROMPT}]
+    params = {"temperature": 0, "max_tokens": tokens, "ignore_eos": True}
+    if who == "engine":
+        return _engine_run(model, request)
+    if who == "websocket":
+        frame = {"type": "generate", "id": "bench", "messages": messages, "params": params}
+        return _client_run(asyncio.run(websocket_request(server.ws_url, frame)))
+    return _client_run(asyncio.run(sse_request(server.url, {"model": "bench", "messages": messages, **params})))
 
 
 def run_socket_bench(args) -> int:
     model, request = load_for_bench(args)
     server = ServeProcess("benchmark", serve_args(args))
+    runs: dict[str, list[Run]] = {who: [] for who in CONTENDERS}
     try:
         server.wait_ready()
-        _engine_run(model, request)
-        asyncio.run(_socket_run(server.ws_url, args.tokens))  # warm-up of both
-        engine_runs, socket_runs = [], []
+        for who in CONTENDERS:  # warm-up of each path
+            _run(who, model, request, server, args.tokens)
         for r in range(args.rounds):
-            order = ("engine", "socket") if r % 2 == 0 else ("socket", "engine")
+            order = CONTENDERS[r % 3:] + CONTENDERS[: r % 3]
             for who in order:
-                if who == "engine":
-                    engine_runs.append(_engine_run(model, request))
-                else:
-                    socket_runs.append(asyncio.run(_socket_run(server.ws_url, args.tokens)))
-            print(f"  round {r + 1}/{args.rounds}: engine {engine_runs[-1].decode_tok_s:6.1f} tok/s, "
-                  f"socket {socket_runs[-1].decode_tok_s:6.1f} tok/s", file=sys.stderr, flush=True)
+                runs[who].append(_run(who, model, request, server, args.tokens))
+            print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{who} {runs[who][-1].decode_tok_s:6.1f} tok/s" for who in CONTENDERS), file=sys.stderr, flush=True)
     finally:
         server.stop()
 
-    def med(runs, field):
-        return statistics.median(getattr(r, field) for r in runs)
+    def med(who: str, field: str) -> float:
+        return statistics.median(getattr(r, field) for r in runs[who])
 
     print(f"\nstreamgen bench socket: {args.model} ({args.quantize}), greedy, {args.tokens} tokens, "
           f"{args.rounds} interleaved rounds, medians\n")
-    print("| measure | engine alone | over WebSocket | ratio |")
-    print("|---|---|---|---|")
+    print("| measure | engine alone | WebSocket | SSE (/v1/chat/completions) | WebSocket / engine | SSE / engine "
+          "| SSE / WebSocket |")
+    print("|---|---|---|---|---|---|---|")
     for label, field in (("decode tok/s", "decode_tok_s"), ("end-to-end tok/s", "end_to_end_tok_s")):
-        e, s = med(engine_runs, field), med(socket_runs, field)
-        print(f"| {label} | {e:.1f} | {s:.1f} | {s / e:.2f}x |")
+        e, w, s = med("engine", field), med("websocket", field), med("sse", field)
+        print(f"| {label} | {e:.1f} | {w:.1f} | {s:.1f} | {w / e:.2f}x | {s / e:.2f}x | {s / w:.2f}x |")
+    print("\ntarget: SSE within 10 % of the WebSocket's decode rate")
     return 0
