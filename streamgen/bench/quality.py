@@ -8,12 +8,16 @@ fp32 variant, position by position:
 - mean KL divergence KL(p_fp32 || p_variant) of the next-token distributions.
 All paragraphs run together, one per KV slot, so a variant costs one pass
 over the longest paragraph.
+
+And what a user sees: each question of bench/questions.json is asked as a
+chat, greedily; a build keeps an answer when the reply holds every key fact
+of the fp32 build's answer. The table counts the answers each build keeps.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,8 @@ from streamgen.engine.loader import load_model
 from streamgen.engine.slots import SlotConfig
 
 TEXTS = Path(__file__).with_name("quality_texts.txt")
+QUESTIONS = Path(__file__).with_name("questions.json")
+ANSWER_TOKENS = 48
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +38,40 @@ class QualityRow:
     top1_agreement: float  # with fp32
     mean_kl: float  # KL(fp32 || variant), nats
     positions: int
+    answers_kept: int = 0  # questions whose greedy answer holds every key fact
+    answers_total: int = 0
+    lost: tuple[str, ...] = ()  # the questions whose facts the answer misses
 
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    prompt: str
+    facts: tuple[tuple[str, ...], ...]  # every group must appear; any string of a group will do
+
+    def kept_by(self, answer: str) -> bool:
+        text = answer.lower()
+        return all(any(option.lower() in text for option in group) for group in self.facts)
+
+
+def load_questions(path: Path = QUESTIONS) -> list[Question]:
+    data = json.loads(path.read_text())["questions"]
+    return [Question(q["prompt"], tuple(tuple(g) for g in q["facts"])) for q in data]
+
+
+def greedy_answers(directory: Path, prompts: list[str], threads: int = 0) -> list[str]:
+    """Each prompt asked as a chat, greedily, all in one batch (a request gives the same tokens alone or in
+    a crowd, so this is what a user asking alone would see)."""
+    from streamgen.engine.generate import generate
+    from streamgen.engine.params import SamplingParams
+    from streamgen.engine.request import FinishEvent, prepare_request
+    from streamgen.engine.tokenizer import ChatMessage
+
+    model = load_model(directory, Device("cpu"), threads, SlotConfig(max_batch=16, max_context=256))
+    params = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS)
+    requests = [prepare_request(model.tokenizer, model.context_length, params, messages=[ChatMessage("user", p)])
+                for p in prompts]
+    texts = {e.row: e.text for e in generate(model.runner, model.tokenizer, requests) if isinstance(e, FinishEvent)}
+    return [texts[i] for i in range(len(prompts))]
 
 def load_texts(path: Path = TEXTS) -> list[str]:
     return [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
@@ -80,14 +119,19 @@ def compare(reference: list[np.ndarray], variant: list[np.ndarray], ids: list[li
     return QualityRow(name, round(float(np.exp(nll / n)), 3), round(agree / n, 4), round(kl / n, 4), n)
 
 
-def run_quality(directories: dict[str, Path], threads: int = 0, texts: list[str] | None = None) -> list[QualityRow]:
+def run_quality(directories: dict[str, Path], threads: int = 0, texts: list[str] | None = None,
+                questions: list[Question] | None = None) -> list[QualityRow]:
     """directories: quantization -> model directory; must include 'none' (the fp32 reference)."""
     texts = texts or load_texts()
+    questions = load_questions() if questions is None else questions
     reference, ids = next_token_logprobs(directories["none"], texts, threads)
     rows = []
     for name, directory in directories.items():
         logprobs = reference if name == "none" else next_token_logprobs(directory, texts, threads)[0]
-        rows.append(compare(reference, logprobs, ids, name))
+        answers = greedy_answers(directory, [q.prompt for q in questions], threads) if questions else []
+        lost = tuple(q.prompt for q, a in zip(questions, answers) if not q.kept_by(a))
+        row = compare(reference, logprobs, ids, name)
+        rows.append(replace(row, answers_kept=len(questions) - len(lost), answers_total=len(questions), lost=lost))
     return rows
 
 
@@ -102,10 +146,16 @@ def run_quality_bench(args) -> int:
     texts = load_texts()
     print(f"\nstreamgen bench quality: {args.model} ({args.graph} graph), {len(texts)} paragraphs, "
           f"{rows[0].positions} teacher-forced positions, fp32 is the reference\n")
-    print("| quantization | perplexity | top-1 agreement with fp32 | mean KL(fp32 ‖ q) |")
-    print("|---|---|---|---|")
+    print("| quantization | perplexity | top-1 agreement with fp32 | mean KL(fp32 ‖ q) | answers kept |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r.quantization} | {r.perplexity} | {r.top1_agreement:.1%} | {r.mean_kl} |")
+        print(f"| {r.quantization} | {r.perplexity} | {r.top1_agreement:.1%} | {r.mean_kl} | "
+              f"{r.answers_kept}/{r.answers_total} |")
+    print(f"\nanswers kept: greedy replies to the {rows[0].answers_total} questions of bench/questions.json that "
+          "hold every key fact")
+    for r in rows:
+        if r.lost:
+            print(f"- {r.quantization} loses: " + "; ".join(r.lost))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     return 0
