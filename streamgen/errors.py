@@ -36,3 +36,9 @@ class PullError(StreamgenError):
 
 class DeviceError(StreamgenError):
     code = "device_unavailable"
+
+
+class ConfigError(StreamgenError):
+    """A flag, environment variable or their combination is invalid."""
+
+    code = "invalid_setting"

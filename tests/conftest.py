@@ -1,4 +1,12 @@
-"""Shared fixtures.
+"""Shared fixtures, and the test tiers.
+
+Every test lands in exactly one tier, from the fixtures it uses (so the tiers
+cannot drift from what the tests need):
+- `unit`: no model and no export; runs without torch (`pytest -m unit`
+  forbids importing it) in seconds;
+- `tiny`: the tiny model, which the suite builds and exports itself, or the
+  export toolchain;
+- `integration`: the real default model.
 
 - `tiny_model_dir` / `tiny_plain_dir`: a tiny random Llama built and pulled
   (exported with Optimum through streamgen's own pipeline, as the
@@ -20,16 +28,47 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import quiet  # noqa: E402
 from tiny import build_tiny_llama  # noqa: E402
 
 from streamgen.bench.common import ServeProcess  # noqa: E402
 from streamgen.engine.device import Device  # noqa: E402
 from streamgen.engine.loader import LoadedModel, load_model  # noqa: E402
-from streamgen.models.cache import DEFAULT_MODEL, CacheLayout, streamgen_home  # noqa: E402
-from streamgen.models.progress import StageProgress  # noqa: E402
+from streamgen.model_files import DEFAULT_MODEL, CacheLayout, streamgen_home  # noqa: E402
 from streamgen.models.pull import pull  # noqa: E402
 
 CPU = Device("cpu")
+
+REAL_FIXTURES = {"real_cache", "real_model_dir", "real_int8_dir", "real_plain_dir", "real_model", "real_server"}
+TINY_FIXTURES = {"tiny_hf_dir", "tiny_cache", "tiny_model_dir", "tiny_plain_dir", "tiny_model", "keyed_server"}
+# The export toolchain: what the unit tier must run without.
+TOOLCHAIN = ("torch", "transformers", "optimum", "onnx", "gguf", "accelerate")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & REAL_FIXTURES or item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+        elif used & TINY_FIXTURES or item.get_closest_marker("tiny"):
+            item.add_marker(pytest.mark.tiny)
+        else:
+            item.add_marker(pytest.mark.unit)
+
+
+class _NoToolchain:
+    """An import hook that makes the export toolchain unimportable (the unit tier's promise)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in TOOLCHAIN:
+            raise ModuleNotFoundError(f"{name} is not importable in the unit tier, which runs without the export "
+                                      "toolchain", name=name)
+        return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.markexpr.strip() == "unit":
+        sys.meta_path.insert(0, _NoToolchain())
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +79,6 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> CacheLayout:
     return CacheLayout(tmp_path_factory.mktemp("streamgen-home"))
-
-
-def quiet() -> StageProgress:
-    return StageProgress(0, open(os.devnull, "w"))
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +136,9 @@ class ServerProcess(ServeProcess):
         return ": " + self.output()[-4000:]
 
     def output(self) -> str:
+        """Everything the server printed, also after it was stopped."""
+        if self.log.closed:
+            return self._printed
         self.log.flush()
         self.log.seek(0)
         return self.log.read()
@@ -112,7 +150,9 @@ class ServerProcess(ServeProcess):
 
     def stop(self) -> None:
         super().stop()
-        self.log.close()
+        if not self.log.closed:
+            self._printed = self.output()
+            self.log.close()
 
 
 @pytest.fixture(scope="session")

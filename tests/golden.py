@@ -52,7 +52,8 @@ def main() -> int:
         with open("/dev/null", "w") as quiet:
             model_dir = pull(str(hf), "none", CacheLayout(Path(tmp) / "home"), StageProgress(0, quiet))
         ids = greedy_ids(model_dir)
-    GOLDEN.write_text(json.dumps({"prompts": ids}, indent=1) + "\n")
+    lines = [f"  {json.dumps(p)}: {json.dumps(t)}" for p, t in ids.items()]
+    GOLDEN.write_text('{"prompts": {\n' + ",\n".join(lines) + "\n}}\n")
     print(f"wrote {GOLDEN}")
     return 0
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import CHROMIUM, CHROMIUM_ARGS, FINISHED, ServerProcess, ask, open_chat  # noqa: E402
 
-from streamgen.models.cache import streamgen_home  # noqa: E402
+from streamgen.model_files import streamgen_home  # noqa: E402
 
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
 QUESTIONS = ("Write a Python function that reverses a string.", "Now use it to check whether a word is a palindrome.")

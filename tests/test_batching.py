@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from streamgen.engine.core import EngineCore
-from streamgen.engine.generate import generate
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import TokenEvent, prepare_request
 from streamgen.engine.scheduler import SchedulerLimits
 from streamgen.engine.slots import SlotConfig, SlotRunner
 
 from conftest import CPU
+from helpers import solo_tokens
 
 POOL = [
     "The quick brown fox jumps over the lazy dog.",
@@ -28,15 +28,11 @@ TARGET = "Paris is the capital of France. Berlin is the capital of"
 
 @pytest.fixture(scope="module")
 def runner(tiny_model_dir) -> SlotRunner:
-    return SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=5, max_context=192, prefill_chunk=4))
+    return SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=5, max_context=192, forward_tokens=4))
 
 
 def _request(tok, ctx: int, text: str, **params):
     return prepare_request(tok, ctx, SamplingParams(ignore_eos=True, **params), prompt=text)
-
-
-def _solo(runner, tok, request) -> list[int]:
-    return [e.token_id for e in generate(runner, tok, [request]) if isinstance(e, TokenEvent)]
 
 
 def _crowded(runner, tok, request, rng: np.random.Generator) -> tuple[list[int], int]:
@@ -76,7 +72,7 @@ def _crowded(runner, tok, request, rng: np.random.Generator) -> tuple[list[int],
 def test_request_alone_equals_request_in_a_changing_batch(runner, tiny_model, schedule: int, params: dict) -> None:
     tok = tiny_model.tokenizer
     request = _request(tok, runner.info.context_length, TARGET, max_tokens=48, **params)
-    alone = _solo(runner, tok, request)
+    alone = solo_tokens(runner, tok, request)
     crowded, max_batch = _crowded(runner, tok, request, np.random.default_rng(schedule))
     assert max_batch >= 3, "the schedule must actually crowd the request"
     assert crowded == alone
@@ -89,7 +85,7 @@ def test_a_failing_row_fails_alone_and_the_batch_goes_on(runner, tiny_model) -> 
     tok = tiny_model.tokenizer
     ctx = runner.info.context_length
     requests = [_request(tok, ctx, text, max_tokens=12, temperature=0.0) for text in POOL[:3]]
-    solo = [_solo(runner, tok, r) for r in requests]
+    solo = [solo_tokens(runner, tok, r) for r in requests]
     core = EngineCore(runner, tok, SchedulerLimits(max_waiting=8))
     seqs = [core.add(r, key=i) for i, r in enumerate(requests)]
     core.step()

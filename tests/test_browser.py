@@ -17,7 +17,7 @@ import pytest
 from playwright.sync_api import expect
 
 from conftest import API_KEY, ARTIFACTS, FINISHED, ServerProcess, ask, load_chat, open_chat
-from streamgen.models.cache import CacheLayout
+from streamgen.model_files import CacheLayout
 
 pytestmark = pytest.mark.integration
 

@@ -58,7 +58,7 @@ steps = st.lists(st.tuples(st.lists(specs, max_size=3), st.booleans(), st.intege
 
 @pytest.fixture(scope="module")
 def runner(tiny_model_dir) -> SlotRunner:
-    return SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=SLOTS, max_context=CONTEXT, prefill_chunk=8))
+    return SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=SLOTS, max_context=CONTEXT, forward_tokens=8))
 
 
 @pytest.fixture(scope="module")

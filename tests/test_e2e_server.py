@@ -9,13 +9,13 @@ import time
 import pytest
 import websockets
 
-from streamgen.engine.generate import generate
 from streamgen.engine.loader import load_model
 from streamgen.engine.params import SamplingParams
-from streamgen.engine.request import TokenEvent, prepare_request
+from streamgen.engine.request import prepare_request
 from streamgen.engine.tokenizer import ChatMessage
 
 from conftest import CPU
+from helpers import generate_frame, solo_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +23,7 @@ QUESTION = "Write a short poem about the sea."
 
 
 def _generate_msg(rid: str, **params) -> str:
-    return json.dumps({"type": "generate", "id": rid, "messages": [{"role": "user", "content": QUESTION}],
-                       "params": params})
+    return generate_frame(rid, messages=[{"role": "user", "content": QUESTION}], **params)
 
 
 async def _stream(url: str, rid: str, **params) -> list[tuple[float, dict]]:
@@ -57,7 +56,7 @@ def test_tokens_stream_incrementally_and_match_the_engine(real_server, real_int8
     params = SamplingParams(temperature=0, max_tokens=48)
     req = prepare_request(real_model.tokenizer, real_model.context_length, params,
                           messages=[ChatMessage("user", QUESTION)])
-    ids = [e.token_id for e in generate(real_model.runner, real_model.tokenizer, [req]) if isinstance(e, TokenEvent)]
+    ids = solo_tokens(real_model.runner, real_model.tokenizer, req)
     assert [m["token_id"] for _, m in tokens] == ids
 
 
@@ -148,7 +147,7 @@ def test_sixteen_concurrent_clients_share_batches_and_all_finish_correctly(real_
         # Batched greedy output equals the same request run alone.
         req = prepare_request(model.tokenizer, model.context_length, SamplingParams(temperature=0, max_tokens=24),
                               messages=[ChatMessage("user", questions[i])])
-        solo = [e.token_id for e in generate(model.runner, model.tokenizer, [req]) if isinstance(e, TokenEvent)]
+        solo = solo_tokens(model.runner, model.tokenizer, req)
         assert [m["token_id"] for m in tokens] == solo
 
 
@@ -173,8 +172,7 @@ def test_a_request_in_a_freed_slot_below_a_busy_one_equals_its_solo_run(real_ser
     slot 0. Every C must give its solo tokens (decode steps of B used to write into row 0)."""
 
     def chat(rid: str, text: str, **params) -> str:
-        return json.dumps({"type": "generate", "id": rid, "messages": [{"role": "user", "content": text}],
-                           "params": {"temperature": 0, **params}})
+        return generate_frame(rid, messages=[{"role": "user", "content": text}], temperature=0, **params)
 
     async def until_final(ws, rid: str) -> list[dict]:
         msgs = []

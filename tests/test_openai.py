@@ -34,8 +34,9 @@ def server(tiny_model_dir, tiny_cache, tiny_hf_dir) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="anything", max_retries=0)
+def client(server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="anything", max_retries=0) as sdk:
+        yield sdk
 
 
 def test_models_list_is_openais_shape(client, server) -> None:
@@ -247,10 +248,12 @@ def test_429_is_retried_by_the_sdk_itself(tiny_model_dir, tiny_cache, tiny_hf_di
     # 600 a minute: the bucket holds 600 and refills one every 100 ms, so a retry comes quickly.
     limited = _tiny(tiny_cache, tiny_hf_dir, "--rate-limit", "600")
     statuses: list[int] = []
+    opened: list[openai.OpenAI] = []
     try:
         hooks = {"response": [lambda response: statuses.append(response.status_code)]}
         sdk = openai.OpenAI(base_url=limited.url + "/v1", api_key="x", max_retries=3,
                             http_client=httpx.Client(event_hooks=hooks))
+        opened.append(sdk)
         burst = sdk.with_options(max_retries=0)
         refused = 0
         for _ in range(700):
@@ -268,6 +271,8 @@ def test_429_is_retried_by_the_sdk_itself(tiny_model_dir, tiny_cache, tiny_hf_di
         assert r.choices[0].text is not None
         assert statuses[0] == 429 and statuses[-1] == 200
     finally:
+        for sdk in opened:
+            sdk.close()
         limited.stop()
 
 
@@ -282,8 +287,7 @@ def test_sigterm_drains_http_streams(tiny_model_dir, tiny_cache, tiny_hf_dir) ->
             rest = [line for line in lines if line.startswith("data:")]
         draining.proc.wait(timeout=20)
     finally:
-        if draining.proc.poll() is None:
-            draining.stop()
+        draining.stop()
     assert first and rest[-1] == "data: [DONE]", "the running stream finished within the grace period"
     reasons = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
     assert reasons[-1] == "length"
@@ -292,9 +296,9 @@ def test_sigterm_drains_http_streams(tiny_model_dir, tiny_cache, tiny_hf_dir) ->
 
 @pytest.mark.integration
 def test_the_real_model_answers_through_the_sdk_as_over_the_websocket(real_server) -> None:
-    sdk = openai.OpenAI(base_url=real_server.url + "/v1", api_key="x", max_retries=0)
     question = [{"role": "user", "content": "Name three primary colors."}]
-    http = sdk.chat.completions.create(model="gpt-4o", messages=question, max_tokens=40, temperature=0)
+    with openai.OpenAI(base_url=real_server.url + "/v1", api_key="x", max_retries=0) as sdk:
+        http = sdk.chat.completions.create(model="gpt-4o", messages=question, max_tokens=40, temperature=0)
     assert http.model == "SmolLM2-135M-Instruct"
 
     async def ws_text() -> str:

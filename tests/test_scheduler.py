@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from streamgen.engine.core import EngineCore
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, GenerationRequest, TokenEvent
-from streamgen.engine.runner import ModelInfo
+from streamgen.model_files import ModelInfo
 from streamgen.engine.scheduler import QueueFull, Scheduler, SchedulerLimits
 from streamgen.engine.sequence import Sequence, SeqStatus
 from streamgen.engine.slot_table import SlotTable

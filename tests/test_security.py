@@ -12,13 +12,14 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 from streamgen.config import Settings
-from streamgen.engine.engine import Engine, EngineLimits
+from streamgen.engine.config import EngineConfig
+from streamgen.engine.engine import Engine
 from streamgen.engine.loader import load_model
 from streamgen.server.app import create_app
 from streamgen.server.security import RateLimiter
 
 from conftest import CPU
-from test_protocol import _collect, _gen, _wait_ready
+from helpers import collect, generate_frame, wait_ready
 
 KEY = "k3y-for-tests_0123456789"
 SECURE = Settings(api_key=KEY, allowed_origins="https://chat.example.com")
@@ -28,11 +29,11 @@ SECURE = Settings(api_key=KEY, allowed_origins="https://chat.example.com")
 def make_client(tiny_model_dir) -> Iterator:
     clients = []
 
-    def make(settings: Settings, limits: EngineLimits = EngineLimits()) -> TestClient:
+    def make(settings: Settings, limits: EngineConfig = EngineConfig()) -> TestClient:
         client = TestClient(create_app(settings, Engine(lambda: load_model(tiny_model_dir, CPU), limits)))
         client.__enter__()
         clients.append(client)
-        _wait_ready(client)
+        wait_ready(client)
         return client
 
     yield make
@@ -76,8 +77,8 @@ def test_websocket_accepts_the_key_by_subprotocol_or_header(make_client, how: st
     with c.websocket_connect("/v1/ws", **kwargs) as ws:
         if how == "subprotocol":
             assert ws.accepted_subprotocol == "streamgen.v1", "the key is never echoed"
-        ws.send_text(_gen("ok", max_tokens=3))
-        assert _collect(ws, {"ok"})["ok"][-1]["type"] == "done"
+        ws.send_text(generate_frame("ok", max_tokens=3))
+        assert collect(ws, {"ok"})["ok"][-1]["type"] == "done"
 
 
 @pytest.mark.parametrize(
@@ -105,18 +106,18 @@ def test_origin_allowlist(make_client, origin: str, allowed: bool) -> None:
 
 
 def test_prompt_and_output_token_limits(tiny_model_dir) -> None:
-    limits = EngineLimits(max_prompt_tokens=8, max_new_tokens=16)
+    limits = EngineConfig(max_prompt_tokens=8, max_new_tokens=16)
     with TestClient(create_app(Settings(), Engine(lambda: load_model(tiny_model_dir, CPU), limits))) as c:
-        _wait_ready(c)
+        wait_ready(c)
         with c.websocket_connect("/v1/ws") as ws:
-            ws.send_text(_gen("long", "word " * 20))
+            ws.send_text(generate_frame("long", "word " * 20))
             err = ws.receive_json()
             assert err["code"] == "prompt_too_long" and err["param"] == "prompt" and "at most 8" in err["message"]
-            ws.send_text(_gen("many", max_tokens=17))
+            ws.send_text(generate_frame("many", max_tokens=17))
             err = ws.receive_json()
             assert err["code"] == "invalid_parameter" and err["param"] == "max_tokens" and "at most 16" in err["message"]
-            ws.send_text(_gen("fine", ignore_eos=True))
-            done = _collect(ws, {"fine"})["fine"][-1]
+            ws.send_text(generate_frame("fine", ignore_eos=True))
+            done = collect(ws, {"fine"})["fine"][-1]
             assert done["usage"]["completion_tokens"] == 16, "the default max_tokens respects the server's cap"
 
 
@@ -134,9 +135,9 @@ def test_rate_limit_per_client(make_client) -> None:
     c = make_client(replace(Settings(), rate_limit=3))
     with c.websocket_connect("/v1/ws") as ws:
         for i in range(3):
-            ws.send_text(_gen(f"r{i}", max_tokens=2))
-            assert _collect(ws, {f"r{i}"})[f"r{i}"][-1]["type"] == "done"
-        ws.send_text(_gen("r3", max_tokens=2))
+            ws.send_text(generate_frame(f"r{i}", max_tokens=2))
+            assert collect(ws, {f"r{i}"})[f"r{i}"][-1]["type"] == "done"
+        ws.send_text(generate_frame("r3", max_tokens=2))
         err = ws.receive_json()
         assert err["code"] == "rate_limited" and err["retry_after_ms"] > 1000
 
@@ -167,8 +168,8 @@ def test_each_key_reuses_only_its_own_cache(make_client) -> None:
 
     def cached(key: str, rid: str) -> int:
         with c.websocket_connect("/v1/ws", headers={"Authorization": f"Bearer {key}"}) as ws:
-            ws.send_text(_gen(rid, prompt, temperature=0, max_tokens=2))
-            return _collect(ws, {rid})[rid][-1]["usage"]["cached_tokens"]
+            ws.send_text(generate_frame(rid, prompt, temperature=0, max_tokens=2))
+            return collect(ws, {rid})[rid][-1]["usage"]["cached_tokens"]
 
     assert cached(KEY, "a1") == 0
     assert cached(other, "b1") == 0, "the other key does not see the first key's prompt"

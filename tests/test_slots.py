@@ -11,9 +11,10 @@ from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, TokenEvent, prepare_request
 from streamgen.engine.runner import OnnxRunner
 from streamgen.engine.slots import ContextFull, SlotConfig, SlotRunner
-from streamgen.models.cache import Manifest
+from streamgen.model_files import Manifest
 
 from conftest import CPU
+from helpers import greedy_slot
 
 PROMPTS = ["The quick brown fox", "Paris is the capital of France. Berlin is", "Hello", "Code: def f(x): return"]
 
@@ -25,7 +26,7 @@ def tok(tiny_model_dir):
 
 @pytest.fixture()
 def slots(tiny_model_dir) -> SlotRunner:
-    return SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=4, max_context=128, prefill_chunk=5))
+    return SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=4, max_context=128, forward_tokens=5))
 
 
 def _greedy_plain(runner: OnnxRunner, prompt: list[int], steps: int) -> list[int]:
@@ -34,15 +35,6 @@ def _greedy_plain(runner: OnnxRunner, prompt: list[int], steps: int) -> list[int
     for _ in range(steps):
         out.append(int(logits[0].argmax()))
         logits = runner.decode(state, np.array([out[-1]]))
-    return out
-
-
-def _greedy_slot(runner: SlotRunner, slot: int, prompt: list[int], steps: int) -> list[int]:
-    logits = runner.prefill(slot, prompt)
-    out = []
-    for _ in range(steps):
-        out.append(int(logits.argmax()))
-        logits = runner.decode([slot], [out[-1]])[0]
     return out
 
 
@@ -59,7 +51,7 @@ def test_gqa_greedy_equals_the_plain_export_for_64_steps(tiny_plain_dir, tok, sl
     for text in PROMPTS[:2]:
         prompt = tok.encode(text)
         slot = slots.allocate()
-        assert _greedy_slot(slots, slot, prompt, 64) == _greedy_plain(plain, prompt, 64)
+        assert greedy_slot(slots, slot, prompt, 64) == _greedy_plain(plain, prompt, 64)
         slots.free(slot)
 
 
@@ -69,7 +61,7 @@ def test_rows_of_different_lengths_decoded_together_give_their_solo_tokens(tok, 
     solo = []
     for p in prompts:
         s = slots.allocate()
-        solo.append(_greedy_slot(slots, s, p, 30))
+        solo.append(greedy_slot(slots, s, p, 30))
         slots.free(s)
     taken = [slots.allocate() for _ in prompts]
     logits = np.stack([slots.prefill(s, p) for s, p in zip(taken, prompts)])  # one row at a time
@@ -97,16 +89,16 @@ def test_prefilling_a_row_leaves_the_other_rows_bit_identical(tok, slots) -> Non
 def test_a_reused_slot_gives_solo_tokens(tok, slots) -> None:
     prompt = tok.encode(PROMPTS[2])
     fresh = slots.allocate()
-    expected = _greedy_slot(slots, fresh, prompt, 20)
+    expected = greedy_slot(slots, fresh, prompt, 20)
     slots.free(fresh)
     # Fill slot 0 with a long, different history, free it, then reuse it.
     s = slots.allocate()
     assert s == fresh
-    _greedy_slot(slots, s, tok.encode(PROMPTS[1] * 3), 40)
+    greedy_slot(slots, s, tok.encode(PROMPTS[1] * 3), 40)
     slots.free(s)
     again = slots.allocate()
     assert again == fresh
-    assert _greedy_slot(slots, again, prompt, 20) == expected
+    assert greedy_slot(slots, again, prompt, 20) == expected
 
 
 def _rows(runner: SlotRunner, slot: int, upto: int) -> list[bytes]:
@@ -118,7 +110,7 @@ def _rows(runner: SlotRunner, slot: int, upto: int) -> list[bytes]:
 def test_decoding_other_rows_leaves_every_row_below_the_width_bit_identical(tiny_model_dir, tok, kind) -> None:
     """GQA writes one position in every row a decode step runs; the rows not decoding must only ever get
     that write at a position they will overwrite before reading it."""
-    runner = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=3, max_context=48, prefill_chunk=8))
+    runner = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=3, max_context=48, forward_tokens=8))
     prompt = tok.encode(PROMPTS[1])  # 10+ tokens
     subject = runner.allocate()
     assert subject == 0
@@ -155,18 +147,18 @@ def test_the_three_line_reproduction_prefill_one_slot_decode_another(tiny_model_
 
 
 def test_a_copied_prefix_decodes_like_its_source(tiny_model_dir, tok) -> None:
-    runner = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=3, max_context=96, prefill_chunk=7))
+    runner = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=3, max_context=96, forward_tokens=7))
     shared = tok.encode(PROMPTS[1])
     tail = tok.encode(" The quick brown fox")
     solo_slot = runner.allocate()
-    solo = _greedy_slot(runner, solo_slot, shared + tail, 20)
+    solo = greedy_slot(runner, solo_slot, shared + tail, 20)
     runner.free(solo_slot)
     source, target = runner.allocate(), runner.allocate()
     runner.prefill(source, shared + tok.encode(" Hello"))  # holds the shared part, then diverges
     runner.copy_prefix(source, target, len(shared))
     assert _rows(runner, target, len(shared)) == _rows(runner, source, len(shared))
     assert runner.table.tokens[target, : len(shared)].tolist() == shared
-    assert _greedy_slot(runner, target, tail, 20) == solo
+    assert greedy_slot(runner, target, tail, 20) == solo
     with pytest.raises(ValueError, match="differ before position"):
         other = runner.allocate()
         runner.prefill(other, tail)
@@ -175,8 +167,8 @@ def test_a_copied_prefix_decodes_like_its_source(tiny_model_dir, tok) -> None:
 
 def test_chunked_prefill_equals_one_pass(tiny_model_dir, tok) -> None:
     prompt = tok.encode(PROMPTS[1] * 2)
-    whole = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=1, max_context=128, prefill_chunk=128))
-    chunked = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=1, max_context=128, prefill_chunk=3))
+    whole = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=1, max_context=128, forward_tokens=128))
+    chunked = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=1, max_context=128, forward_tokens=3))
     np.testing.assert_allclose(whole.prefill(whole.allocate(), prompt), chunked.prefill(chunked.allocate(), prompt),
                                rtol=1e-4, atol=1e-4)
 

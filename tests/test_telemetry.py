@@ -19,7 +19,7 @@ from streamgen.server.app import create_app
 from streamgen.telemetry.setup import Telemetry
 
 from conftest import CPU
-from test_protocol import _BreakableRunner, _collect, _wait_ready
+from helpers import BreakableRunner, collect, wait_ready
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -35,10 +35,10 @@ def _telemetry(exporter: InMemorySpanExporter, detail: str = "token") -> Telemet
 def traced(tiny_model_dir: Path):
     exporter = InMemorySpanExporter()
     model = load_model(tiny_model_dir, CPU)
-    runner = _BreakableRunner(model.runner)
+    runner = BreakableRunner(model.runner)
     engine = Engine(lambda: LoadedModel(model.directory, model.manifest, runner, model.tokenizer))
     with TestClient(create_app(Settings(), engine, _telemetry(exporter))) as client:
-        _wait_ready(client)
+        wait_ready(client)
         yield client, exporter, runner
 
 
@@ -49,7 +49,7 @@ def _spans_of(exporter: InMemorySpanExporter, trace_id: str) -> list:
 def _run(client: TestClient, message: dict, headers: dict | None = None) -> list[dict]:
     with client.websocket_connect("/v1/ws", headers=headers or {}) as ws:
         ws.send_text(json.dumps(message))
-        return _collect(ws, {message["id"]})[message["id"]]
+        return collect(ws, {message["id"]})[message["id"]]
 
 
 def test_span_tree_of_one_request(traced) -> None:
@@ -94,7 +94,7 @@ def test_request_detail_gives_one_decode_span(tiny_model_dir: Path) -> None:
     exporter = InMemorySpanExporter()
     engine = Engine(lambda: load_model(tiny_model_dir, CPU))
     with TestClient(create_app(Settings(), engine, _telemetry(exporter, detail="request"))) as client:
-        _wait_ready(client)
+        wait_ready(client)
         msgs = _run(client, {"type": "generate", "id": "s", "prompt": "Hi", "params": {"max_tokens": 8, "ignore_eos": True}})
     names = sorted(s.name for s in _spans_of(exporter, msgs[0]["trace_id"]) if s.parent is not None)
     assert names == ["decode", "prefill", "queue", "tokenize"]
@@ -108,7 +108,7 @@ def test_cancelled_and_failed_requests_carry_their_status(traced) -> None:
         trace_id = ws.receive_json()["trace_id"]
         assert ws.receive_json()["type"] == "token"
         ws.send_text(json.dumps({"type": "cancel", "id": "c"}))
-        _collect(ws, {"c"})
+        collect(ws, {"c"})
     (root,) = [s for s in _spans_of(exporter, trace_id) if s.parent is None]
     assert tuple(root.attributes["gen_ai.response.finish_reasons"]) == ("cancelled",)
     assert root.status.status_code == StatusCode.UNSET
@@ -119,7 +119,7 @@ def test_cancelled_and_failed_requests_carry_their_status(traced) -> None:
         trace_id = ws.receive_json()["trace_id"]
         assert ws.receive_json()["type"] == "token"
         runner.broken = True
-        assert _collect(ws, {"f"})["f"][-1]["code"] == "internal"
+        assert collect(ws, {"f"})["f"][-1]["code"] == "internal"
     (root,) = [s for s in _spans_of(exporter, trace_id) if s.parent is None]
     assert root.status.status_code == StatusCode.ERROR
     assert root.attributes["error.type"] == "internal"

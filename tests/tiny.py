@@ -27,13 +27,10 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_llama(out: Path, *, seed: int = 0, vocab_target: int = 512) -> Path:
-    """Write a Hugging Face model directory (weights, config, tokenizer) to out."""
-    import torch
+def build_tiny_tokenizer(vocab_target: int = 512):
+    """The tiny model's byte-level BPE tokenizer, trained on CORPUS: `tokenizers` only, no torch."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -44,6 +41,16 @@ def build_tiny_llama(out: Path, *, seed: int = 0, vocab_target: int = 512) -> Pa
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def build_tiny_llama(out: Path, *, seed: int = 0, vocab_target: int = 512) -> Path:
+    """Write a Hugging Face model directory (weights, config, tokenizer) to out."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tokenizer(vocab_target)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
         pad_token="<|endoftext|>",

@@ -150,7 +150,7 @@ async def no_sharing(url: str, round_no: int, duration: float) -> tuple[float, i
 
 
 def run_cache_bench(args) -> int:
-    from streamgen.cli import ensure_model
+    from streamgen.models.pull import ensure_model
 
     directory = ensure_model(args.model, args.quantize, args.home)
     print("measuring step costs in this process ...", file=sys.stderr, flush=True)

@@ -28,7 +28,7 @@ def greedy_request(model: LoadedModel, tokens: int) -> GenerationRequest:
 
 def load_for_bench(args) -> tuple[LoadedModel, GenerationRequest]:
     """The model named by --model/--quantize/--home (pulled if needed) and the greedy request."""
-    from streamgen.cli import ensure_model
+    from streamgen.models.pull import ensure_model
 
     model = load_model(ensure_model(args.model, args.quantize, args.home), Device("cpu"), args.threads)
     return model, greedy_request(model, args.tokens)
@@ -71,11 +71,14 @@ class ServeProcess:
         return ""  # subclasses that keep the output add it here
 
     def stop(self) -> None:
-        self.proc.terminate()
+        """Terminate it (if it still runs) and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
 
 
 def serve_args(args) -> list[str]:

@@ -88,7 +88,7 @@ def bench_variant(directory: Path, quantization: str, rounds: int, tokens: int, 
 
 
 def run_engine_bench(args) -> int:
-    from streamgen.cli import ensure_model
+    from streamgen.models.pull import ensure_model
 
     variants = [v.strip() for v in args.quantize.split(",") if v.strip()]
     results = []

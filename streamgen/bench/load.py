@@ -100,7 +100,7 @@ def plot(results: list[LevelResult], path: Path) -> None:
 
 
 def run_load_bench(args) -> int:
-    from streamgen.cli import ensure_model
+    from streamgen.models.pull import ensure_model
 
     ensure_model(args.model, args.quantize, args.home)
     common = [*serve_args(args), "--max-queued", "256", "--max-requests-per-connection", "1", "--rate-limit", "0"]

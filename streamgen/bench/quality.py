@@ -136,7 +136,7 @@ def run_quality(directories: dict[str, Path], threads: int = 0, texts: list[str]
 
 
 def run_quality_bench(args) -> int:
-    from streamgen.cli import ensure_model
+    from streamgen.models.pull import ensure_model
 
     variants = [v.strip() for v in args.quantize.split(",") if v.strip()]
     if "none" not in variants:

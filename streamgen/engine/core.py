@@ -22,7 +22,7 @@ from streamgen.engine.costs import StepCosts
 from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
 from streamgen.engine.prefix import best_source, choose_slot
 from streamgen.engine.request import Event, FinishReason, GenerationRequest
-from streamgen.engine.runner import ModelInfo
+from streamgen.model_files import ModelInfo
 from streamgen.engine.sampling import sample
 from streamgen.engine.scheduler import Scheduler, SchedulerLimits, StepPlan
 from streamgen.engine.sequence import Sequence, SeqStatus

@@ -20,12 +20,14 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from enum import StrEnum
 
 import structlog
 
+from streamgen.engine.config import ENGINE_DEFAULTS, EngineConfig
 from streamgen.engine.core import EngineCore
+from streamgen.engine.invariance import batch_invariant
 from streamgen.engine.loader import LoadedModel
 from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
 from streamgen.engine.params import SamplingParams
@@ -63,16 +65,6 @@ class ShuttingDown(StreamgenError):
 
 
 SHUTTING_DOWN_MESSAGE = "the server is shutting down; retry on another instance"
-
-
-@dataclass(frozen=True, slots=True)
-class EngineLimits:
-    max_waiting: int = 64  # accepted requests waiting for a slot; more are refused (overloaded)
-    token_budget: int = 256  # tokens per step: one per decoding request, the rest for prompt chunks
-    prefill_chunk: int = 128  # most prompt tokens of one request per step
-    max_prompt_tokens: int | None = None  # refused beyond this (prompt_too_long)
-    max_new_tokens: int | None = None  # largest max_tokens accepted
-    prefix_cache: bool = True  # keep each slot's KV after its request and reuse shared prompt prefixes
 
 
 class RequestHandle:
@@ -126,9 +118,9 @@ def _put_all(items: list[tuple[asyncio.Queue, tuple[int, Event]]]) -> None:
 
 
 class Engine:
-    def __init__(self, load: Callable[[], LoadedModel], limits: EngineLimits = EngineLimits()) -> None:
+    def __init__(self, load: Callable[[], LoadedModel], config: EngineConfig = ENGINE_DEFAULTS) -> None:
         self._load = load
-        self.limits = limits
+        self.config = config
         self.model: LoadedModel | None = None
         self.core: EngineCore | None = None
         self.state = EngineState.LOADING
@@ -148,6 +140,7 @@ class Engine:
         # they set up is in place for the first request /health/ready lets in.
         self.ready_listeners: list[Callable[[LoadedModel], None]] = []
         self.max_batch_seen = 0
+        self.batch_invariant: bool | None = None  # checked on the loaded build at start-up
         self._mean_request_s = 1.0  # running mean, for retry_after_ms
 
     # ---- lifecycle -------------------------------------------------------------
@@ -187,7 +180,7 @@ class Engine:
         model = self._require_ready()
         return prepare_request(
             model.tokenizer, model.context_length, params, prompt=prompt, messages=messages, request_id=request_id,
-            max_prompt_tokens=self.limits.max_prompt_tokens, max_new_tokens=self.limits.max_new_tokens,
+            max_prompt_tokens=self.config.max_prompt_tokens, max_new_tokens=self.config.max_new_tokens,
             truncate=truncate, namespace=namespace,
         )
 
@@ -207,7 +200,7 @@ class Engine:
             raise ShuttingDown(SHUTTING_DOWN_MESSAGE)
         self._require_ready()
         waiting = self.queued_requests
-        if waiting + len(requests) > self.limits.max_waiting:
+        if waiting + len(requests) > self.config.max_queued:
             retry = self._retry_after_ms(waiting)
             raise EngineOverloaded(f"the server is at capacity ({waiting} requests waiting); retry in {retry} ms",
                                    retry_after_ms=retry)
@@ -240,13 +233,9 @@ class Engine:
             self.core = EngineCore(
                 model.runner,
                 model.tokenizer,
-                SchedulerLimits(
-                    max_waiting=self.limits.max_waiting,
-                    token_budget=self.limits.token_budget,
-                    prefill_chunk=self.limits.prefill_chunk,
-                ),
+                SchedulerLimits.from_config(self.config),
                 on_decode=self._decoded,
-                prefix_cache=self.limits.prefix_cache,
+                prefix_cache=self.config.prefix_cache,
             )
             self._warm_up(self.core, model)
             for listener in self.ready_listeners:
@@ -354,8 +343,16 @@ class Engine:
                 item._deliver(event)
 
     def _warm_up(self, core: EngineCore, model: LoadedModel) -> None:
-        """One short generation so the first user does not pay for ORT's lazy set-up."""
+        """One short generation so the first user does not pay for ORT's lazy set-up; then check that this
+        build on this CPU gives a row the same logits in a batch as alone (engine/invariance.py)."""
         params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         core.add(GenerationRequest(tuple(model.tokenizer.encode("Hello")), params, frozenset()), -1)
         while core.has_work:
             core.step()
+        ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 2)
+        self.batch_invariant = batch_invariant(model.runner, [ids[:7], ids[:13]])
+        if not self.batch_invariant:
+            log.warning("engine.not_batch_invariant", quantization=model.manifest.quantization,
+                        advice="this build's kernels compute a row differently in a batch on this CPU, so a "
+                               "request's tokens can depend on the requests beside it; the fp32 and int8 builds "
+                               "do not, or serve with --max-batch 1")

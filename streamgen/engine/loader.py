@@ -10,7 +10,7 @@ from streamgen.engine.device import Device
 from streamgen.engine.runner import OnnxRunner, PlainSlots
 from streamgen.engine.slots import SlotConfig, SlotRunner
 from streamgen.engine.tokenizer import TextTokenizer
-from streamgen.models.cache import GRAPH_GQA, Manifest
+from streamgen.model_files import GRAPH_GQA, Manifest
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,6 @@ attention mask marks the padding, so each row sees only its own tokens.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,34 +20,13 @@ import numpy as np
 import onnxruntime as ort
 
 from streamgen.engine.device import Device
+from streamgen.engine.session import open_session
+from streamgen.model_files import ModelInfo
 from streamgen.engine.slot_table import SlotTable
 
 _PAST_PREFIX = "past_key_values."
 _PRESENT_PREFIX = "present."
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """What the engine needs to know about a model, read from its config."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    context_length: int
-
-    @classmethod
-    def from_config(cls, config_path: Path) -> ModelInfo:
-        c = json.loads(config_path.read_text())
-        heads = c["num_attention_heads"]
-        return cls(
-            num_layers=c["num_hidden_layers"],
-            num_kv_heads=c.get("num_key_value_heads", heads),
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            vocab_size=c["vocab_size"],
-            context_length=c["max_position_embeddings"],
-        )
 
 
 @dataclass(slots=True)
@@ -60,10 +38,6 @@ class KVState:
     next_positions: np.ndarray  # [B] int64, position id of each row's next token
 
     @property
-    def length(self) -> int:
-        return self.attention_mask.shape[1]
-
-    @property
     def batch_size(self) -> int:
         return self.attention_mask.shape[0]
 
@@ -72,11 +46,7 @@ class OnnxRunner:
     def __init__(self, model_dir: Path, device: Device, threads: int = 0) -> None:
         self.device = device
         self.info = ModelInfo.from_config(model_dir / "config.json")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=device.providers)
+        self.session = open_session(model_dir / "model.onnx", device, threads)
         inputs = self.session.get_inputs()
         self._past_names = [i.name for i in inputs if i.name.startswith(_PAST_PREFIX)]
         self._present_names = [_PRESENT_PREFIX + n[len(_PAST_PREFIX) :] for n in self._past_names]

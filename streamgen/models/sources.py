@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from streamgen.errors import PullError
-from streamgen.models.cache import DEFAULT_MODEL
+from streamgen.model_files import DEFAULT_MODEL
 from streamgen.models.progress import StageProgress
 
 

@@ -41,7 +41,7 @@ def validate_export(model_dir: Path, source: str | Path) -> str:
         ref_logits = reference(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1 : -1].float().numpy()
 
     runner = SlotRunner(model_dir, Device("cpu"), SlotConfig(max_batch=2, max_context=len(prompt) + STEPS + 1,
-                                                             prefill_chunk=max(1, len(prompt) // 3)))
+                                                             forward_tokens=max(2, len(prompt) // 3)))
     slot = runner.allocate()
     ours = [runner.prefill(slot, prompt)]
     for token in generated[:-1]:

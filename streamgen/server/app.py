@@ -93,6 +93,7 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
                 "quantization": model.manifest.quantization,
                 "graph": model.manifest.graph,
                 "max_batch": model.runner.max_slots,
+                "batch_invariant": engine.batch_invariant,
                 "kv_cache_bytes": model.kv_bytes,
             }],
             "websocket": {"path": WS_PATH, "protocol_version": PROTOCOL_VERSION},
@@ -193,5 +194,5 @@ async def _announce_when_ready(settings: Settings, engine: Engine) -> None:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     log.info("server.ready", url=f"http://{host}:{settings.port}/", model=model.name,
              graph=model.manifest.graph, quantization=model.manifest.quantization, device=str(model.runner.device),
-             slots=model.runner.max_slots, context=model.context_length,
+             slots=model.runner.max_slots, context=model.context_length, batch_invariant=engine.batch_invariant,
              kv_cache_mib=round(model.kv_bytes / 2**20, 1))

@@ -1,6 +1,7 @@
 """One request's telemetry: its span tree, its metrics and its log lines.
 
-`RequestTelemetry` is the engine's RequestObserver for a request. The root span
+`RequestTelemetry` holds one request's root span; each of its choices has a
+`ChoiceTelemetry`, the engine's RequestObserver for that sequence. The root span
 is named by the GenAI conventions ("chat SmolLM2-135M-Instruct") and gets the
 request, response and usage attributes; its children show where the time went:
 tokenize, queue, prefill, then per generated token forward, sample and
@@ -14,18 +15,27 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from streamgen.engine.observer import RequestObserver
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import ErrorEvent, FinishEvent, FinishReason, TokenEvent
+from streamgen.telemetry.metrics import Metrics
 
-if TYPE_CHECKING:
-    from streamgen.telemetry.setup import Telemetry
+
+class Recorders(Protocol):
+    """What one request's telemetry records with (the Telemetry bundle of telemetry/setup.py is one)."""
+
+    tracer: Tracer
+    metrics: Metrics
+    logger: Any  # a structlog logger
+    detail: str  # "token": spans per token; "request": one decode span
+    log_prompts: bool
+    model_name: str
 
 # perf_counter() -> nanoseconds since the epoch, for explicit span times.
 _EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
@@ -65,7 +75,7 @@ def request_attributes(params: SamplingParams) -> dict[str, Any]:
 class RequestTelemetry:
     """One request: its root span, request-level attributes and log lines, and one observer per choice."""
 
-    def __init__(self, telemetry: Telemetry, request_id: str, operation: str, parent: Context | None,
+    def __init__(self, telemetry: Recorders, request_id: str, operation: str, parent: Context | None,
                  choices: int = 1) -> None:
         self._tel = telemetry
         self.request_id = request_id

@@ -1,4 +1,6 @@
-"""Cache layout and manifests. Pure stdlib: the serving path imports this.
+"""What a pulled model is on disk: where it lives in the cache, its manifest,
+and what the engine reads from its config. Pure stdlib, and below both
+models/ (which writes these directories) and engine/ (which reads them).
 
     $STREAMGEN_HOME/                      (default ~/.cache/streamgen)
       downloads/                          wheels fetched from the package index
@@ -26,6 +28,8 @@ from streamgen.errors import ModelNotFoundError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 QUANTIZATIONS = ("none", "int8", "int4", "source")  # source: the GGUF's own levels (models/repack.py)
+# What `serve`, `generate` and `pull` use unless told otherwise (docs/benchmarks.md says why).
+DEFAULT_QUANTIZATION = "int8"
 GRAPH_GQA = "gqa"  # GroupQueryAttention with static KV buffers (models/gqa.py)
 GRAPH_PLAIN = "plain"  # Optimum's text-generation-with-past export
 GRAPHS = ("auto", GRAPH_GQA, GRAPH_PLAIN)  # auto: gqa where the architecture allows it
@@ -51,6 +55,29 @@ def model_slug(model: str) -> str:
     so they never collide with the embedded default of the same name.
     """
     return re.sub(r"[^A-Za-z0-9._-]+", "--", model).strip("-.") or "model"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the engine needs to know about a model, read from its config."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+
+    @classmethod
+    def from_config(cls, config_path: Path) -> ModelInfo:
+        c = json.loads(config_path.read_text())
+        heads = c["num_attention_heads"]
+        return cls(
+            num_layers=c["num_hidden_layers"],
+            num_kv_heads=c.get("num_key_value_heads", heads),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            vocab_size=c["vocab_size"],
+            context_length=c["max_position_embeddings"],
+        )
 
 
 @dataclass(frozen=True, slots=True)
