@@ -77,13 +77,13 @@ def test_generate_cli_streams_tokens_over_time(real_model_dir: Path) -> None:
         "--quantize", "none", "--temperature", "0", "--max-tokens", "64", "--ignore-eos",
         "Tell me a long story about a dragon.",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     arrivals: list[tuple[float, bytes]] = []
-    fd = proc.stdout.fileno()
-    while chunk := os.read(fd, 4096):
-        arrivals.append((time.monotonic(), chunk))
-    proc.wait(timeout=60)
-    summary = proc.stderr.read().decode()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        fd = proc.stdout.fileno()
+        while chunk := os.read(fd, 4096):
+            arrivals.append((time.monotonic(), chunk))
+        proc.wait(timeout=60)
+        summary = proc.stderr.read().decode()
     assert proc.returncode == 0, summary
     assert "64 tokens" in summary and "tokens/s" in summary and "time to first token" in summary
     # Tokens arrive as they are sampled: many separate writes, spread over the
