@@ -7,13 +7,16 @@ settings, and hands them to the pieces that do the work.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
+import traceback
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
 from streamgen.config import add_settings_flags, settings_from_args
-from streamgen.errors import StreamgenError
+from streamgen.errors import ConfigError, PullError, StreamgenError
 from streamgen.engine.config import DEVICE_CHOICES
 from streamgen.model_files import DEFAULT_MODEL, DEFAULT_QUANTIZATION, GRAPHS, QUANTIZATIONS, CacheLayout, streamgen_home
 
@@ -91,11 +94,34 @@ def _bias_pair(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected ID=BIAS such as 42=-100, got {text!r}") from None
 
 
+def _version() -> str:
+    """streamgen's version and the runtime it serves with (read from metadata: nothing heavy is imported)."""
+    import importlib.metadata
+    import platform
+
+    import streamgen
+
+    runtime = "onnxruntime not installed"
+    for name in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            runtime = f"{name} {importlib.metadata.version(name)}"
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return f"streamgen {streamgen.__version__} ({runtime}, Python {platform.python_version()})"
+
+
+def _add_log_level(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
+                   help="debug also prints the traceback of an error (default: warning)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamgen",
         description="Streaming LLM generation over ONNX Runtime with the KV cache kept on the device.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pull", help="download, convert and export a model into the cache",
@@ -107,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the build: {_QUANT_HELP} (default {DEFAULT_QUANTIZATION}, what serve uses)")
     p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     p.add_argument("--home", default=None, help="cache directory (default $STREAMGEN_HOME or ~/.cache/streamgen)")
+    _add_log_level(p)
 
     g = sub.add_parser("generate", help="generate text and stream it to the terminal",
                        description="Generate a continuation of PROMPT and print tokens as they are sampled. "
@@ -119,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(g)
     _add_runtime_flags(g)
     _add_sampling_flags(g)
+    _add_log_level(g)
 
     s = sub.add_parser("serve", help="run the WebSocket service and the browser client",
                        description="Pull the model if needed, load and warm it up, then serve the browser "
@@ -214,11 +242,15 @@ def _bench_parser(bsub, name: str, help: str, description: str, *, quantize: dic
     p.add_argument("--home", default=None, help="cache directory (default $STREAMGEN_HOME or ~/.cache/streamgen)")
     if json:
         p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    _add_log_level(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every failure ends in one `streamgen: error:` line that says what to do; the traceback is printed only
+    with --log-level debug."""
     args = build_parser().parse_args(argv)
+    debug = (getattr(args, "log_level", None) or os.environ.get("STREAMGEN_LOG_LEVEL", "")).lower() == "debug"
     try:
         if args.command == "pull":
             return _cmd_pull(args)
@@ -231,15 +263,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             from streamgen.telemetry.logs import configure_logging
 
-            configure_logging("warning")  # request lifecycle lines would drown the results
+            configure_logging(args.log_level or "warning")  # request lifecycle lines would drown the results
             module, function = _BENCHES[args.bench].split(":")
             return getattr(importlib.import_module(module), function)(args)
     except StreamgenError as exc:
+        if debug:
+            traceback.print_exc()
         print(f"streamgen: error: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nstreamgen: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, and the way to the details
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else "; run it again with --log-level debug for the traceback"
+        print(f"streamgen: error: {type(exc).__name__}: {str(exc)[:300]}{hint}", file=sys.stderr)
+        return 1
     return 1
 
 
@@ -264,7 +304,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from streamgen.engine.loader import load_model
     from streamgen.engine.slots import SlotConfig
     from streamgen.models.pull import ensure_model
-    from streamgen.server.app import create_app
+    from streamgen.server.app import check_port_free, create_app
     from streamgen.server.shutdown import DrainingServer
     from streamgen.telemetry.logs import configure_logging
     from streamgen.telemetry.setup import Telemetry
@@ -275,7 +315,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         telemetry = Telemetry.from_env(detail=settings.trace_detail, log_prompts=settings.log_prompts)
     except ValueError as exc:  # an unsupported OTEL_* value
-        raise SystemExit(f"streamgen: {exc}") from None
+        raise ConfigError(str(exc)) from None
+    check_port_free(settings.host, settings.port)  # before minutes of pulling or seconds of loading
     device = resolve_device(settings.device)
     directory = ensure_model(settings.model, settings.quantize, settings.home, allow_pull=not args.no_pull,
                              graph=settings.graph)
@@ -290,8 +331,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,  # keep the structlog set-up: one log format for the whole process
         log_level=settings.log_level,
     )
-    DrainingServer(server_config, app.state.drain).run()
+    server = DrainingServer(server_config, app.state.drain)
+    # A model that cannot be loaded ends the process (not a server that answers 503 forever).
+    threading.Thread(target=_stop_if_load_fails, args=(engine, server), daemon=True).start()
+    server.run()
+    if engine.load_failed:
+        raise PullError(f"the model in {directory} could not be loaded ({engine.failure}). If the cached build is "
+                        f"damaged, remove it and pull it again: rm -r '{directory}' && streamgen pull "
+                        f"{settings.model} --quantize {settings.quantize}")
     return 0
+
+
+def _stop_if_load_fails(engine, server) -> None:
+    if not engine.wait_ready() and engine.load_failed:
+        server.should_exit = True
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -306,7 +359,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
-            raise SystemExit("streamgen generate: give a PROMPT argument or pipe one on stdin")
+            raise ConfigError("give a PROMPT argument, or pipe one on stdin")
         prompt = sys.stdin.read()
     given = {f.name: getattr(args, f.name) for f in fields(SamplingParams) if getattr(args, f.name) is not None}
     if "logit_bias" in given:
@@ -317,7 +370,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(directory, device, args.threads)
     chat = not args.raw and model.tokenizer.chat_template is not None
     if args.system and not chat:
-        raise SystemExit("streamgen generate: --system needs chat mode (drop --raw)")
+        raise ConfigError("--system needs chat mode: drop --raw")
     messages = None
     if chat:
         messages = ([ChatMessage("system", args.system)] if args.system else []) + [ChatMessage("user", prompt)]

