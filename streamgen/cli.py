@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
     variants = {"default": "none,int8,int4", "help": "comma-separated variants (default none,int8,int4)"}
     one = {"choices": QUANTIZATIONS, "default": "none", "help": "variant (default none)"}
+    serving = {"choices": QUANTIZATIONS, "default": DEFAULT_QUANTIZATION,
+               "help": f"variant (default {DEFAULT_QUANTIZATION}, the serving default)"}
 
     _bench_parser(bsub, "engine", "greedy tokens/s: streamgen vs Optimum ORTModelForCausalLM.generate",
                   "Interleaves streamgen's engine and Optimum's generate(use_io_binding=True) on the same "
@@ -188,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Starts two `streamgen serve` processes (continuous batching, and one slot) and drives each "
                        "with N concurrent WebSocket clients per level; reports time to first token, inter-token "
                        "latency, aggregate tokens/s and failures; writes JSON and a plot.",
-                       quantize={**one, "default": "int8", "help": "variant (default int8, the serving default)"})
+                       quantize=serving)
     bl.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16, 32],
                     help="comma-separated client counts (default 1,4,16,32)")
     bl.add_argument("--duration", type=float, default=15.0, help="seconds per level and server (default 15)")
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "workloads between them: an 8-turn conversation (time to first token per turn), 16 clients "
                        "sharing a ~500-token system prompt (TTFT p95), and 16 clients with unrelated prompts "
                        "(throughput). First measures, in this process, the step costs the slot choice weighs.",
-                       quantize={**one, "default": "int8", "help": "variant (default int8, the serving default)"},
+                       quantize=serving,
                        rounds=3)
     bc.add_argument("--duration", type=float, default=20.0,
                     help="seconds of the no-sharing workload per round and server (default 20)")

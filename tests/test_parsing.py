@@ -94,7 +94,7 @@ def test_a_completion_body_maps_the_older_logprobs_count() -> None:
 def test_chat_bodies_that_are_refused_name_the_field(body: dict, param: str, code: str) -> None:
     err = _refused(api.chat_spec, body)
     assert (err.param, err.code) == (param, code)
-    assert api.ERROR_STATUS.get(code, 400) == 400
+    assert api.error_status(code) == 400
 
 
 def test_a_supported_empty_tools_list_and_text_format_are_fine() -> None:

@@ -17,6 +17,7 @@ of the fp32 build's answer. The table counts the answers each build keeps.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -49,8 +50,14 @@ class Question:
     facts: tuple[tuple[str, ...], ...]  # every group must appear; any string of a group will do
 
     def kept_by(self, answer: str) -> bool:
-        text = answer.lower()
-        return all(any(option.lower() in text for option in group) for group in self.facts)
+        return all(any(_mentions(answer, option) for option in group) for group in self.facts)
+
+
+def _mentions(text: str, fact: str) -> bool:
+    """fact appears in text, ignoring case, as a whole word: "7" is not in "1297", "cold" not in "scolded"."""
+    before = r"(?<!\w)" if fact[:1].isalnum() else ""
+    after = r"(?!\w)" if fact[-1:].isalnum() else ""
+    return re.search(before + re.escape(fact) + after, text, flags=re.IGNORECASE) is not None
 
 
 def load_questions(path: Path = QUESTIONS) -> list[Question]:

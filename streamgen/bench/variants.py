@@ -21,6 +21,7 @@ Needs the export extra (onnx and ONNX Runtime's quantizer) for the builds.
 from __future__ import annotations
 
 import collections
+import re
 import json
 import shutil
 import statistics
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from streamgen.models.quantize import VARIANTS
 
-BASELINE = "int8"
+BASELINE = "fp32"  # the default build (model_files.DEFAULT_QUANTIZATION); docs/benchmarks.md says why
 FRANCE = "What is the capital of France?"
 PROFILED_STEPS = 10
 
@@ -47,13 +48,15 @@ class VariantRow:
     matmul_share: float  # of one batch-16 decode step's kernel time
     attention_share: float
     batch_invariant: bool
+    answers_kept: int  # of bench/questions.json, as `bench quality` counts them
+    answers_total: int
 
 
 def _build(name: str, fp32_dir: Path, into: Path) -> Path:
     from streamgen.models.quantize import quantize_model
 
     method, options = VARIANTS[name]
-    out = into / name.replace(" ", "-")
+    out = into / re.sub(r"\W+", "-", name)
     out.mkdir()
     for f in fp32_dir.iterdir():
         if f.is_file() and not f.name.startswith("model.onnx"):
@@ -153,7 +156,7 @@ def run_variants_bench(args) -> int:
             name, round(statistics.median(speed[name]["b1"]), 1), round(statistics.median(speed[name]["b16"]), 1),
             quality[name].top1_agreement, quality[name].mean_kl,
             round(float(logits[first] - np.delete(logits, first).max()), 3), round(mm, 3), round(attn, 3),
-            _batch_invariant(dirs[name], batch),
+            _batch_invariant(dirs[name], batch), quality[name].answers_kept, quality[name].answers_total,
         ))
     tmp.cleanup()
 
@@ -162,14 +165,14 @@ def run_variants_bench(args) -> int:
     print(f"\nstreamgen bench variants: {args.model}, GQA graph, {args.rounds} interleaved rounds (medians), "
           f"baseline {BASELINE} as `pull` builds it; fp32 France margin {margin} = "
           f"{float(reference[first] - np.delete(reference, first).max()):.3f}\n")
-    print("| variant | batch-1 tok/s | vs int8 | batch-16 tok/s | vs int8 | top-1 vs fp32 | mean KL | "
-          f"France margin ({margin}) | batch-16 step: MatMulNBits / GQA | batch-invariant |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| variant | batch-1 tok/s | vs {BASELINE} | batch-16 tok/s | vs {BASELINE} | top-1 vs fp32 | mean KL | "
+          f"answers kept | France margin ({margin}) | batch-16 step: MatMulNBits / GQA | batch-invariant |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {r.batch1_tok_s} | {r.batch1_tok_s / base.batch1_tok_s:.2f}x | {r.batch16_tok_s} | "
               f"{r.batch16_tok_s / base.batch16_tok_s:.2f}x | {r.top1_agreement:.1%} | {r.mean_kl} | "
-              f"{r.france_margin:+.3f} | {r.matmul_share:.0%} / {r.attention_share:.0%} | "
-              f"{'yes' if r.batch_invariant else 'NO'} |")
+              f"{r.answers_kept}/{r.answers_total} | {r.france_margin:+.3f} | "
+              f"{r.matmul_share:.0%} / {r.attention_share:.0%} | {'yes' if r.batch_invariant else 'NO'} |")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     return 0

@@ -39,7 +39,10 @@ SOURCE = "source"  # repack the source's own GGUF grid, re-quantize nothing
 # The builds `pull` makes and the alternatives they were chosen over (`streamgen bench variants` measures
 # them all): name -> (quantization, keyword arguments of quantize_model); no arguments = what `pull` makes.
 VARIANTS: dict[str, tuple[str, dict]] = {
+    "fp32": ("none", {}),
     "int8": ("int8", {}),  # blocks of 64
+    "int8 with first+last layers fp32": ("int8", {"keep_fp32": ("/layers.0/", "/layers.29/")}),
+    "int8 with lm_head+first+last layers fp32": ("int8", {"keep_fp32": ("/lm_head/", "/layers.0/", "/layers.29/")}),
     "int8 block 32": ("int8", {"block_size": 32}),
     "int8 block 128": ("int8", {"block_size": 128}),
     "int8 fp32 activations": ("int8", {"accuracy_level": 1}),
@@ -51,7 +54,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 
 def quantize_model(src: Path, dst: Path, method: str, *, block_size: int | None = None,
-                   accuracy_level: int = ACCURACY_LEVEL, symmetric: bool = True) -> list[str]:
+                   accuracy_level: int = ACCURACY_LEVEL, symmetric: bool = True,
+                   keep_fp32: tuple[str, ...] = ()) -> list[str]:
     """Write a quantized copy of src to dst. Returns notes for the manifest.
 
     The keyword arguments are what `pull` never changes; `bench variants` uses
@@ -71,13 +75,16 @@ def quantize_model(src: Path, dst: Path, method: str, *, block_size: int | None 
     if method == SOURCE:
         return notes + _repack_source(model, dst, accuracy_level)
     block_size = block_size or BLOCK_SIZES[method]
+    kept = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(k in n.name for k in keep_fp32)]
     quantizer = MatMulNBitsQuantizer(
-        model, bits=BITS[method], block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level
+        model, bits=BITS[method], block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
+        nodes_to_exclude=kept,
     )
     quantizer.process()
     save_model(quantizer.model.model, dst)
     notes.append(f"{method}: onnxruntime MatMulNBits, {BITS[method]}-bit weights, "
-                 f"{'symmetric' if symmetric else 'asymmetric'}, block {block_size}, accuracy_level {accuracy_level}")
+                 f"{'symmetric' if symmetric else 'asymmetric'}, block {block_size}, accuracy_level {accuracy_level}"
+                 + (f"; {len(kept)} MatMul(s) kept fp32" if kept else ""))
     return notes
 
 

@@ -68,7 +68,7 @@ def error_response(code: str, message: str, param: str | None = None, retry_afte
     headers = {}
     if retry_after_ms is not None:
         headers = {"retry-after-ms": str(retry_after_ms), "retry-after": str(max(1, math.ceil(retry_after_ms / 1000)))}
-    return JSONResponse(api.error_body(code, message, param), status_code=api.ERROR_STATUS.get(code, 400),
+    return JSONResponse(api.error_body(code, message, param), status_code=api.error_status(code),
                         headers=headers)
 
 

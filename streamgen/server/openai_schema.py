@@ -23,7 +23,7 @@ from typing import Any
 
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, TokenEvent
-from streamgen.errors import ValidationError
+from streamgen.errors import ERROR_CODES, ValidationError
 from streamgen.server.spec import RequestSpec, parse_messages, parse_n, parse_prompt, parse_truncate
 
 CHAT_PATH = "/v1/chat/completions"
@@ -244,11 +244,12 @@ def error_body(code: str, message: str, param: str | None = None) -> dict[str, A
                       "code": code}}
 
 
-# code -> (HTTP status, the API's error type)
-ERROR_STATUS = {
-    "unauthorized": 401, "rate_limited": 429, "overloaded": 429, "engine_unavailable": 503,
-    "shutting_down": 503, "internal": 500, "payload_too_large": 413, "not_found": 404,
-}
+def error_status(code: str) -> int:
+    known = ERROR_CODES.get(code)
+    return known.status if known and known.status else 400
+
+
+# The API's error type for a code; the rest are invalid_request_error.
 ERROR_TYPES = {
     "unauthorized": "authentication_error", "rate_limited": "rate_limit_error", "overloaded": "rate_limit_error",
     "engine_unavailable": "server_error", "shutting_down": "server_error", "internal": "server_error",
