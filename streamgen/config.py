@@ -56,6 +56,7 @@ class Settings:
     log_format: str = "auto"
     log_prompts: bool = False
     jaeger_url: str | None = None
+    price_per_hour: float | None = None
 
 
 _HELP: dict[str, str] = {
@@ -94,6 +95,9 @@ _HELP: dict[str, str] = {
     "log_format": "auto (JSON lines unless on a terminal), json or console",
     "log_prompts": "log prompt text at info level (otherwise only at debug)",
     "jaeger_url": "Jaeger UI base URL; the browser client links each answer's trace there; unset: no links",
+    "price_per_hour": "what this machine costs an hour, in USD: each answer then reports its cost (its share of "
+                      "the engine's busy time) in usage.cost_usd, and /v1/stats the cost per million tokens; "
+                      "unset: no costs",
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "quantize": QUANTIZATIONS,
@@ -153,6 +157,10 @@ def _is_int(type_name: str) -> bool:
     return type_name in ("int", "int | None")
 
 
+def _is_float(type_name: str) -> bool:
+    return type_name in ("float", "float | None")
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server settings (flag, or environment variable)")
     for f in fields(Settings):
@@ -161,8 +169,8 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         if f.type == "bool":
             group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
             continue
-        group.add_argument(flag, dest=f.name, default=None, choices=_CHOICES.get(f.name),
-                           type=int if _is_int(f.type) else str, help=text)
+        kind = int if _is_int(f.type) else float if _is_float(f.type) else str
+        group.add_argument(flag, dest=f.name, default=None, choices=_CHOICES.get(f.name), type=kind, help=text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -176,6 +184,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             continue
         if f.name in _CHOICES and value not in _CHOICES[f.name]:
             raise ConfigError(f"{env_name(f.name)} must be one of {', '.join(_CHOICES[f.name])}, got {value!r}")
+        if f.name == "price_per_hour" and not (value >= 0 and value < float("inf")):
+            raise ConfigError(f"{flag_name(f.name)} must be a non-negative number of USD, got {value}")
         if f.name in _MINIMUM and value < _MINIMUM[f.name]:
             raise ConfigError(f"{flag_name(f.name)} must be at least {_MINIMUM[f.name]}, got {value}")
         values[f.name] = value
@@ -213,9 +223,10 @@ def _from_env(name: str, type_name: str, raw: str) -> Any:
         if raw.lower() not in _TRUE + _FALSE:
             raise ConfigError(f"{env_name(name)} must be true or false, got {raw!r}")
         return raw.lower() in _TRUE
-    if not _is_int(type_name):
+    if not (_is_int(type_name) or _is_float(type_name)):
         return raw
     try:
-        return int(raw)
+        return int(raw) if _is_int(type_name) else float(raw)
     except ValueError:
-        raise ConfigError(f"{env_name(name)} must be an integer, got {raw!r}") from None
+        kind = "an integer" if _is_int(type_name) else "a number"
+        raise ConfigError(f"{env_name(name)} must be {kind}, got {raw!r}") from None

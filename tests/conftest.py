@@ -34,12 +34,12 @@ from tiny import build_tiny_llama  # noqa: E402
 from streamgen.bench.common import ServeProcess  # noqa: E402
 from streamgen.engine.device import Device  # noqa: E402
 from streamgen.engine.loader import LoadedModel, load_model  # noqa: E402
-from streamgen.model_files import DEFAULT_MODEL, CacheLayout, streamgen_home  # noqa: E402
+from streamgen.model_files import DEFAULT_MODEL, DEFAULT_QUANTIZATION, CacheLayout, streamgen_home  # noqa: E402
 from streamgen.models.pull import pull  # noqa: E402
 
 CPU = Device("cpu")
 
-REAL_FIXTURES = {"real_cache", "real_model_dir", "real_int8_dir", "real_plain_dir", "real_model", "real_server"}
+REAL_FIXTURES = {"real_cache", "real_model_dir", "real_default_dir", "real_plain_dir", "real_model", "real_server"}
 TINY_FIXTURES = {"tiny_hf_dir", "tiny_cache", "tiny_model_dir", "tiny_plain_dir", "tiny_model", "keyed_server"}
 # The export toolchain: what the unit tier must run without.
 TOOLCHAIN = ("torch", "transformers", "optimum", "onnx", "gguf", "accelerate")
@@ -109,9 +109,9 @@ def real_model_dir(real_cache: CacheLayout) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_int8_dir(real_cache: CacheLayout, real_model_dir: Path) -> Path:
-    """The default serving build: GQA graph, int8."""
-    return pull(DEFAULT_MODEL, "int8", real_cache)
+def real_default_dir(real_cache: CacheLayout, real_model_dir: Path) -> Path:
+    """The build `streamgen serve` uses by default (GQA graph, DEFAULT_QUANTIZATION)."""
+    return pull(DEFAULT_MODEL, DEFAULT_QUANTIZATION, real_cache)
 
 
 @pytest.fixture(scope="session")
@@ -156,9 +156,9 @@ class ServerProcess(ServeProcess):
 
 
 @pytest.fixture(scope="session")
-def real_server(real_int8_dir: Path) -> Iterator[ServerProcess]:
-    """`streamgen serve` with its defaults: the GQA graph, int8."""
-    server = ServerProcess(real_int8_dir.parents[2])
+def real_server(real_default_dir: Path) -> Iterator[ServerProcess]:
+    """`streamgen serve` with its defaults."""
+    server = ServerProcess(real_default_dir.parents[2])
     try:
         server.wait_ready()
         yield server

@@ -2,8 +2,8 @@
 
     .venv/bin/python tests/screenshot.py
 
-Starts `streamgen serve` on the default model (int8, from the cache:
-`streamgen pull --quantize int8` first on a fresh machine), asks two questions
+Starts `streamgen serve` on the default model and build (from the cache:
+`streamgen pull` first on a fresh machine), asks two questions
 greedily in headless Chromium (Debian's package) at desktop size in light
 mode, and saves the page once the second answer is done. The second turn
 shows the server reusing the first turn's KV cache ("cached" in its figures).

@@ -37,7 +37,7 @@ async def _stream(url: str, rid: str, **params) -> list[tuple[float, dict]]:
                 return out
 
 
-def test_tokens_stream_incrementally_and_match_the_engine(real_server, real_int8_dir) -> None:
+def test_tokens_stream_incrementally_and_match_the_engine(real_server, real_default_dir) -> None:
     timed = asyncio.run(_stream(real_server.ws_url, "poem", temperature=0, max_tokens=48))
     msgs = [m for _, m in timed]
     tokens = [(t, m) for t, m in timed if m["type"] == "token"]
@@ -52,7 +52,7 @@ def test_tokens_stream_incrementally_and_match_the_engine(real_server, real_int8
     assert streamed == done["text"]
 
     # The same request through the engine alone, in this process, on the same build.
-    real_model = load_model(real_int8_dir, CPU)
+    real_model = load_model(real_default_dir, CPU)
     params = SamplingParams(temperature=0, max_tokens=48)
     req = prepare_request(real_model.tokenizer, real_model.context_length, params,
                           messages=[ChatMessage("user", QUESTION)])
@@ -113,7 +113,7 @@ def test_oversized_frame_closes_with_1009(real_server) -> None:
     assert asyncio.run(run()) == 1009
 
 
-def test_sixteen_concurrent_clients_share_batches_and_all_finish_correctly(real_server, real_int8_dir) -> None:
+def test_sixteen_concurrent_clients_share_batches_and_all_finish_correctly(real_server, real_default_dir) -> None:
     questions = [f"Give me one fact about the number {n}." for n in range(16)]
 
     async def client(i: int) -> list[dict]:
@@ -137,7 +137,7 @@ def test_sixteen_concurrent_clients_share_batches_and_all_finish_correctly(real_
     assert stats["max_batch_size_seen"] > 1
     assert stats["active_requests"] == 0 and stats["queued_requests"] == 0
 
-    model = load_model(real_int8_dir, CPU)
+    model = load_model(real_default_dir, CPU)
     for i, msgs in enumerate(results):
         done = msgs[-1]
         assert done["type"] == "done" and done["id"] == f"q{i}", done

@@ -28,7 +28,7 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="module")
-def traced_server(real_int8_dir: Path, receiver: OtlpReceiver) -> Iterator[ServerProcess]:
+def traced_server(real_default_dir: Path, receiver: OtlpReceiver) -> Iterator[ServerProcess]:
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -38,7 +38,7 @@ def traced_server(real_int8_dir: Path, receiver: OtlpReceiver) -> Iterator[Serve
         "STREAMGEN_JAEGER_URL": JAEGER,
         "STREAMGEN_LOG_FORMAT": "json",
     }
-    server = ServerProcess(real_int8_dir.parents[2], env=env)
+    server = ServerProcess(real_default_dir.parents[2], env=env)
     try:
         server.wait_ready()
         yield server

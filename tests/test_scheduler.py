@@ -257,3 +257,32 @@ def test_no_prompt_chunk_is_a_single_token_on_top_of_a_cache() -> None:
         core.step()
     _run(core)
     assert all(n >= 2 for kind, _, n in runner.calls if kind == "prefill")
+
+
+# ---- what each request cost -------------------------------------------------------------
+
+
+def test_step_time_is_split_by_tokens_run_and_a_request_alone_pays_the_whole_step(monkeypatch) -> None:
+    import streamgen.engine.core as core_module
+
+    clock = iter(range(0, 10_000, 1))  # hand-set step times: every clock read advances one second
+    monkeypatch.setattr(core_module.time, "perf_counter", lambda: float(next(clock)))
+    core, runner = _core(slots=2, budget=64, chunk=16)
+    steps: list[float] = []
+    core.on_step = lambda seconds, n: steps.append(seconds)
+    alone = core.add(_request(6, max_tokens=3), key=0)
+    events = _run(core)
+    final = next(e for e in events if isinstance(e, FinishEvent))
+    assert final.usage.compute_s == pytest.approx(sum(steps)), "alone, a request pays every step it was in"
+    assert core.busy_s == pytest.approx(sum(steps))
+    assert final.usage.cost_usd(3.6) == pytest.approx(final.usage.compute_s / 1000)
+
+    steps.clear()
+    a = core.add(_request(10, max_tokens=2, first=1), key=1)
+    b = core.add(_request(4, max_tokens=2, first=20), key=2)
+    events = _run(core)
+    finals = {e.row: e for e in events if isinstance(e, FinishEvent)}
+    # The first step ran a's 10 prompt tokens and b's 4: a paid 10/14 of it, b 4/14; then one token each.
+    assert finals[1].usage.compute_s + finals[2].usage.compute_s == pytest.approx(sum(steps))
+    assert finals[1].usage.compute_s == pytest.approx(steps[0] * 10 / 14 + sum(steps[1:]) / 2)
+    assert alone.compute_s > 0 and a.compute_s > b.compute_s

@@ -65,6 +65,8 @@ class EngineCore:
         self.scheduler = Scheduler(limits)
         self.costs = costs or StepCosts()
         self._on_decode = on_decode  # told each decode step's batch size
+        self.busy_s = 0.0  # time spent in steps (the rest of the wall time the machine was idle)
+        self.on_step: Callable[[float, int], None] | None = None  # told each step's seconds and sequences
 
     @property
     def has_work(self) -> bool:
@@ -93,10 +95,13 @@ class EngineCore:
         return [event]
 
     def step(self) -> list[Event]:
+        started = time.perf_counter()
         self._admit(self.scheduler.admit(self.runner.table.free_count))
         self._catch_up()
-        ready, logits = self._run(self.scheduler.plan())
+        plan = self.scheduler.plan()
+        ready, logits = self._run(plan)
         if not ready:
+            self._charge(plan, time.perf_counter() - started)
             return []
         sample_start = time.perf_counter()
         events: list[Event] = []
@@ -107,6 +112,7 @@ class EngineCore:
             events += failed
             picked = sample(logits, [s.sampler for s in ready])
         sampled = time.perf_counter()
+        self._charge(plan, sampled - started)
         for seq, token_id, logprob, top in zip(ready, picked.token_ids, picked.logprobs, picked.top_logprobs):
             try:
                 seq.observer.sample(len(seq.output_ids), sample_start, sampled, len(ready))
@@ -117,6 +123,17 @@ class EngineCore:
             if not seq.running:
                 self._release(seq)
         return events
+
+    def _charge(self, plan: StepPlan, seconds: float) -> None:
+        """Split the step's time among the sequences in it, in proportion to the tokens each ran (a prompt
+        chunk, or one decoded token): what each request cost of the machine. Idle time is charged to no one."""
+        work = [(seq, n) for seq, n in plan.prefill] + [(seq, 1) for seq in plan.decode]
+        tokens = sum(n for _, n in work)
+        for seq, n in work:
+            seq.compute_s += seconds * n / tokens
+        self.busy_s += seconds
+        if self.on_step is not None:
+            self.on_step(seconds, len(plan.decode) + len(plan.prefill))
 
     def _sample_rows_apart(self, ready: list[Sequence], logits: np.ndarray):
         """Sample each row alone to find the ones that raise; fail those."""

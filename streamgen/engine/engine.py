@@ -31,7 +31,8 @@ from streamgen.engine.invariance import batch_invariant
 from streamgen.engine.loader import LoadedModel
 from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
 from streamgen.engine.params import SamplingParams
-from streamgen.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, prepare_request
+from streamgen.engine.ledger import Ledger
+from streamgen.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, prepare_request
 from streamgen.engine.scheduler import QueueFull, SchedulerLimits
 from streamgen.engine.sequence import Sequence
 from streamgen.errors import StreamgenError
@@ -142,6 +143,7 @@ class Engine:
         self.ready_listeners: list[Callable[[LoadedModel], None]] = []
         self.max_batch_seen = 0
         self.batch_invariant: bool | None = None  # checked on the loaded build at start-up
+        self.ledger = Ledger()  # busy time and output over the last minute
         self._mean_request_s = 1.0  # running mean, for retry_after_ms
 
     # ---- lifecycle -------------------------------------------------------------
@@ -239,6 +241,7 @@ class Engine:
                 prefix_cache=self.config.prefix_cache,
             )
             self._warm_up(self.core, model)
+            self.core.on_step = lambda seconds, _: self.ledger.step(seconds)
             for listener in self.ready_listeners:
                 listener(model)
             self.model = model
@@ -311,6 +314,7 @@ class Engine:
             self._deliver(self.core.cancel(handle.sequence))
 
     def _deliver(self, events: list[Event]) -> None:
+        self.ledger.tokens(sum(isinstance(e, TokenEvent) for e in events))
         batch = []
         for event in events:
             handle = self._handles.get(event.row)

@@ -50,6 +50,11 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache instead of a forward pass
+    compute_s: float = 0.0  # this request's share of the engine's step time: what it cost of the machine
+
+    def cost_usd(self, price_per_hour: float | None) -> float | None:
+        """The request's share of the machine at that price; None when no price is set."""
+        return None if price_per_hour is None else self.compute_s * price_per_hour / 3600
 
 
 @dataclass(frozen=True, slots=True)

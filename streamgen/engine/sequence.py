@@ -66,6 +66,7 @@ class Sequence:
         self.arrival = request.arrival if request.arrival is not None else time.perf_counter()
         self.started: float | None = None  # left the queue
         self.prefill_s = 0.0
+        self.compute_s = 0.0  # this request's share of the steps it was in (engine/core.py, _charge)
         self.first_token_at: float | None = None
 
     @property
@@ -134,7 +135,7 @@ class Sequence:
             reason,
             tail,
             self.detok.text,
-            Usage(self.prompt_len, n, self.cached_tokens),
+            Usage(self.prompt_len, n, self.cached_tokens, self.compute_s),
             Timings(started - self.arrival, first - self.arrival, self.prefill_s, decode_rate, now - self.arrival,
                     self.prefilled - self.cached_tokens),
             self.sampler.seed,

@@ -40,9 +40,10 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
     """The app around an engine that is not started yet. Without telemetry, tracing is off
     (trace ids are still made) and /metrics still works."""
     telemetry = telemetry or Telemetry.from_env(env={})
+    telemetry.price_per_hour = settings.price_per_hour
     policy = AccessPolicy(api_keys(settings), settings.allowed_origins)
     limiter = RateLimiter(settings.rate_limit)
-    service = RequestService(engine, telemetry, limiter)
+    service = RequestService(engine, telemetry, limiter, settings.price_per_hour)
     drain = Drain(engine, service, settings.shutdown_grace)
 
     def current_stats() -> dict[str, int]:
@@ -103,7 +104,16 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
         })
 
     async def stats(request: Request) -> JSONResponse:
-        return JSONResponse({"state": str(engine.state), **current_stats(), "max_batch_size_seen": engine.max_batch_seen})
+        window = engine.ledger.window()
+        last_minute: dict[str, float | int | None] = {
+            "seconds": round(window.seconds, 1), "busy_s": round(window.busy_s, 3),
+            "utilisation": round(window.utilisation, 4), "output_tokens": window.output_tokens,
+        }
+        if settings.price_per_hour is not None:
+            cost = window.cost_per_million_tokens(settings.price_per_hour)
+            last_minute["cost_per_million_output_tokens_usd"] = None if cost is None else round(cost, 4)
+        return JSONResponse({"state": str(engine.state), **current_stats(), "max_batch_size_seen": engine.max_batch_seen,
+                             "last_minute": last_minute})
 
     async def metrics(request: Request) -> Response:
         return Response(telemetry.metrics.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)

@@ -54,9 +54,11 @@ def openai_routes(service: RequestService, policy: AccessPolicy, max_body_bytes:
         tokens = Tokens(tokenizer.decode, tokenizer.token_bytes)
         headers = {"x-request-id": parsed.response_id}
         if parsed.stream:
-            return EventSourceResponse(_stream(parsed, generation, tokens), ping=_SSE_PING_S, headers=headers)
+            return EventSourceResponse(_stream(parsed, generation, tokens, service.price_per_hour), ping=_SSE_PING_S,
+                                       headers=headers)
         try:
-            return JSONResponse(await _whole(request, parsed, generation, tokens), headers=headers)
+            return JSONResponse(await _whole(request, parsed, generation, tokens, service.price_per_hour),
+                                headers=headers)
         except _Failed as failed:
             return error_response(failed.event.code, failed.event.message)
 
@@ -94,7 +96,8 @@ def _reject_constant(name: str) -> Any:
 # ---- one JSON response ------------------------------------------------------------
 
 
-async def _whole(request: Request, parsed: ApiRequest, generation: Generation, tokens: Tokens) -> dict[str, Any]:
+async def _whole(request: Request, parsed: ApiRequest, generation: Generation, tokens: Tokens,
+                 price: float | None) -> dict[str, Any]:
     """Collect every choice; a client that disconnects meanwhile cancels the request."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
     logprobs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(generation.choices)}
@@ -111,7 +114,7 @@ async def _whole(request: Request, parsed: ApiRequest, generation: Generation, t
         watcher.cancel()
     choices = [_whole_choice(parsed, i, finals[i], logprobs[i]) for i in range(generation.choices)]
     return api.response(parsed, generation.started.model, choices,
-                        api.usage(generation.started.prompt_tokens, list(finals.values())))
+                        api.usage(generation.started.prompt_tokens, list(finals.values()), price))
 
 
 class _Failed(Exception):
@@ -150,7 +153,8 @@ def _legacy_logprobs(entries: list[dict[str, Any]], text: str) -> dict[str, Any]
 # ---- a stream ------------------------------------------------------------------
 
 
-async def _stream(parsed: ApiRequest, generation: Generation, tokens: Tokens) -> AsyncIterator[dict[str, str]]:
+async def _stream(parsed: ApiRequest, generation: Generation, tokens: Tokens,
+                  price: float | None) -> AsyncIterator[dict[str, str]]:
     """SSE events as the SDKs parse them: a role delta first (chat), content deltas, a final chunk per choice
     with its finish_reason, the usage chunk when asked for, then [DONE]. An error mid-stream is an
     `error` object, and the stream ends."""
@@ -180,7 +184,7 @@ async def _stream(parsed: ApiRequest, generation: Generation, tokens: Tokens) ->
             yield {"data": json.dumps(api.error_body(ev.code, ev.message))}
             return
     if parsed.include_usage:
-        yield event([], usage=api.usage(generation.started.prompt_tokens, finals))
+        yield event([], usage=api.usage(generation.started.prompt_tokens, finals, price))
     yield {"data": "[DONE]"}
 
 

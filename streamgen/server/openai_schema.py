@@ -209,8 +209,9 @@ def chat_logprobs(event: TokenEvent, tokens: Tokens) -> dict[str, Any] | None:
     return entry
 
 
-def usage(prompt_tokens: int, finals: list[FinishEvent]) -> dict[str, Any]:
-    """The prompt counts once whatever n is; cached_tokens is the fewest any choice reused."""
+def usage(prompt_tokens: int, finals: list[FinishEvent], price_per_hour: float | None = None) -> dict[str, Any]:
+    """The prompt counts once whatever n is; cached_tokens is the fewest any choice reused. With a price,
+    cost_usd (an extension) is the request's share of the machine: its choices' shares added."""
     completion = sum(f.usage.completion_tokens for f in finals)
     body: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
@@ -218,6 +219,8 @@ def usage(prompt_tokens: int, finals: list[FinishEvent]) -> dict[str, Any]:
         "total_tokens": prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": min((f.usage.cached_tokens for f in finals), default=0)},
     }
+    if price_per_hour is not None:
+        body["cost_usd"] = round(sum(f.usage.cost_usd(price_per_hour) for f in finals), 9)
     return body
 
 

@@ -143,9 +143,9 @@ def token_message(request_id: str, event: TokenEvent) -> dict[str, Any]:
     return msg
 
 
-def done_message(request_id: str, event: FinishEvent) -> dict[str, Any]:
+def done_message(request_id: str, event: FinishEvent, price_per_hour: float | None = None) -> dict[str, Any]:
     t = event.timings
-    return {
+    msg = {
         "type": "done",
         "id": request_id,
         "finish_reason": str(event.finish_reason),
@@ -163,6 +163,9 @@ def done_message(request_id: str, event: FinishEvent) -> dict[str, Any]:
         },
         "seed": event.seed,
     }
+    if (cost := event.usage.cost_usd(price_per_hour)) is not None:
+        msg["usage"]["cost_usd"] = round(cost, 9)
+    return msg
 
 
 def error_message(request_id: str | None, code: str, message: str, param: str | None = None,

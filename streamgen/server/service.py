@@ -86,10 +86,12 @@ class Generation:
 
 
 class RequestService:
-    def __init__(self, engine: Engine, telemetry: Telemetry, limiter: RateLimiter) -> None:
+    def __init__(self, engine: Engine, telemetry: Telemetry, limiter: RateLimiter,
+                 price_per_hour: float | None = None) -> None:
         self.engine = engine
         self.telemetry = telemetry
         self.limiter = limiter
+        self.price_per_hour = price_per_hour  # USD; each answer's usage then carries its cost
         self._open: set[Generation] = set()
 
     @property

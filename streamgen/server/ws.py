@@ -140,7 +140,7 @@ class Connection:
                 if isinstance(event, TokenEvent):
                     self._send(protocol.token_message(request_id, event))
                 elif isinstance(event, FinishEvent):
-                    self._send(protocol.done_message(request_id, event))
+                    self._send(protocol.done_message(request_id, event, self.service.price_per_hour))
                 elif isinstance(event, ErrorEvent):
                     self._send(protocol.engine_error_message(request_id, event))
         finally:

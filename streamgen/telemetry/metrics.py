@@ -64,6 +64,9 @@ class Metrics:
         self.prefix_cache_hit_tokens = meter.create_counter(
             "streamgen.prefix_cache.hit_tokens", unit="{token}",
             description="Prompt tokens whose KV was reused from the prefix cache instead of prefilled")
+        self.cost = meter.create_counter(
+            "streamgen.cost", unit="USD",
+            description="What answers cost: each request's share of the engine's busy time at --price-per-hour")
         self.requests = meter.create_counter(
             "streamgen.requests", unit="{request}",
             description="Finished requests, by finish_reason, or by error.type when they failed")

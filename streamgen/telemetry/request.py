@@ -36,6 +36,7 @@ class Recorders(Protocol):
     detail: str  # "token": spans per token; "request": one decode span
     log_prompts: bool
     model_name: str
+    price_per_hour: float | None
 
 # perf_counter() -> nanoseconds since the epoch, for explicit span times.
 _EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
@@ -101,6 +102,10 @@ class RequestTelemetry:
     @property
     def metrics(self):
         return self._tel.metrics
+
+    @property
+    def price_per_hour(self) -> float | None:
+        return self._tel.price_per_hour
 
     def observer(self, choice: int = 0) -> RequestObserver:
         """What the engine reports to about one of the request's sequences."""
@@ -226,6 +231,8 @@ class ChoiceTelemetry(RequestObserver):
             req.child("decode", self._decode_start, now, {"streamgen.steps": self._steps, **self._tag})
         metrics.output_tokens.add(usage.completion_tokens, attrs)
         metrics.requests.add(1, {**attrs, "finish_reason": str(event.finish_reason)})
+        if (cost := usage.cost_usd(req.price_per_hour)) is not None:
+            metrics.cost.add(cost, {**attrs, "finish_reason": str(event.finish_reason)})
         metrics.request_duration.record(t.total_s, attrs)
         timings = {"queue_ms": round(t.queue_s * 1000, 2), "time_to_first_token_ms": round(t.time_to_first_token_s * 1000, 2),
                    "decode_tokens_per_s": round(t.decode_tokens_per_s, 2), "total_ms": round(t.total_s * 1000, 2),

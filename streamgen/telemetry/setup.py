@@ -26,6 +26,7 @@ class Telemetry:
     detail: str = "token"  # per-token child spans, or one decode span per request
     log_prompts: bool = False
     model_name: str = "unknown"
+    price_per_hour: float | None = None  # USD; with it, finished requests add their cost to streamgen.cost
     tracer: Tracer = field(init=False)
     logger: object = field(init=False)
 
