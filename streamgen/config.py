@@ -40,6 +40,7 @@ class Settings:
     token_budget: int = ENGINE_DEFAULTS.token_budget
     prefill_chunk: int = ENGINE_DEFAULTS.prefill_chunk
     prefix_cache: str = "on" if ENGINE_DEFAULTS.prefix_cache else "off"
+    itl_target_ms: float | None = ENGINE_DEFAULTS.itl_target_ms
     max_requests_per_connection: int = 8
     max_message_bytes: int = 65536
     max_prompt_tokens: int | None = ENGINE_DEFAULTS.max_prompt_tokens
@@ -73,6 +74,9 @@ _HELP: dict[str, str] = {
     "max_queued": "requests waiting for a slot; beyond it requests are refused with 'overloaded'",
     "token_budget": "tokens per engine step: one per decoding request, the rest for prompt chunks",
     "prefill_chunk": "most prompt tokens of one request per step, so long prompts do not stall others",
+    "itl_target_ms": "inter-token latency target: a step that decodes runs only as many prompt tokens as fit "
+                     "beside the decode in this many ms (by the step costs the engine measures), so streams do not "
+                     "stall behind other users' prompts; 0 = off",
     "prefix_cache": "on: a slot keeps its KV after its request ends, and a prompt that shares a prefix with a slot's "
                     "tokens prefills only the rest (multi-turn chat, shared system prompts); off: every prompt is "
                     "prefilled in full",
@@ -130,6 +134,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         "token_budget": settings.token_budget, "prefill_chunk": settings.prefill_chunk,
         "max_prompt_tokens": settings.max_prompt_tokens, "max_new_tokens": settings.max_new_tokens,
         "prefix_cache": settings.prefix_cache == "on",
+        "itl_target_ms": settings.itl_target_ms or None,  # 0 turns it off
     }
     try:
         return EngineConfig(**values)
@@ -184,8 +189,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             continue
         if f.name in _CHOICES and value not in _CHOICES[f.name]:
             raise ConfigError(f"{env_name(f.name)} must be one of {', '.join(_CHOICES[f.name])}, got {value!r}")
-        if f.name == "price_per_hour" and not (value >= 0 and value < float("inf")):
-            raise ConfigError(f"{flag_name(f.name)} must be a non-negative number of USD, got {value}")
+        if f.name in ("price_per_hour", "itl_target_ms") and not (value >= 0 and value < float("inf")):
+            raise ConfigError(f"{flag_name(f.name)} must be a non-negative number, got {value}")
         if f.name in _MINIMUM and value < _MINIMUM[f.name]:
             raise ConfigError(f"{flag_name(f.name)} must be at least {_MINIMUM[f.name]}, got {value}")
         values[f.name] = value

@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from streamgen.engine.core import EngineCore
+from streamgen.engine.costs import OnlineLine, StepCosts
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, GenerationRequest, TokenEvent
 from streamgen.model_files import ModelInfo
@@ -286,3 +287,66 @@ def test_step_time_is_split_by_tokens_run_and_a_request_alone_pays_the_whole_ste
     assert finals[1].usage.compute_s + finals[2].usage.compute_s == pytest.approx(sum(steps))
     assert finals[1].usage.compute_s == pytest.approx(steps[0] * 10 / 14 + sum(steps[1:]) / 2)
     assert alone.compute_s > 0 and a.compute_s > b.compute_s
+
+
+# ---- inter-token latency target -----------------------------------------------------------
+
+
+def _costed_core(target_ms: float | None, slots: int = 4) -> tuple[EngineCore, FakeRunner, StepCosts]:
+    """Hand-set step costs that the fake runner's speed cannot move: 10 ms + 2 ms a row to decode,
+    1 ms + 0.5 ms a prompt token to prefill."""
+    costs = StepCosts(decode=OnlineLine(10.0, 2.0, frozen=True), prefill=OnlineLine(1.0, 0.5, frozen=True))
+    runner = FakeRunner(slots, context=400)
+    limits = SchedulerLimits(max_waiting=32, token_budget=256, prefill_chunk=128, itl_target_ms=target_ms)
+    return EngineCore(runner, _tokenizer(), limits, costs=costs), runner, costs
+
+
+def _predicted_step_ms(plan_calls: list, costs: StepCosts) -> float:
+    decode = [c for c in plan_calls if c[0] == "decode"]
+    prefill = [c for c in plan_calls if c[0] == "prefill"]
+    ms = costs.decode(max(decode[0][1]) + 1) if decode else 0.0
+    return ms + sum(costs.prefill(n) for _, _, n in prefill)
+
+
+def test_a_decoding_step_holds_the_latency_target_and_long_prompts_still_finish() -> None:
+    core, runner, costs = _costed_core(target_ms=40.0)
+    # Three streams decode while long prompts keep arriving.
+    streams = [core.add(_request(4, max_tokens=60, first=10 * i), key=i) for i in range(3)]
+    core.step()
+    longs = [core.add(_request(120, max_tokens=2, first=5 + i), key=10 + i) for i in range(3)]
+    worst, steps = 0.0, 0
+    while core.has_work:
+        runner.calls.clear()
+        core.step()
+        steps += 1
+        if any(kind == "decode" for kind, _, _ in runner.calls):
+            worst = max(worst, _predicted_step_ms(runner.calls, costs))
+    assert worst <= 40.0 + 1e-9, f"a decoding step was planned at {worst} ms against a 40 ms target"
+    assert all(s.finish_reason == "length" for s in streams + longs), "every request finished: none starved"
+    assert steps < 400
+
+
+def test_without_a_target_or_without_decoding_streams_prompts_run_at_full_budget() -> None:
+    core, runner, _ = _costed_core(target_ms=None)
+    core.add(_request(4, max_tokens=30), key=0)
+    core.step()
+    core.add(_request(120, max_tokens=2, first=7), key=1)
+    runner.calls.clear()
+    core.step()
+    assert sum(n for kind, _, n in runner.calls if kind == "prefill") == 120, "the whole prompt in one step"
+
+    core, runner, _ = _costed_core(target_ms=40.0)
+    core.add(_request(120, max_tokens=2, first=7), key=0)
+    runner.calls.clear()
+    core.step()
+    assert sum(n for kind, _, n in runner.calls if kind == "prefill") == 120, "nothing decodes: no limit"
+
+
+def test_a_target_below_the_decode_step_still_lets_prompts_progress() -> None:
+    core, runner, _ = _costed_core(target_ms=5.0)  # less than a decode step alone
+    core.add(_request(4, max_tokens=40), key=0)
+    core.step()
+    late = core.add(_request(30, max_tokens=1, first=9), key=1)
+    _run(core)
+    assert late.finish_reason == "length"
+    assert all(n >= 2 for kind, _, n in runner.calls if kind == "prefill"), "at least two prompt tokens a step"

@@ -27,11 +27,14 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # longest prompt accepted; None: what the context allows
     max_new_tokens: int | None = None  # largest max_tokens accepted; None: what the context allows
     prefix_cache: bool = True  # keep each slot's KV after its request and reuse shared prompt prefixes
+    itl_target_ms: float | None = None  # a step that decodes runs only the prompt work that fits this; None: off
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queued", "token_budget", "prefill_chunk", "forward_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.itl_target_ms is not None and self.itl_target_ms <= 0:
+            raise ValueError(f"itl_target_ms must be positive, got {self.itl_target_ms}")
         for name in ("max_prompt_tokens", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and not 1 <= value < self.max_context:

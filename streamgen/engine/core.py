@@ -98,7 +98,7 @@ class EngineCore:
         started = time.perf_counter()
         self._admit(self.scheduler.admit(self.runner.table.free_count))
         self._catch_up()
-        plan = self.scheduler.plan()
+        plan = self.scheduler.plan(self.costs)
         ready, logits = self._run(plan)
         if not ready:
             self._charge(plan, time.perf_counter() - started)

@@ -27,6 +27,7 @@ class OnlineLine:
 
     intercept: float
     slope: float
+    frozen: bool = False  # keep the priors (tests with hand-set costs)
     _n: float = 0.0
     _t: float = 0.0
     _nn: float = 0.0
@@ -34,6 +35,8 @@ class OnlineLine:
     _weight: float = 0.0
 
     def observe(self, n: float, ms: float) -> None:
+        if self.frozen:
+            return
         a = _DECAY if self._weight else 1.0
         self._n += a * (n - self._n)
         self._t += a * (ms - self._t)
@@ -66,3 +69,7 @@ class StepCosts:
 
     def prefill_ms_per_token(self) -> float:
         return self.prefill.slope
+
+    def prompt_tokens_within(self, spare_ms: float) -> int:
+        """How many prompt tokens one more forward pass can run in spare_ms."""
+        return max(0, int((spare_ms - self.prefill.intercept) / max(self.prefill.slope, 1e-6)))

@@ -356,6 +356,7 @@ class Engine:
         core.add(GenerationRequest(tuple(model.tokenizer.encode("Hello")), params, frozenset()), -1)
         while core.has_work:
             core.step()
+        _warm_decode_widths(model.runner)
         ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 2)
         self.batch_invariant = batch_invariant(model.runner, [ids[:7], ids[:13]])
         if not self.batch_invariant:
@@ -363,3 +364,20 @@ class Engine:
                         advice="this build's kernels compute a row differently in a batch on this CPU, so a "
                                "request's tokens can depend on the requests beside it; the fp32 and int8 builds "
                                "do not, or serve with --max-batch 1")
+
+
+def _warm_decode_widths(runner) -> None:
+    """Run one decode step at every width, so that no request pays for ONNX Runtime's first run at a new
+    batch shape (a cold width costs several steps' time; 16 clients arriving together met all of them)."""
+    if runner.max_slots < 2:
+        return  # one slot, one shape: the warm-up generation already ran it
+    table = runner.table
+    slots = table.free_slots()
+    for slot in slots:
+        table.claim(slot)
+    try:
+        for width in range(1, len(slots) + 1):
+            runner.decode(slots[:width], [0] * width)
+    finally:
+        for slot in slots:
+            table.release(slot, keep_contents=False)

@@ -8,6 +8,12 @@ of a prompt is left to run (a prefix-cache hit):
    left over goes to prompt chunks (at most `prefill_chunk` tokens of one
    sequence per step), in admission order. A long prompt is prefilled over
    several steps while the others keep decoding, instead of freezing them.
+   With an inter-token latency target, a step that decodes also runs only as
+   many prompt tokens as fit in the target beside the decode, by the step
+   costs measured so far (engine/costs.py): streams do not stall behind
+   other users' prompts (the idea of Sarathi-Serve's stall-free batching).
+   Prompts always get at least MIN_PREFILL_PASS tokens a step, so none
+   starves, and a step with nothing to decode is not limited.
    A chunk is never a single token on top of a past (see chunk_size), so a
    prompt cut differently still gives bit-identical results.
 
@@ -24,7 +30,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from streamgen.engine.slot_table import chunk_size, common_prefix
+from streamgen.engine.costs import StepCosts
+from streamgen.engine.slot_table import MIN_PREFILL_PASS, chunk_size, common_prefix
 from streamgen.engine.config import ENGINE_DEFAULTS, EngineConfig
 from streamgen.engine.sequence import Sequence, SeqStatus
 
@@ -35,6 +42,7 @@ class SchedulerLimits:
     token_budget: int = ENGINE_DEFAULTS.token_budget  # tokens per step: one per decoding sequence, the rest prompt
     prefill_chunk: int = ENGINE_DEFAULTS.prefill_chunk  # most prompt tokens of one sequence in one step
     share_prefixes: bool = True  # defer a prompt whose next tokens another sequence computes this step
+    itl_target_ms: float | None = None  # a decoding step's time target; prompt work beside it is sized to fit
 
     def __post_init__(self) -> None:
         for name in ("max_waiting", "token_budget", "prefill_chunk"):
@@ -43,7 +51,8 @@ class SchedulerLimits:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> SchedulerLimits:
-        return cls(config.max_queued, config.token_budget, config.prefill_chunk, share_prefixes=config.prefix_cache)
+        return cls(config.max_queued, config.token_budget, config.prefill_chunk, share_prefixes=config.prefix_cache,
+                   itl_target_ms=config.itl_target_ms)
 
 
 class QueueFull(Exception):
@@ -92,9 +101,13 @@ class Scheduler:
             free_slots -= 1
         return admitted
 
-    def plan(self) -> StepPlan:
+    def plan(self, costs: StepCosts | None = None) -> StepPlan:
         plan = StepPlan(decode=[s for s in self.running if s.status == SeqStatus.DECODING])
         budget = self.limits.token_budget - len(plan.decode)
+        if plan.decode and self.limits.itl_target_ms and costs is not None:
+            rows = max(s.slot for s in plan.decode) + 1  # a decode step runs every row up to the highest
+            spare = self.limits.itl_target_ms - costs.decode(rows)
+            budget = min(budget, max(MIN_PREFILL_PASS, costs.prompt_tokens_within(spare)))
         for seq in self.running:
             if budget <= 0:
                 break
