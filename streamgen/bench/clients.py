@@ -6,6 +6,8 @@ token and inter-token gaps mean the same thing in all of them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -35,23 +37,55 @@ class Streamed:
     def itl_s(self) -> list[float]:
         return list(np.diff(self.stamps))
 
+    @property
+    def reported_tokens(self) -> int | None:
+        """Output tokens as the server counted them (usage.completion_tokens of the final message), if it did."""
+        usage = self.final.get("usage") or {}
+        return usage.get("completion_tokens")
+
 
 async def websocket_request(url: str, frame: dict[str, Any]) -> Streamed:
     """Send one generate frame on a new connection and read its stream to the final message."""
     import websockets
 
     sent = time.perf_counter()
-    stamps: list[float] = []
     try:
         async with websockets.connect(url, max_size=None) as ws:
             sent = time.perf_counter()
             await ws.send(json.dumps(frame))
-            while True:
-                msg = json.loads(await ws.recv())
-                if msg["type"] == "token":
-                    stamps.append(time.perf_counter())
-                elif msg["type"] in ("done", "error"):
-                    return Streamed(msg["type"] == "done" and bool(stamps), sent, stamps, msg)
+            return await _read_ws(ws, sent)
+    except Exception as exc:  # noqa: BLE001 - a benchmark counts any failure as a failed request
+        return Streamed(False, sent, [], {"type": "error", "message": f"{type(exc).__name__}: {exc}"})
+
+
+async def websocket_together(url: str, frames: list[dict[str, Any]]) -> list[Streamed]:
+    """Open one connection per frame first, then send every frame at the same instant and read all the
+    streams. Every request's `sent` is that instant, so its time to first token includes waiting for
+    the others."""
+    import websockets
+
+    sent = time.perf_counter()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            sockets = [await stack.enter_async_context(websockets.connect(url, max_size=None)) for _ in frames]
+            sent = time.perf_counter()
+            await asyncio.gather(*(ws.send(json.dumps(frame)) for ws, frame in zip(sockets, frames, strict=True)))
+            return list(await asyncio.gather(*(_read_ws(ws, sent) for ws in sockets)))
+    except Exception as exc:  # noqa: BLE001 - a benchmark counts any failure as a failed request
+        failed = Streamed(False, sent, [], {"type": "error", "message": f"{type(exc).__name__}: {exc}"})
+        return [failed] * len(frames)
+
+
+async def _read_ws(ws, sent: float) -> Streamed:
+    """One request's stream on its own connection, to the done (or error) message."""
+    stamps: list[float] = []
+    try:
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg["type"] == "token":
+                stamps.append(time.perf_counter())
+            elif msg["type"] in ("done", "error"):
+                return Streamed(msg["type"] == "done" and bool(stamps), sent, stamps, msg)
     except Exception as exc:  # noqa: BLE001 - a benchmark counts any failure as a failed request
         return Streamed(False, sent, stamps, {"type": "error", "message": f"{type(exc).__name__}: {exc}"})
 
