@@ -19,7 +19,7 @@ from typing import Any
 
 from streamgen.errors import ConfigError
 from streamgen.engine.config import DEVICE_CHOICES, ENGINE_DEFAULTS, EngineConfig
-from streamgen.model_files import DEFAULT_MODEL, DEFAULT_QUANTIZATION, GRAPHS, QUANTIZATIONS
+from streamgen.model_files import DEFAULT_MODEL, DEFAULT_QUANTIZATION, GRAPHS, KV_CACHES, PRECISIONS, QUANTIZATIONS, Build
 
 ENV_PREFIX = "STREAMGEN_"
 
@@ -30,6 +30,8 @@ class Settings:
     port: int = 8000
     model: str = DEFAULT_MODEL
     quantize: str = DEFAULT_QUANTIZATION
+    precision: str = "auto"
+    kv_cache: str = "auto"
     graph: str = "auto"
     device: str = "auto"
     threads: int = 0
@@ -65,6 +67,10 @@ _HELP: dict[str, str] = {
     "port": "TCP port",
     "model": "model name, hub id or local Hugging Face directory; pulled when missing",
     "quantize": f"the build to serve, one of {', '.join(QUANTIZATIONS)} (docs/benchmarks.md compares them)",
+    "precision": "activations (and KV cache) of the build: fp32, fp16, or auto = fp16 on CUDA (its attention "
+                 "kernels need it), fp32 on a CPU",
+    "kv_cache": "auto: the KV cache in the activations' type; int8: 8-bit with calibrated scales, a quarter of "
+                "fp32's memory (docs/benchmarks.md)",
     "device": "auto, cpu or cuda; auto uses CUDA only when it is really usable",
     "threads": "ONNX Runtime intra-op threads; 0 = one per physical core",
     "home": "model cache directory; unset: ~/.cache/streamgen",
@@ -108,6 +114,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "graph": GRAPHS,
     "device": DEVICE_CHOICES,
     "prefix_cache": ("on", "off"),
+    "precision": ("auto", *PRECISIONS),
+    "kv_cache": KV_CACHES,
     "trace_detail": ("token", "request"),
     "log_level": ("debug", "info", "warning", "error"),
     "log_format": ("auto", "json", "console"),
@@ -125,6 +133,13 @@ def env_name(field_name: str) -> str:
 
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
+
+
+def serving_build(quantization: str, precision: str, kv_cache: str, device_kind: str) -> Build:
+    """The build to serve: precision auto is fp16 on CUDA, whose attention kernels need it, and fp32 on a CPU."""
+    if precision == "auto":
+        precision = "fp16" if device_kind == "cuda" else "fp32"
+    return Build(quantization, precision, kv_cache)
 
 
 def engine_config(settings: Settings) -> EngineConfig:

@@ -33,6 +33,11 @@ QUANTIZATIONS = ("none", "int8", "int4", "source")  # source: the GGUF's own lev
 # AVX-512 it is also the fastest build at batch 16; int8 is twice its speed for one stream
 # (docs/benchmarks.md, "Which build serves by default").
 DEFAULT_QUANTIZATION = "none"
+# The activations' type, and the KV cache's unless kv_cache says otherwise: fp16 is what ONNX Runtime's CUDA
+# GroupQueryAttention needs; on a CPU it halves memory for about a tenth of the speed (docs/benchmarks.md).
+PRECISIONS = ("fp32", "fp16")
+# auto: the KV cache in the activations' type; int8: 8-bit with per-channel scales calibrated at pull time.
+KV_CACHES = ("auto", "int8")
 GRAPH_GQA = "gqa"  # GroupQueryAttention with static KV buffers (models/gqa.py)
 GRAPH_PLAIN = "plain"  # Optimum's text-generation-with-past export
 GRAPHS = ("auto", GRAPH_GQA, GRAPH_PLAIN)  # auto: gqa where the architecture allows it
@@ -42,6 +47,54 @@ MANIFEST_VERSION = 1
 # of 32; 2: of 128, not batch-invariant; 3: of 64). A published build of an
 # older revision is stale: it is not served, and the next pull rebuilds it.
 BUILD_REVISIONS = {"none": 1, "int8": 3, "int4": 1, "source": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Build:
+    """Which build of a model: its weights' quantization, its activations' precision, its KV cache's type."""
+
+    quantization: str = DEFAULT_QUANTIZATION
+    precision: str = "fp32"
+    kv_cache: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("quantization", self.quantization, QUANTIZATIONS),
+                                     ("precision", self.precision, PRECISIONS),
+                                     ("kv_cache", self.kv_cache, KV_CACHES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    @property
+    def is_base(self) -> bool:
+        """The fp32 export every other build is made from."""
+        return self == Build("none")
+
+    def directory_name(self, graph: str) -> str:
+        name = f"{graph}-{self.quantization}"
+        if self.precision != "fp32":
+            name += f"-{self.precision}"
+        if self.kv_cache != "auto":
+            name += f"-kv{self.kv_cache}"
+        return name
+
+    def pull_flags(self) -> str:
+        """The `streamgen pull` flags that make this build."""
+        flags = f" --quantize {self.quantization}"
+        if self.precision != "fp32":
+            flags += f" --precision {self.precision}"
+        if self.kv_cache != "auto":
+            flags += f" --kv-cache {self.kv_cache}"
+        return flags
+
+    def __str__(self) -> str:
+        parts = [self.quantization, self.precision]
+        if self.kv_cache != "auto":
+            parts.append(f"{self.kv_cache} KV")
+        return ", ".join(parts)
+
+
+def as_build(build: Build | str) -> Build:
+    return build if isinstance(build, Build) else Build(build)
 
 
 def streamgen_home(override: str | os.PathLike[str] | None = None) -> Path:
@@ -94,6 +147,12 @@ class Manifest:
     notes: list[str] = field(default_factory=list)
     version: int = MANIFEST_VERSION
     revision: int = 1  # BUILD_REVISIONS[quantization] when it was built
+    precision: str = "fp32"  # absent from manifests of older streamgens, which built fp32 only
+    kv_cache: str = "auto"
+
+    @property
+    def build(self) -> Build:
+        return Build(self.quantization, self.precision, self.kv_cache)
 
     def write(self, directory: Path) -> None:
         tmp = directory / (MANIFEST + ".tmp")
@@ -118,33 +177,34 @@ class CacheLayout:
     def tmp(self) -> Path:
         return self.home / "tmp"
 
-    def model_dir(self, model: str, quantization: str, graph: str) -> Path:
-        return self.home / "models" / model_slug(model) / f"{graph}-{quantization}"
+    def model_dir(self, model: str, build: Build | str, graph: str) -> Path:
+        return self.home / "models" / model_slug(model) / as_build(build).directory_name(graph)
 
-    def is_published(self, model: str, quantization: str, graph: str) -> bool:
+    def is_published(self, model: str, build: Build | str, graph: str) -> bool:
         """A finished build of the current revision is there."""
-        directory = self.model_dir(model, quantization, graph)
+        build = as_build(build)
+        directory = self.model_dir(model, build, graph)
         if not (directory / MANIFEST).is_file():
             return False
-        return Manifest.read(directory).revision == BUILD_REVISIONS.get(quantization, 1)
+        return Manifest.read(directory).revision == BUILD_REVISIONS.get(build.quantization, 1)
 
-    def published(self, model: str, quantization: str, graph: str = "auto") -> Path | None:
+    def published(self, model: str, build: Build | str, graph: str = "auto") -> Path | None:
         """The directory of a published build; for graph auto, gqa is preferred over plain."""
         for kind in (GRAPH_GQA, GRAPH_PLAIN) if graph == "auto" else (graph,):
-            if self.is_published(model, quantization, kind):
-                return self.model_dir(model, quantization, kind)
+            if self.is_published(model, build, kind):
+                return self.model_dir(model, build, kind)
         return None
 
-    def find(self, model: str, quantization: str, graph: str = "auto") -> Path:
+    def find(self, model: str, build: Build | str, graph: str = "auto") -> Path:
         """The published directory, or ModelNotFoundError that says how to pull it."""
-        directory = self.published(model, quantization, graph)
+        build = as_build(build)
+        directory = self.published(model, build, graph)
         if directory is None:
-            quant = "" if quantization == "none" else f" --quantize {quantization}"
             kind = "" if graph == "auto" else f" --graph {graph}"
-            stale = any((self.model_dir(model, quantization, k) / MANIFEST).is_file() for k in (GRAPH_GQA, GRAPH_PLAIN))
+            stale = any((self.model_dir(model, build, k) / MANIFEST).is_file() for k in (GRAPH_GQA, GRAPH_PLAIN))
             where = "was built by an older streamgen" if stale else "is not"
             raise ModelNotFoundError(
-                f"model {model!r} ({graph}, {quantization}) {where} in the cache at {self.home}; "
-                f"run `streamgen pull {model}{quant}{kind}` {'to rebuild it' if stale else 'first'}"
+                f"model {model!r} ({graph}, {build}) {where} in the cache at {self.home}; "
+                f"run `streamgen pull {model}{build.pull_flags()}{kind}` {'to rebuild it' if stale else 'first'}"
             )
         return directory

@@ -10,7 +10,8 @@ from streamgen.engine.device import Device
 from streamgen.engine.runner import OnnxRunner, PlainSlots
 from streamgen.engine.slots import SlotConfig, SlotRunner
 from streamgen.engine.tokenizer import TextTokenizer
-from streamgen.model_files import GRAPH_GQA, Manifest
+from streamgen.errors import DeviceError
+from streamgen.model_files import GRAPH_GQA, Build, Manifest
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,13 +37,32 @@ class LoadedModel:
         return self.runner.info.context_length
 
     @property
+    def provider(self) -> str:
+        """The execution provider that runs the model (CUDAExecutionProvider or CPUExecutionProvider)."""
+        session = getattr(self.runner, "session", None) or self.runner.runner.session
+        return session.get_providers()[0]
+
+    @property
     def kv_bytes(self) -> int:
         return getattr(self.runner, "kv_bytes", 0)
+
+
+def check_fits(manifest: Manifest, device: Device) -> None:
+    """Refuse a build the device cannot run well, saying what to pull, rather than let ONNX Runtime quietly
+    run part of it on the CPU: its CUDA GroupQueryAttention exists only for fp16 and bf16."""
+    if device.kind == "cuda" and manifest.graph == GRAPH_GQA and manifest.precision != "fp16":
+        raise DeviceError(
+            f"the {manifest.build} build of {manifest.model} cannot run its attention on CUDA: ONNX Runtime's CUDA "
+            "GroupQueryAttention is fp16 only. Serve the half-precision build instead (pulled when missing): "
+            f"--precision fp16, or pull it first: streamgen pull {manifest.model} "
+            f"{Build(manifest.build.quantization, 'fp16', manifest.kv_cache).pull_flags().strip()}; "
+            "or run on the CPU with --device cpu")
 
 
 def load_model(directory: Path, device: Device, threads: int = 0, slots: SlotConfig = SlotConfig()) -> LoadedModel:
     """The GQA graph gets static KV slots (many requests per step); the plain graph one slot."""
     manifest = Manifest.read(directory)
+    check_fits(manifest, device)
     if manifest.graph == GRAPH_GQA:
         runner: KVRunner = SlotRunner(directory, device, slots, threads)
     else:

@@ -37,6 +37,8 @@ from streamgen.model_files import ModelInfo
 from streamgen.engine.slot_table import ContextFull, SlotTable, chunk_size
 
 _PAST = "past_key_values."
+# The KV cache's element type, as ONNX Runtime names it: fp32, fp16 (the CUDA builds), int8 (with scales).
+KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 _PRESENT = "present."
 
 __all__ = ["ContextFull", "SlotConfig", "SlotRunner"]
@@ -68,7 +70,7 @@ class SlotRunner:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._past_names = [n for n in inputs if n.startswith(_PAST)]
         self._ort_device = "cuda" if device.kind == "cuda" else "cpu"
-        self._dtype = np.float16 if inputs[self._past_names[0]].type == "tensor(float16)" else np.float32
+        self._dtype = KV_DTYPES[inputs[self._past_names[0]].type]
         self._has_positions = "position_ids" in inputs
 
         b, h, t, d = config.max_batch, info.num_kv_heads, self.max_context, info.head_dim
@@ -94,6 +96,17 @@ class SlotRunner:
     @property
     def max_slots(self) -> int:
         return self.config.max_batch
+
+    @property
+    def past_names(self) -> list[str]:
+        """The KV inputs, in the order of the KV buffers."""
+        return list(self._past_names)
+
+    def kv_views(self) -> list[np.ndarray]:
+        """numpy views of the KV buffers [B, H, T, D] (CPU only: on a GPU they are device memory)."""
+        if self.device.kind != "cpu":
+            raise ValueError("the KV buffers are device memory; there is no host view of them")
+        return [kv.numpy() for kv in self._kv]
 
     @property
     def kv_bytes(self) -> int:
@@ -192,8 +205,7 @@ class SlotRunner:
             return
         if self.device.kind != "cpu":
             raise NotImplementedError("KV row copies on CUDA")
-        for kv in self._kv:
-            rows = kv.numpy()  # [B, H, T, D], a view of the device (host) buffer
+        for rows in self.kv_views():  # [B, H, T, D], views of the buffers
             rows[dst, :, start:end] = rows[src, :, start:end]
         self.table.append(dst, self.table.tokens[src, start:end].copy())
 

@@ -20,9 +20,11 @@ from streamgen.model_files import (
     GRAPH_GQA,
     GRAPH_PLAIN,
     GRAPHS,
-    QUANTIZATIONS,
+    Build,
     CacheLayout,
     Manifest,
+    as_build,
+    model_slug,
     streamgen_home,
 )
 from streamgen.models.progress import StageProgress
@@ -39,35 +41,36 @@ from streamgen.models.sources import (
 _MODEL_FILES = ("model.onnx", "model.onnx_data", "tokenizer.json", "chat_template.jinja", "config.json", "generation_config.json")
 
 
-def ensure_model(model: str, quantization: str, home: str | None = None, allow_pull: bool = True,
+def ensure_model(model: str, build: Build | str, home: str | None = None, allow_pull: bool = True,
                  graph: str = "auto") -> Path:
     """The cached model directory, pulling it first when allowed (ModelNotFoundError says how otherwise)."""
+    build = _checked(build)
     cache = CacheLayout(streamgen_home(home))
     name = resolve_source(model).name
-    if (directory := cache.published(name, quantization, graph)) is not None or not allow_pull:
-        return directory or cache.find(name, quantization, graph)
-    print(f"streamgen: {model} ({graph}, {quantization}) is not in {cache.home}; pulling it", file=sys.stderr)
-    return pull(model, quantization, cache, graph=graph)
+    if (directory := cache.published(name, build, graph)) is not None or not allow_pull:
+        return directory or cache.find(name, build, graph)
+    print(f"streamgen: {model} ({graph}, {build}) is not in {cache.home}; pulling it", file=sys.stderr)
+    return pull(model, build, cache, graph=graph)
 
 
 def pull(
     model: str,
-    quantization: str,
+    build: Build | str,
     cache: CacheLayout,
     progress: StageProgress | None = None,
     graph: str = "auto",
 ) -> Path:
-    """Make sure (model, graph, quantization) is in the cache; return its directory.
+    """Make sure (model, graph, build) is in the cache; return its directory.
 
     graph auto builds the GroupQueryAttention graph where the architecture
-    allows it and Optimum's plain graph otherwise.
+    allows it and Optimum's plain graph otherwise. Every build but the fp32
+    export is made from the fp32 export, which is pulled first if needed.
     """
-    if quantization not in QUANTIZATIONS:
-        raise PullError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    build = _checked(build)
     if graph not in GRAPHS:
         raise PullError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
     source = resolve_source(model)
-    if (done := cache.published(source.name, quantization, graph)) is not None:
+    if (done := cache.published(source.name, build, graph)) is not None:
         return done
 
     from streamgen.models.export import require_export_tools
@@ -75,14 +78,21 @@ def pull(
     require_export_tools()
     _clean_stale_builds(cache)
     base = cache.published(source.name, "none", graph)
-    stages = (0 if base else _stage_count(source)) + (quantization != "none")
+    stages = (0 if base else _stage_count(source)) + (not build.is_base)
     progress = progress or StageProgress(stages)
     progress.total = stages
     if base is None:
         base = _build_base(source, graph, cache, progress)
-    if quantization == "none":
+    if build.is_base:
         return base
-    return _build_quantized(source, base, quantization, cache, progress)
+    return _build_derived(source, base, build, cache, progress)
+
+
+def _checked(build: Build | str) -> Build:
+    try:
+        return as_build(build)
+    except ValueError as exc:
+        raise PullError(str(exc)) from None
 
 
 def _stage_count(source: Source) -> int:
@@ -154,43 +164,63 @@ def _build_base(source: Source, graph: str, cache: CacheLayout, progress: StageP
             return _publish(source, "none", graph, out, cache, notes)
 
 
-def _build_quantized(source: Source, base: Path, quantization: str, cache: CacheLayout, progress: StageProgress) -> Path:
-    from streamgen.models.quantize import quantize_model
+def _build_derived(source: Source, base: Path, build: Build, cache: CacheLayout, progress: StageProgress) -> Path:
+    """Quantize the weights, convert to fp16, give the KV cache 8 bits (each if asked), then check the result
+    against the fp32 export before publishing it."""
+    import onnx
+
+    from streamgen.models.export import save_model
+    from streamgen.models.precision import calibrate_kv, int8_kv, to_fp16
+    from streamgen.models.quantize import quantize_graph
+    from streamgen.models.validate import check_build
 
     base_manifest = Manifest.read(base)
-    stage = ("Repacking the source's own GGUF levels" if quantization == "source"
-             else f"Quantizing to {quantization} with ONNX Runtime")
-    with progress.stage(stage), _build_dir(cache, source.name, quantization) as build:
-        out = build / "model"
+    with progress.stage(f"Making the {build} build from the fp32 export"), \
+            _build_dir(cache, source.name, build.directory_name("build")) as work:
+        out = work / "model"
         out.mkdir()
         for name in _MODEL_FILES:
             if (base / name).is_file() and not name.startswith("model.onnx"):
                 shutil.copy2(base / name, out / name)
-        notes = quantize_model(base / "model.onnx", out / "model.onnx", quantization)
-        notes.append(f"quantized from model.onnx sha256 {base_manifest.files['model.onnx']}")
-        return _publish(source, quantization, base_manifest.graph, out, cache, base_manifest.notes + notes)
+        model, notes = onnx.load(str(base / "model.onnx")), []
+        if build.quantization != "none":
+            model, done = quantize_graph(model, build.quantization)
+            notes += done
+        if build.precision == "fp16":
+            model, done = to_fp16(model)
+            notes += done
+        if build.kv_cache == "int8":
+            model, done = int8_kv(model, calibrate_kv(base))
+            notes += done
+        save_model(model, out / "model.onnx")
+        notes.append(check_build(out, base, build.quantization))
+        notes.append(f"made from model.onnx sha256 {base_manifest.files['model.onnx']}")
+        return _publish(source, build, base_manifest.graph, out, cache, base_manifest.notes + notes)
 
 
-def _publish(source: Source, quantization: str, graph: str, out: Path, cache: CacheLayout, notes: list[str]) -> Path:
+def _publish(source: Source, build: Build | str, graph: str, out: Path, cache: CacheLayout, notes: list[str]) -> Path:
     from streamgen.models.export import tool_versions
 
     for extra in set(os.listdir(out)) - set(_MODEL_FILES):
         path = out / extra
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    build = as_build(build)
     files = {name: sha256_file(out / name) for name in sorted(os.listdir(out))}
     Manifest(
         model=source.name,
         source=source.record,
-        quantization=quantization,
+        quantization=build.quantization,
         graph=graph,
         files=files,
         tools=tool_versions(),
         notes=notes,
-        revision=BUILD_REVISIONS[quantization],
+        revision=BUILD_REVISIONS[build.quantization],
+        precision=build.precision,
+        kv_cache=build.kv_cache,
     ).write(out)
-    final = cache.model_dir(source.name, quantization, graph)
+    final = cache.model_dir(source.name, build, graph)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not cache.is_published(source.name, quantization, graph):
+    if final.exists() and not cache.is_published(source.name, build, graph):
         # A build of an older revision: move it out of the way in one rename, then delete it.
         stale = Path(tempfile.mkdtemp(prefix="stale-", dir=cache.tmp)) / final.name
         os.replace(final, stale)
@@ -198,7 +228,7 @@ def _publish(source: Source, quantization: str, graph: str, out: Path, cache: Ca
     try:
         os.replace(out, final)
     except OSError:
-        if not cache.is_published(source.name, quantization, graph):
+        if not cache.is_published(source.name, build, graph):
             raise
         # Another pull published the same model first; theirs is as good.
     return final
@@ -207,10 +237,9 @@ def _publish(source: Source, quantization: str, graph: str, out: Path, cache: Ca
 class _build_dir:
     """A private build directory under cache.tmp, removed on exit whatever happens."""
 
-    def __init__(self, cache: CacheLayout, name: str, quantization: str) -> None:
+    def __init__(self, cache: CacheLayout, name: str, label: str) -> None:
         cache.tmp.mkdir(parents=True, exist_ok=True)
-        slug = cache.model_dir(name, quantization, "build").parent.name
-        self.path = Path(tempfile.mkdtemp(prefix=f"{slug}-{quantization}-{os.getpid()}-", dir=cache.tmp))
+        self.path = Path(tempfile.mkdtemp(prefix=f"{model_slug(name)}-{label}-{os.getpid()}-", dir=cache.tmp))
 
     def __enter__(self) -> Path:
         return self.path

@@ -53,27 +53,34 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def quantize_model(src: Path, dst: Path, method: str, *, block_size: int | None = None,
-                   accuracy_level: int = ACCURACY_LEVEL, symmetric: bool = True,
-                   keep_fp32: tuple[str, ...] = ()) -> list[str]:
-    """Write a quantized copy of src to dst. Returns notes for the manifest.
+def quantize_model(src: Path, dst: Path, method: str, **options) -> list[str]:
+    """Write a quantized copy of src to dst (`bench variants`); returns notes for the manifest."""
+    import onnx
+
+    from streamgen.models.export import save_model
+
+    model, notes = quantize_graph(onnx.load(str(src)), method, **options)
+    save_model(model, dst)
+    return notes
+
+
+def quantize_graph(model, method: str, *, block_size: int | None = None, accuracy_level: int = ACCURACY_LEVEL,
+                   symmetric: bool = True, keep_fp32: tuple[str, ...] = ()):
+    """Quantize an ONNX model's MatMul weights; returns the new model and notes for the manifest.
 
     The keyword arguments are what `pull` never changes; `bench variants` uses
     them to measure the alternatives the defaults were chosen over."""
-    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from streamgen.models.export import save_model
     from streamgen.models.graph import untie_lm_head
 
     if method not in BITS and method != SOURCE:
         raise ValueError(f"unknown quantization {method!r}")
-    model = onnx.load(str(src))
     notes = []
     if untie_lm_head(model):
         notes.append("lm_head untied from the embedding so it is quantized too")
     if method == SOURCE:
-        return notes + _repack_source(model, dst, accuracy_level)
+        return model, notes + _repack_source(model, accuracy_level)
     block_size = block_size or BLOCK_SIZES[method]
     kept = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(k in n.name for k in keep_fp32)]
     quantizer = MatMulNBitsQuantizer(
@@ -81,16 +88,14 @@ def quantize_model(src: Path, dst: Path, method: str, *, block_size: int | None 
         nodes_to_exclude=kept,
     )
     quantizer.process()
-    save_model(quantizer.model.model, dst)
     notes.append(f"{method}: onnxruntime MatMulNBits, {BITS[method]}-bit weights, "
                  f"{'symmetric' if symmetric else 'asymmetric'}, block {block_size}, accuracy_level {accuracy_level}"
                  + (f"; {len(kept)} MatMul(s) kept fp32" if kept else ""))
-    return notes
+    return quantizer.model.model, notes
 
 
-def _repack_source(model, dst: Path, accuracy_level: int) -> list[str]:
+def _repack_source(model, accuracy_level: int) -> list[str]:
     from streamgen.errors import PullError
-    from streamgen.models.export import save_model
     from streamgen.models.repack import repack_exact
 
     # 4 bits for Q4_1 levels; Q8_0 weights keep 8 (repack_exact never narrows).
@@ -102,6 +107,5 @@ def _repack_source(model, dst: Path, accuracy_level: int) -> list[str]:
                and not node.name.endswith("/ExactOffset"))
     if left:
         notes.append(f"{left} MatMul weight(s) not on a grid stay fp32")
-    save_model(model, dst)
     notes.append(f"source: accuracy_level {accuracy_level}; Q4_1 offsets (m + 8d) applied to block sums in fp32")
     return notes

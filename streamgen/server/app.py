@@ -93,7 +93,10 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
                 "owned_by": "streamgen",
                 "context_length": model.context_length,
                 "device": str(model.runner.device),
+                "provider": model.provider,
                 "quantization": model.manifest.quantization,
+                "precision": model.manifest.precision,
+                "kv_cache": model.manifest.kv_cache,
                 "graph": model.manifest.graph,
                 "max_batch": model.runner.max_slots,
                 "batch_invariant": engine.batch_invariant,
@@ -218,7 +221,7 @@ async def _announce_when_ready(settings: Settings, engine: Engine) -> None:
         return
     model = engine.model
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    log.info("server.ready", url=f"http://{host}:{settings.port}/", model=model.name,
-             graph=model.manifest.graph, quantization=model.manifest.quantization, device=str(model.runner.device),
+    log.info("server.ready", url=f"http://{host}:{settings.port}/", model=model.name, graph=model.manifest.graph,
+             build=str(model.manifest.build), device=str(model.runner.device), provider=model.provider,
              slots=model.runner.max_slots, context=model.context_length, batch_invariant=engine.batch_invariant,
              kv_cache_mib=round(model.kv_bytes / 2**20, 1))
