@@ -207,6 +207,46 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds of the no-sharing workload per round and server (default 20)")
     bc.add_argument("--per-client", type=int, default=3,
                     help="requests per client in the shared-prompt workload (default 3)")
+    bp = _bench_parser(bsub, "peers", "one workload against streamgen and llama.cpp's llama-server",
+                       "Starts `streamgen serve` and, when given one, llama.cpp's `llama-server` on the GGUF the "
+                       "default model comes from, both on loopback, and drives each with N concurrent clients per "
+                       "level (chat prompts of several lengths, greedy, end of sequence ignored, prompt caching off "
+                       "on both); reports throughput, time to first token and inter-token latency with the ratios "
+                       "streamgen / llama-server. Then 16 requests sent at once to the server against the same 16 "
+                       "through the engine in this process. Writes JSON and a plot.", quantize=serving, rounds=2)
+    bp.set_defaults(threads=2)  # one number for both servers: ONNX Runtime's intra-op threads and llama-server's -t
+    next(a for a in bp._actions if a.dest == "threads").help = (  # noqa: SLF001
+        "threads of each server: ONNX Runtime intra-op threads and llama-server's -t (default 2)")
+
+    def ints(value: str) -> list[int]:
+        return [int(x) for x in value.split(",")]
+
+    bp.add_argument("--levels", type=ints, default=[1, 16], help="comma-separated client counts (default 1,16)")
+    bp.add_argument("--duration", type=float, default=30.0, help="seconds per level and server (default 30)")
+    bp.add_argument("--prompt-tokens", type=ints, default=[10, 40, 100, 200, 400],
+                    help="the chat prompts, as tokens of message text each (default 10,40,100,200,400)")
+    bp.add_argument("--max-tokens", type=ints, default=[32, 64, 128],
+                    help="max_tokens drawn from these per request (default 32,64,128)")
+    bp.add_argument("--prefix-cache", choices=("on", "off"), default="off",
+                    help="prompt caching on both servers: streamgen's --prefix-cache and llama-server's "
+                         "cache_prompt (default off)")
+    bp.add_argument("--max-batch", type=int, default=16, help="streamgen's KV slots (default 16)")
+    bp.add_argument("--streamgen-transport", choices=("websocket", "sse"), default="websocket",
+                    help="drive streamgen over its WebSocket or over /v1/chat/completions (default websocket)")
+    bp.add_argument("--llama-server", default=None,
+                    help="llama-server binary (default $STREAMGEN_LLAMA_SERVER; neither: streamgen runs alone)")
+    bp.add_argument("--gguf", default=None,
+                    help="GGUF for llama-server (default: the one the default model comes from)")
+    bp.add_argument("--llama-ctx", type=int, default=32768,
+                    help="llama-server's -c, shared by its slots (default 32768)")
+    bp.add_argument("--llama-parallel", type=int, default=16, help="llama-server's -np slots (default 16)")
+    bp.add_argument("--together", type=int, default=16,
+                    help="requests sent at once against the same through the engine in this process; 0 = skip "
+                         "(default 16)")
+    bp.add_argument("--together-tokens", type=int, default=64, help="max_tokens of each (default 64)")
+    bp.add_argument("--together-prompt-tokens", type=int, default=20,
+                    help="tokens of message text in each of their prompts (default 20)")
+    bp.add_argument("--plot", type=Path, default=None, help="write a PNG plot to this file")
     _bench_parser(bsub, "socket", "tokens/s over the WebSocket vs the engine alone, same request",
                   "Starts `streamgen serve` on a free loopback port and alternates the same greedy request between "
                   "the in-process engine and a WebSocket client.", quantize=one, rounds=5, tokens=True, json=False)
@@ -226,6 +266,7 @@ _BENCHES = {
     "cache": "streamgen.bench.cache:run_cache_bench",
     "tracing": "streamgen.bench.tracing:run_tracing_bench",
     "variants": "streamgen.bench.variants:run_variants_bench",
+    "peers": "streamgen.bench.peers:run_peers_bench",
 }
 
 
