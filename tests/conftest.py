@@ -34,13 +34,14 @@ from tiny import build_tiny_llama  # noqa: E402
 from streamgen.bench.common import ServeProcess  # noqa: E402
 from streamgen.engine.device import Device  # noqa: E402
 from streamgen.engine.loader import LoadedModel, load_model  # noqa: E402
-from streamgen.model_files import DEFAULT_MODEL, DEFAULT_QUANTIZATION, CacheLayout, streamgen_home  # noqa: E402
+from streamgen.model_files import DEFAULT_MODEL, DEFAULT_QUANTIZATION, Build, CacheLayout, streamgen_home  # noqa: E402
 from streamgen.models.pull import pull  # noqa: E402
 
 CPU = Device("cpu")
 
 REAL_FIXTURES = {"real_cache", "real_model_dir", "real_default_dir", "real_plain_dir", "real_model", "real_server"}
-TINY_FIXTURES = {"tiny_hf_dir", "tiny_cache", "tiny_model_dir", "tiny_plain_dir", "tiny_model", "keyed_server"}
+TINY_FIXTURES = {"tiny_hf_dir", "tiny_cache", "tiny_model_dir", "tiny_plain_dir", "tiny_model", "keyed_server",
+                 "tiny_build_dir"}
 # The export toolchain: what the unit tier must run without.
 TOOLCHAIN = ("torch", "transformers", "optimum", "onnx", "gguf", "accelerate")
 
@@ -85,6 +86,15 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> CacheLayout:
 def tiny_model_dir(tiny_hf_dir: Path, tiny_cache: CacheLayout) -> Path:
     """The tiny model's default build: the GroupQueryAttention graph."""
     return pull(str(tiny_hf_dir), "none", tiny_cache, quiet())
+
+
+@pytest.fixture(scope="session", params=["fp32", "fp16", "int8 KV"])
+def tiny_build_dir(request: pytest.FixtureRequest, tiny_hf_dir: Path, tiny_cache: CacheLayout,
+                   tiny_model_dir: Path) -> Path:
+    """The tiny model's GQA build in each number format the slots hold: fp32, fp16 (what CUDA serves), and fp32
+    activations with an int8 KV cache."""
+    build = {"fp32": Build("none"), "fp16": Build("none", "fp16"), "int8 KV": Build("none", kv_cache="int8")}
+    return pull(str(tiny_hf_dir), build[request.param], tiny_cache, quiet())
 
 
 @pytest.fixture(scope="session")

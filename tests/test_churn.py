@@ -5,7 +5,8 @@ prompts (many sharing a prefix, so the prefix cache keeps and copies rows),
 random output lengths and sampling (greedy or seeded), some are cancelled,
 and freed slots are taken again in whatever order the churn leaves them.
 Every request that runs to its end must give exactly its solo tokens; a
-cancelled one a prefix of them. Tiny model, GQA slots, prefix cache on.
+cancelled one a prefix of them. Tiny model, GQA slots, prefix cache on; the
+fp32 build, the fp16 build (what CUDA serves) and the int8-KV build.
 """
 
 from __future__ import annotations
@@ -56,12 +57,13 @@ specs = st.builds(Spec, st.integers(0, len(OPENINGS) - 1),
 steps = st.lists(st.tuples(st.lists(specs, max_size=3), st.booleans(), st.integers(0, 7)), min_size=1, max_size=25)
 
 
-@pytest.fixture(scope="module")
-def runner(tiny_model_dir) -> SlotRunner:
-    return SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=SLOTS, max_context=CONTEXT, forward_tokens=8))
+@pytest.fixture()
+def runner(tiny_build_dir) -> SlotRunner:
+    """Every number format the slots hold: fp32, fp16, an int8 KV cache."""
+    return SlotRunner(tiny_build_dir, CPU, SlotConfig(max_batch=SLOTS, max_context=CONTEXT, forward_tokens=8))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def solo(runner, tiny_model):
     """Each spec's tokens when it runs alone on an empty runner (memoized across examples)."""
     tok, done = tiny_model.tokenizer, {}

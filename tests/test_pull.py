@@ -20,7 +20,7 @@ from streamgen.engine.loader import load_model
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, prepare_request
 from streamgen.errors import ModelNotFoundError, PullError
-from streamgen.model_files import BUILD_REVISIONS, DEFAULT_MODEL, CacheLayout, Manifest
+from streamgen.model_files import BUILD_REVISIONS, DEFAULT_MODEL, Build, CacheLayout, Manifest
 from streamgen.models.pull import pull
 from streamgen.models.sources import DEFAULT_WHEEL
 
@@ -137,3 +137,36 @@ def test_a_build_of_an_older_revision_is_not_served_and_the_next_pull_rebuilds_i
     assert rebuilt == directory and Manifest.read(rebuilt).revision == BUILD_REVISIONS["int8"]
     assert tiny_cache.is_published(str(tiny_hf_dir), "int8", "gqa")
     assert not any(tiny_cache.tmp.iterdir()), "the stale build was removed, not left in tmp"
+
+
+@pytest.mark.parametrize("build,kv_dtype", [(Build("none", "fp16"), "float16"), (Build("none", kv_cache="int8"), "int8"),
+                                            (Build("int8", "fp16"), "float16")], ids=str)
+def test_half_precision_and_int8_kv_builds_are_checked_published_and_served(tiny_hf_dir: Path, tiny_cache: CacheLayout,
+                                                                           tiny_model_dir: Path, build: Build,
+                                                                           kv_dtype: str) -> None:
+    from streamgen.engine.invariance import batch_invariant
+
+    directory = pull(str(tiny_hf_dir), build, tiny_cache, quiet())
+    manifest = Manifest.read(directory)
+    assert manifest.build == build and directory.name == build.directory_name("gqa")
+    assert any("checked against the fp32 build" in note for note in manifest.notes)
+    model = load_model(directory, CPU)
+    assert model.runner._dtype.__name__ == kv_dtype
+    request = prepare_request(model.tokenizer, model.context_length,
+                              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), prompt="Hello world")
+    final = [e for e in generate(model.runner, model.tokenizer, [request]) if isinstance(e, FinishEvent)][0]
+    assert final.usage.completion_tokens == 8
+    prompts = [model.tokenizer.encode("The quick brown fox jumps over")[: 3 + i] for i in range(3)]
+    assert batch_invariant(model.runner, prompts), f"{build}: a row's logits must not depend on its batch"
+
+
+def test_an_fp32_gqa_build_is_refused_on_cuda_with_what_to_pull(tiny_model_dir: Path) -> None:
+    from streamgen.engine.device import Device
+    from streamgen.engine.loader import check_fits
+    from streamgen.errors import DeviceError
+
+    manifest = Manifest.read(tiny_model_dir)
+    with pytest.raises(DeviceError) as refused:
+        check_fits(manifest, Device("cuda"))
+    assert "fp16 only" in refused.value.message and "--precision fp16" in refused.value.message
+    check_fits(manifest, CPU)  # fine on the CPU
