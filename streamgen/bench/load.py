@@ -8,8 +8,11 @@ duration, with a mix of prompt lengths (about 16, 64 and 256 tokens) and
 output lengths (32, 64 and 128 tokens, end of sequence ignored).
 
 Per level and server: time to first token p50/p95/p99 (client-measured, queue
-included), inter-token latency p50/p95/p99, aggregate output tokens/s, and
-failed requests. Writes a JSON file and a PNG plot.
+included), inter-token latency p50/p95/p99, aggregate output tokens/s, failed
+requests, and what a million output tokens cost at --price-per-hour: the
+answers' own usage.cost_usd (each request's share of the engine's busy time)
+added up over the level, divided by their tokens; the servers' idle time is
+charged to no one. Writes a JSON file and a PNG plot.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class LevelResult:
     tokens_per_s: float
     ttft_ms: dict[str, float]
     itl_ms: dict[str, float]
+    cost_per_million_tokens_usd: float | None = None  # from the answers' usage.cost_usd
 
 
 async def _client(url: str, prompts: list[str], deadline: float, seed: int, out: list[Streamed]) -> None:
@@ -67,8 +71,18 @@ def summarize(server: str, clients: int, results: list[Streamed], wall_s: float)
     tokens = sum(r.tokens for r in ok)
     return LevelResult(
         server, clients, len(results), len(results) - len(ok), tokens, round(tokens / wall_s, 1),
-        percentiles([r.ttft_s for r in ok]), percentiles([g for r in ok for g in r.itl_s]),
+        percentiles([r.ttft_s for r in ok]), percentiles([g for r in ok for g in r.itl_s]), cost_per_million(ok),
     )
+
+
+def cost_per_million(results: list[Streamed]) -> float | None:
+    """USD per million output tokens: the answers' usage.cost_usd (their shares of the engine's busy time at the
+    server's --price-per-hour) over their usage.completion_tokens; None when the server reports no cost."""
+    usages = [r.final.get("usage") or {} for r in results]
+    if not usages or any("cost_usd" not in u for u in usages):
+        return None
+    tokens = sum(u.get("completion_tokens", 0) for u in usages)
+    return round(sum(u["cost_usd"] for u in usages) / tokens * 1e6, 4) if tokens else None
 
 
 def _prompts() -> list[str]:
@@ -103,7 +117,8 @@ def run_load_bench(args) -> int:
     from streamgen.models.pull import ensure_model
 
     ensure_model(args.model, args.quantize, args.home)
-    common = [*serve_args(args), "--max-queued", "256", "--max-requests-per-connection", "1", "--rate-limit", "0"]
+    common = [*serve_args(args), "--max-queued", "256", "--max-requests-per-connection", "1", "--rate-limit", "0",
+              "--price-per-hour", str(args.price_per_hour)]
     servers = [ServeProcess("batching", [*common, "--max-batch", str(args.max_batch)]),
                ServeProcess("batching off", [*common, "--max-batch", "1"])]
     prompts = _prompts()
@@ -118,7 +133,8 @@ def run_load_bench(args) -> int:
                 results.append(row)
                 print(f"  {server.name:13s} {clients:3d} clients: {row.tokens_per_s:7.1f} tok/s, "
                       f"ttft p50 {row.ttft_ms['p50']:8.1f} ms, itl p95 {row.itl_ms['p95']:7.1f} ms, "
-                      f"{row.requests} requests, {row.failed} failed", file=sys.stderr, flush=True)
+                      f"{row.requests} requests, {row.failed} failed, {_usd(row.cost_per_million_tokens_usd)} per "
+                      "million tokens", file=sys.stderr, flush=True)
     finally:
         for server in servers:
             server.stop()
@@ -126,15 +142,22 @@ def run_load_bench(args) -> int:
     return 0
 
 
+def _usd(value: float | None) -> str:
+    return "n/a" if value is None else f"${value:.4g}"
+
+
 def _report(results: list[LevelResult], args) -> None:
     print(f"\nstreamgen bench load: {args.model} ({args.quantize}), {args.duration:.0f} s per level and server, "
-          f"batching = {args.max_batch} slots, batching off = 1 slot\n")
-    print("| server | clients | requests | failed | output tok/s | TTFT p50/p95/p99 (ms) | inter-token p50/p95/p99 (ms) |")
-    print("|---|---|---|---|---|---|---|")
+          f"batching = {args.max_batch} slots, batching off = 1 slot; cost at ${args.price_per_hour:g} an hour, from "
+          "the answers' usage.cost_usd\n")
+    print("| server | clients | requests | failed | output tok/s | TTFT p50/p95/p99 (ms) | inter-token p50/p95/p99 (ms) "
+          "| USD per million output tokens |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         t, i = r.ttft_ms, r.itl_ms
         print(f"| {r.server} | {r.concurrency} | {r.requests} | {r.failed} | {r.tokens_per_s} | "
-              f"{t['p50']:.0f} / {t['p95']:.0f} / {t['p99']:.0f} | {i['p50']:.1f} / {i['p95']:.1f} / {i['p99']:.1f} |")
+              f"{t['p50']:.0f} / {t['p95']:.0f} / {t['p99']:.0f} | {i['p50']:.1f} / {i['p95']:.1f} / {i['p99']:.1f} | "
+              f"{_usd(r.cost_per_million_tokens_usd)} |")
     on = {r.concurrency: r for r in results if r.server == "batching"}
     off = {r.concurrency: r for r in results if r.server == "batching off"}
     if 1 in on and 16 in on and 16 in off:
