@@ -1,4 +1,4 @@
-"""Command line: `streamgen pull | generate | bench`.
+"""Command line: `streamgen pull | generate | serve | batch | bench`.
 
 The only place that wires things together: it parses flags, builds typed
 settings, and hands them to the pieces that do the work.
@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from streamgen.config import add_settings_flags, settings_from_args
+from streamgen.batch.options import ORDERS
+from streamgen.config import Settings, add_settings_flags, env_name, flag_name, help_text, settings_from_args
 from streamgen.errors import ConfigError, PullError, StreamgenError
 from streamgen.engine.config import DEVICE_CHOICES
 from streamgen.model_files import DEFAULT_MODEL, DEFAULT_QUANTIZATION, GRAPHS, QUANTIZATIONS, CacheLayout, streamgen_home
@@ -116,6 +117,14 @@ def _add_log_level(p: argparse.ArgumentParser) -> None:
                    help="debug also prints the traceback of an error (default: warning)")
 
 
+def _add_setting_flag(p: argparse.ArgumentParser, name: str, meaning: str | None = None) -> None:
+    """One of serve's settings (config.py) as a flag of another command: the flag, else STREAMGEN_*, else the
+    default, resolved by settings_from_args."""
+    kind = {"int": int, "float | None": float}.get(next(f.type for f in fields(Settings) if f.name == name), str)
+    text = f"{meaning} [env {env_name(name)}]" if meaning else help_text(name)
+    p.add_argument(flag_name(name), dest=name, type=kind, default=None, help=text.replace("%", "%%"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamgen",
@@ -154,6 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/health/ready turns 200 once the model is warm.")
     add_settings_flags(s)
     s.add_argument("--no-pull", action="store_true", help="fail instead of pulling a missing model")
+
+    bt = sub.add_parser("batch", help="answer a file of OpenAI Batch API requests, offline",
+                        description="Run every request of INPUT (the OpenAI Batch API's input lines: custom_id, "
+                                    "method, url, body) through the engine in this process, every slot busy, and "
+                                    "write each answer to OUTPUT as it finishes (the Batch API's output lines; each "
+                                    "body is what /v1/chat/completions or /v1/completions answers). Run it again "
+                                    "with the same OUTPUT to resume: the requests it already answers are skipped. "
+                                    "Ctrl-C stops after the line at hand (exit 130). docs/batch.md has the details.")
+    bt.add_argument("input", help="the requests, one JSON object per line ('-' reads stdin)")
+    bt.add_argument("-o", "--output", type=Path, required=True,
+                    help="the answers, one JSON line per input line; an existing file is resumed")
+    _add_model_flags(bt)
+    _add_runtime_flags(bt)
+    _add_setting_flag(bt, "max_batch")
+    _add_setting_flag(bt, "max_context")
+    _add_setting_flag(bt, "price_per_hour", "what this machine costs an hour, in USD: each answer's usage then "
+                      "has cost_usd, its share of the engine's busy time, and the summary the total")
+    bt.add_argument("--order", choices=ORDERS, default=ORDERS[0],
+                    help="the order requests read ahead go to the engine: prefix = by prompt tokens, so shared "
+                         "prefixes run together for the prefix cache (longest first once the input has ended); "
+                         "longest = most work first; arrival = the file's order (default prefix)")
+    _add_log_level(bt)
 
     b = sub.add_parser("bench", help="benchmarks that compare against a named baseline in the same run")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -196,6 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--duration", type=float, default=15.0, help="seconds per level and server (default 15)")
     bl.add_argument("--max-batch", type=int, default=32, help="slots of the batching server (default 32)")
     bl.add_argument("--plot", type=Path, default=None, help="write a PNG plot to this file")
+    bl.add_argument("--price-per-hour", type=float, default=1.0,
+                    help="USD an hour of this machine: each level's cost per million output tokens, from the answers' "
+                         "usage.cost_usd (default 1.0)")
+    bb = _bench_parser(bsub, "batch", "the batch runner against 16 concurrent WebSocket clients, same requests",
+                       "Runs the same requests of mixed lengths (bench load's prompts and output lengths, greedy, end "
+                       "of sequence ignored) through `streamgen batch`'s runner in this process and through a "
+                       "`streamgen serve` process driven by concurrent WebSocket clients, in interleaved rounds; "
+                       "reports output tokens/s both ways and their ratio. Then a decode-heavy mix through the runner "
+                       "against the raw batch-16 decode rate of the same build (bench speed's measurement).",
+                       quantize=serving, rounds=2)
+    bb.add_argument("--requests", type=int, default=256, help="requests in the mixed workload (default 256)")
+    bb.add_argument("--clients", type=int, default=16, help="concurrent WebSocket clients (default 16)")
+    bb.add_argument("--max-batch", type=int, default=16, help="KV slots of the runner and of the server (default 16)")
+    bb.add_argument("--decode-requests", type=int, default=64,
+                    help="requests in the decode-heavy mix, 128 tokens each after a short prompt; 0 = skip (default 64)")
+    bb.add_argument("--order", choices=ORDERS, default=ORDERS[0], help="the runner's order (default prefix)")
+    bb.add_argument("--price-per-hour", type=float, default=1.0,
+                    help="USD an hour of this machine, for the cost per million output tokens (default 1.0)")
     bc = _bench_parser(bsub, "cache", "the prefix cache on vs off: multi-turn, shared system prompt, no sharing",
                        "Starts two `streamgen serve` processes (--prefix-cache on and off) and alternates three "
                        "workloads between them: an 8-turn conversation (time to first token per turn), 16 clients "
@@ -262,6 +311,7 @@ _BENCHES = {
     "speed": "streamgen.bench.speed:run_speed_bench",
     "quality": "streamgen.bench.quality:run_quality_bench",
     "load": "streamgen.bench.load:run_load_bench",
+    "batch": "streamgen.bench.batch:run_batch_bench",
     "socket": "streamgen.bench.socket:run_socket_bench",
     "cache": "streamgen.bench.cache:run_cache_bench",
     "tracing": "streamgen.bench.tracing:run_tracing_bench",
@@ -301,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "serve":
             return _cmd_serve(args)
+        if args.command == "batch":
+            return _cmd_batch(args)
         if args.command == "bench":
             import importlib
 
@@ -383,6 +435,44 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         f"damaged, remove it and pull it again: rm -r '{directory}' && streamgen pull "
                         f"{settings.model} --quantize {settings.quantize}")
     return 0
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from streamgen.batch.options import BatchOptions
+    from streamgen.batch.runner import StopSignals, run_file
+    from streamgen.config import engine_config
+    from streamgen.engine.device import resolve_device
+    from streamgen.engine.loader import load_model
+    from streamgen.engine.slots import SlotConfig
+    from streamgen.models.pull import ensure_model
+    from streamgen.telemetry.logs import configure_logging
+    from streamgen.telemetry.setup import Telemetry
+
+    settings = settings_from_args(args)
+    # Each request logs three lines at info level: a batch shows warnings unless asked for more.
+    configure_logging(args.log_level or os.environ.get(env_name("log_level")) or "warning", settings.log_format)
+    if args.input != "-" and not Path(args.input).is_file():
+        raise ConfigError(f"cannot read {args.input}: no such file")
+    if args.input != "-" and args.output.exists() and args.output.resolve() == Path(args.input).resolve():
+        raise ConfigError("the output must be another file than the input")
+    try:
+        telemetry = Telemetry.from_env(detail=settings.trace_detail, log_prompts=settings.log_prompts)
+    except ValueError as exc:  # an unsupported OTEL_* value
+        raise ConfigError(str(exc)) from None
+    config = engine_config(settings)
+    device = resolve_device(settings.device)
+    directory = ensure_model(settings.model, settings.quantize, settings.home, allow_pull=not args.no_pull,
+                             graph=settings.graph)
+    model = load_model(directory, device, settings.threads, SlotConfig.from_config(config))
+    telemetry.model_name, telemetry.price_per_hour = model.name, settings.price_per_hour
+    options = BatchOptions(args.order, price_per_hour=settings.price_per_hour)
+    with StopSignals() as stop:
+        try:
+            summary = run_file(args.input, args.output, model, config, telemetry, options, stop.requested, sys.stderr)
+        finally:
+            telemetry.shutdown()
+    print(summary.line(), file=sys.stderr)
+    return 128 + stop.signal if stop.signal else 0
 
 
 def _stop_if_load_fails(engine, server) -> None:

@@ -2,11 +2,15 @@
 
     .venv/bin/python tests/record_docs.py              # tables, and examples recorded from a real server
     .venv/bin/python tests/record_docs.py --tables     # only the tables (no model needed)
+    .venv/bin/python tests/record_docs.py --batch      # the tables and docs/batch.md's run (no server)
 
 - Generated from the code: README's settings table, and the error tables of
   docs/protocol.md and docs/openai.md (streamgen/config.py, streamgen/errors.py).
 - Recorded from `streamgen serve` on the default model: docs/protocol.md's
   example exchange and docs/openai.md's curl and SDK outputs.
+- docs/batch.md: its example input file is generated from BATCH_EXAMPLE below; its
+  run (the command's summary and output file, then a rerun that resumes) is
+  recorded from `streamgen batch` on the default model.
 
 Each part sits between `<!-- generated: NAME -->` (or `recorded:`) and
 `<!-- /generated -->` markers. tests/test_docs.py fails when a generated part
@@ -28,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PROTOCOL = ROOT / "docs" / "protocol.md"
 OPENAI = ROOT / "docs" / "openai.md"
+BATCH = ROOT / "docs" / "batch.md"
 QUESTION = "What is the capital of France?"
 
 
@@ -67,10 +72,33 @@ def openai_errors_table() -> str:
     return "\n".join(rows)
 
 
+# docs/batch.md's example: requests sharing a system prompt, a plain completion, a refused value, a duplicate.
+_SYSTEM = "You are a geography teacher. Answer in one short sentence."
+BATCH_EXAMPLE = [
+    {"custom_id": "france", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": QUESTION}],
+              "temperature": 0, "max_tokens": 32}},
+    {"custom_id": "japan", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"messages": [{"role": "system", "content": _SYSTEM},
+                           {"role": "user", "content": "What is the capital of Japan?"}],
+              "temperature": 0, "max_tokens": 32}},
+    {"custom_id": "story", "method": "POST", "url": "/v1/completions",
+     "body": {"prompt": "The lighthouse keeper opened the bottle and read", "temperature": 0, "max_tokens": 24}},
+    {"custom_id": "too-hot", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"messages": [{"role": "user", "content": "Hi"}], "temperature": 12}},
+    {"custom_id": "france", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Bonjour"}},
+]
+
+
+def batch_input() -> str:
+    return "```\n" + "".join(json.dumps(line) + "\n" for line in BATCH_EXAMPLE) + "```"
+
+
 GENERATED: dict[tuple[Path, str], Callable[[], str]] = {
     (README, "settings"): settings_table,
     (PROTOCOL, "errors"): protocol_errors_table,
     (OPENAI, "errors"): openai_errors_table,
+    (BATCH, "batch-input"): batch_input,
 }
 
 
@@ -144,10 +172,31 @@ def record(base_url: str, ws_url: str) -> dict[tuple[Path, str], str]:
     }
 
 
+def _batch_run() -> str:
+    """`streamgen batch` on the example, its output file, then the same command again (a resume)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, output = Path(tmp) / "requests.jsonl", Path(tmp) / "answers.jsonl"
+        source.write_text("".join(json.dumps(line) + "\n" for line in BATCH_EXAMPLE))
+        command = ["streamgen", "batch", "requests.jsonl", "-o", "answers.jsonl", "--price-per-hour", "1.0"]
+        runs = [subprocess.run([sys.executable, "-m", *command], cwd=tmp, capture_output=True, text=True,
+                               check=True, timeout=600) for _ in range(2)]
+        answers = output.read_text()
+    first, again = (run.stderr.strip().splitlines()[-1] for run in runs)
+    shown = " ".join(command)
+    return (f"```\n$ {shown}\n{first}\n```\n\n`answers.jsonl`, one line per input line, in the order the "
+            f"requests finished:\n\n```\n{answers}```\n\nThe same command again finds every request answered:"
+            f"\n\n```\n$ {shown}\n{again}\n```")
+
+
 def main() -> int:
     parts = {key: make() for key, make in GENERATED.items()}
     kinds = {key: "generated" for key in parts}
-    if "--tables" not in sys.argv:
+    if "--batch" in sys.argv or "--tables" not in sys.argv:
+        parts[(BATCH, "batch-run")] = _batch_run()
+        kinds[(BATCH, "batch-run")] = "recorded"
+    if "--tables" not in sys.argv and "--batch" not in sys.argv:
         sys.path.insert(0, str(Path(__file__).parent))
         from conftest import ServerProcess
 
