@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--max-batch", type=int, default=16, help="KV slots of the runner and of the server (default 16)")
     bb.add_argument("--decode-requests", type=int, default=64,
                     help="requests in the decode-heavy mix, 128 tokens each after a short prompt; 0 = skip (default 64)")
+    bb.add_argument("--order-requests", type=int, default=96,
+                    help="questions about shared documents, run in each --order to compare them; 0 = skip (default 96)")
     bb.add_argument("--order", choices=ORDERS, default=ORDERS[0], help="the runner's order (default prefix)")
     bb.add_argument("--price-per-hour", type=float, default=1.0,
                     help="USD an hour of this machine, for the cost per million output tokens (default 1.0)")

@@ -375,12 +375,17 @@ def test_bench_batch_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_cach
     result = subprocess.run(
         [sys.executable, "-m", "streamgen", "bench", "batch", "--model", str(tiny_hf_dir), "--home",
          str(tiny_cache.home), "--requests", "24", "--clients", "4", "--rounds", "2", "--decode-requests", "16",
-         "--threads", "1", "--json", str(report)], capture_output=True, text=True, timeout=300, env=_env())
+         "--order-requests", "24", "--threads", "1", "--json", str(report)],
+        capture_output=True, text=True, timeout=300, env=_env())
     assert result.returncode == 0, result.stderr
     assert "batch / WebSocket clients: " in result.stdout and "decode-heavy batch / raw batch-16" in result.stdout
+    assert "| prefix | " in result.stdout and "| arrival | " in result.stdout
     figures = json.loads(report.read_text())
-    assert [len(figures["runs"][side]) for side in ("batch", "websocket", "decode")] == [2, 2, 2]
+    sides = ("batch", "websocket", "decode", "prefix", "longest", "arrival")
+    assert [len(figures["runs"][side]) for side in sides] == [2] * len(sides)
     for run in figures["runs"]["batch"] + figures["runs"]["websocket"]:
         assert run["requests"] == 24 and run["failed"] == 0 and run["tokens_per_s"] > 0
         assert run["cost_per_million_tokens_usd"] > 0
+    for run in figures["runs"]["prefix"] + figures["runs"]["arrival"]:
+        assert run["requests"] == 24 and run["failed"] == 0 and 0 < run["cached_tokens"] < run["prompt_tokens"]
     assert figures["batch_over_websocket"] > 0 and figures["decode_over_raw"] > 0

@@ -14,6 +14,10 @@ Decode-heavy mix: --decode-requests requests of a short prompt and 128 output to
 against the raw batch-16 decode rate of the same build (bench speed's measurement: 16 rows decoded
 together and nothing else). Target: at least 90 % of it.
 
+Orders: --order-requests questions about a few documents each (a document as the system prompt, a short
+question, 16 output tokens), shuffled, through the runner in each order (options.ORDERS), slots emptied
+before each run: the share of prompt tokens the prefix cache gave, and tokens/s.
+
 Costs: both sides report what a million output tokens cost at --price-per-hour, from the answers' own
 usage.cost_usd (each request's share of the engine's busy time).
 """
@@ -33,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from streamgen.batch.options import BatchOptions
+from streamgen.batch.options import ORDERS, BatchOptions
 from streamgen.batch.runner import run_file
 from streamgen.bench.clients import Streamed, websocket_request
 from streamgen.bench.common import ServeProcess, serve_args
@@ -44,11 +48,14 @@ from streamgen.engine.config import EngineConfig
 from streamgen.engine.device import Device
 from streamgen.engine.loader import LoadedModel, load_model
 from streamgen.engine.slots import SlotConfig
-from streamgen.server.openai_schema import COMPLETIONS_PATH
+from streamgen.engine.tokenizer import ChatMessage
+from streamgen.server.openai_schema import CHAT_PATH, COMPLETIONS_PATH
 from streamgen.telemetry.setup import Telemetry
 
 DECODE_TOKENS = 128
 DECODE_PROMPT_WORDS = 12
+QUESTIONS_PER_DOCUMENT = 4
+DOCUMENT_WORDS = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +66,8 @@ class Run:
     output_tokens: int
     wall_s: float
     cost_per_million_tokens_usd: float | None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -78,6 +87,24 @@ def decode_bodies(model: LoadedModel, count: int) -> list[dict[str, Any]]:
     return [_fitted(model, " ".join(words[i * 3 : i * 3 + DECODE_PROMPT_WORDS]), DECODE_TOKENS) for i in range(count)]
 
 
+def document_bodies(model: LoadedModel, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Questions about a few documents, shuffled: each document is the system prompt its questions share."""
+    words, rng = " ".join(load_texts() * 4).split(), np.random.default_rng(seed)
+    bodies = []
+    for i in range(count):
+        doc = words[i // QUESTIONS_PER_DOCUMENT * 17 :][:DOCUMENT_WORDS]
+        while True:
+            messages = [ChatMessage("system", "Answer from this text. " + " ".join(doc)),
+                        ChatMessage("user", f"Question {i % QUESTIONS_PER_DOCUMENT + 1}?")]
+            if len(doc) <= 1 or len(model.tokenizer.encode(model.tokenizer.render_chat(messages))) + 16 <= \
+                    model.context_length:
+                break
+            doc = doc[: len(doc) * 3 // 4]
+        bodies.append({"messages": [{"role": m.role, "content": m.content} for m in messages], "max_tokens": 16,
+                       "temperature": 0, "ignore_eos": True})
+    return [bodies[int(i)] for i in rng.permutation(len(bodies))]
+
+
 def _fitted(model: LoadedModel, prompt: str, max_tokens: int) -> dict[str, Any]:
     """Cut the prompt (and, on a tiny context, the output) until prompt + output fit the context."""
     context = model.context_length
@@ -92,7 +119,8 @@ def run_batch(model: LoadedModel, config: EngineConfig, bodies: list[dict[str, A
               options: BatchOptions) -> Run:
     """The bodies through `streamgen batch`'s run_file, from a JSONL file to a fresh output file."""
     source, output = workdir / f"{name}.jsonl", workdir / f"{name}.out.jsonl"
-    source.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": COMPLETIONS_PATH,
+    source.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST",
+                                          "url": CHAT_PATH if "messages" in body else COMPLETIONS_PATH,
                                           "body": body}) + "\n" for i, body in enumerate(bodies)))
     output.unlink(missing_ok=True)
     telemetry = Telemetry.from_env()  # traced as the server process is: by the same OTEL_* variables
@@ -104,7 +132,8 @@ def run_batch(model: LoadedModel, config: EngineConfig, bodies: list[dict[str, A
     t = summary.tally
     cost = summary.cost_usd
     per_million = round(cost / t.output_tokens * 1e6, 4) if cost is not None and t.output_tokens else None
-    return Run("batch", t.written, t.failed, t.output_tokens, summary.wall_s, per_million)
+    return Run("batch", t.written, t.failed, t.output_tokens, summary.wall_s, per_million, t.prompt_tokens,
+               t.cached_tokens)
 
 
 async def _websocket(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[list[Streamed], float]:
@@ -137,10 +166,11 @@ def run_batch_bench(args) -> int:
     options = BatchOptions(args.order, price_per_hour=args.price_per_hour)
     mixed = mixed_bodies(model, args.requests)
     decode = decode_bodies(model, args.decode_requests)
+    documents = document_bodies(model, args.order_requests)
     server = ServeProcess("websocket", [*serve_args(args), "--max-batch", str(args.max_batch), "--max-queued",
                                         str(max(64, args.requests)), "--max-requests-per-connection", "1",
                                         "--rate-limit", "0", "--price-per-hour", str(args.price_per_hour)])
-    runs: dict[str, list[Run]] = {"batch": [], "websocket": [], "decode": []}
+    runs: dict[str, list[Run]] = {"batch": [], "websocket": [], "decode": [], **{o: [] for o in ORDERS}}
     raw: list[float] = []
     with tempfile.TemporaryDirectory(prefix="streamgen-bench-batch-") as tmp:
         workdir = Path(tmp)
@@ -160,10 +190,28 @@ def run_batch_bench(args) -> int:
                     raw.append(_raw_batch16(directory, args.threads, model))
                     print(f"  round {round_no + 1} raw batch-{BATCH} decode: {raw[-1]:.1f} tok/s", file=sys.stderr,
                           flush=True)
+                for order in ORDERS if documents else ():
+                    _empty_slots(model)
+                    runs[order].append(run_batch(model, config, documents, workdir, f"order-{order}",
+                                                 BatchOptions(order, price_per_hour=args.price_per_hour)))
+                    _progress(f"round {round_no + 1} order {order} ({_cached(runs[order][-1])} cached)",
+                              runs[order][-1])
         finally:
             server.stop()
     _report(runs, raw, args)
     return 0
+
+
+def _empty_slots(model: LoadedModel) -> None:
+    """Forget what the slots hold, so a run starts with a cold prefix cache (a claim empties a slot)."""
+    table = model.runner.table
+    for slot in table.free_slots():
+        table.claim(slot)
+        table.release(slot, keep_contents=False)
+
+
+def _cached(run: Run) -> str:
+    return f"{run.cached_tokens / run.prompt_tokens:.0%}" if run.prompt_tokens else "n/a"
 
 
 def _raw_batch16(directory: Path, threads: int, model: LoadedModel) -> float:
@@ -205,5 +253,12 @@ def _report(runs: dict[str, list[Run]], raw: list[float], args) -> None:
         print(f"- decode-heavy batch / raw batch-{BATCH} decode ({statistics.median(raw):.1f} tok/s): {share:.0%} "
               "(target >= 90 %)" + ("" if args.max_batch == BATCH else f"; the runner has {args.max_batch} slots"))
         result |= {"raw_batch16_tok_s": raw, "decode_over_raw": round(share, 3)}
+    if runs[ORDERS[0]]:
+        print(f"\nOrders, on {args.order_requests} questions about {args.order_requests // QUESTIONS_PER_DOCUMENT} "
+              "documents (shuffled), slots emptied before each run:\n")
+        print("| order | prompt tokens from the prefix cache | output tok/s |")
+        print("|---|---|---|")
+        for order in ORDERS:
+            print(f"| {order} | {_cached(runs[order][0])} | {_median(runs[order]):.1f} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
