@@ -39,7 +39,9 @@ from streamgen.batch.lines import (Entry, LineError, answer_body, error_line, pa
 from streamgen.batch.progress import Progress, Summary, Tally, make_progress
 from streamgen.engine.config import EngineConfig
 from streamgen.engine.core import EngineCore
+from streamgen.engine.generate import generate
 from streamgen.engine.loader import LoadedModel
+from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, prepare_request
 from streamgen.engine.scheduler import SchedulerLimits
 from streamgen.engine.sequence import Sequence
@@ -139,6 +141,7 @@ class BatchRunner:
 
     def run(self, lines: Iterable[RawLine], should_stop: Callable[[], bool] = lambda: False) -> Summary:
         """Answer every line (or stop when asked); returns the summary of this run."""
+        self._warm_up()
         start = time.perf_counter()
         batch_span = self.telemetry.tracer.start_span("batch", attributes={
             "gen_ai.request.model": self.model.name, "streamgen.batch.order": self.options.order})
@@ -163,6 +166,14 @@ class BatchRunner:
             batch_span.end()
         return Summary(replace(self.tally), self.output.path, time.perf_counter() - start, self.core.busy_s,
                        self.options.price_per_hour, interrupted)
+
+    def _warm_up(self) -> None:
+        """One short generation first, as the server does before it is ready: ONNX Runtime's lazy set-up is
+        not charged to the first request, nor counted in the run's busy time."""
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        request = GenerationRequest(tuple(self.model.tokenizer.encode("Hello")), params, frozenset())
+        for _ in generate(self.model.runner, self.model.tokenizer, [request]):
+            pass
 
     # ---- from the file to the window ----------------------------------------------
 
