@@ -8,6 +8,7 @@ exactly once; 100,000 lines in bounded memory; the span links; `streamgen bench 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from streamgen.batch import files
 from streamgen.batch.files import DigestSet, Output, RawLine, count_lines, read_lines, scan
 from streamgen.batch.lines import LineError, parse_body, parse_envelope
 from streamgen.batch.options import BatchOptions
+from streamgen.batch.progress import Progress, Summary, Tally
 from streamgen.batch.runner import BatchRunner, Window, _Job
 from streamgen.engine.config import EngineConfig
 from streamgen.engine.loader import load_model
@@ -167,6 +169,25 @@ def test_the_window_groups_shared_prefixes_then_drains_longest_first() -> None:
     assert not window.full
     window.push(jobs[1])
     assert window.full and window.pop() is jobs[0]
+
+
+def test_the_summary_and_the_periodic_lines() -> None:
+    tally = Tally(written=1000, failed=3, skipped=500, prompt_tokens=20000, cached_tokens=5000, output_tokens=40000)
+    done = Summary(tally, Path("out.jsonl"), wall_s=40.0, busy_s=30.0, price_per_hour=3.6, interrupted=False)
+    assert done.tokens_per_s == 1000 and done.utilisation == 0.75 and done.cost_usd == pytest.approx(0.03)
+    assert done.line() == (
+        "streamgen batch: done: 1000 requests (3 failed, 500 done before) · prompt 20000 tokens (5000 cached) · "
+        "output 40000 tokens · 40.0 s · 1000.0 tok/s · utilisation 75% · cost $0.030000 at $3.6/h, $0.75 per million "
+        "output tokens -> out.jsonl")
+    stopped = Summary(Tally(written=2), Path("o"), 1.0, 0.5, None, interrupted=True)
+    assert stopped.cost_usd is None and stopped.line().startswith("streamgen batch: interrupted: 2 requests (0 failed)")
+    assert stopped.line().endswith("run the same command again to resume") and "cost" not in stopped.line()
+
+    stream = io.StringIO()
+    progress = Progress(total=2000, initial=500, stream=stream, every_s=0.0)
+    progress.update(tally)
+    line = stream.getvalue().strip()
+    assert line.startswith("streamgen batch: 2000/2000 requests, 3 failed, ") and line.endswith("eta 0s"), line
 
 
 def test_options_are_checked() -> None:

@@ -102,17 +102,24 @@ class Bar(Progress):
         super().__init__(total, initial, stream, every_s=0.25)
         self._bar = tqdm(total=total, initial=initial, unit="req", file=stream, dynamic_ncols=True,
                          smoothing=0.05, desc="streamgen batch")
+        self._tally: Tally | None = None
 
     def update(self, tally: Tally) -> None:
+        self._tally = tally  # the runner's own, still counting: close() shows where it ended
         now = time.perf_counter()
         if now < self._next:
             return
         self._next = now + self.every_s
+        self._show(tally, now)
+
+    def _show(self, tally: Tally, now: float) -> None:
         self._bar.set_postfix_str(f"{tally.output_tokens / (now - self._start):.0f} tok/s, {tally.failed} failed",
                                   refresh=False)
         self._bar.update(self.initial + tally.written + tally.skipped - self._bar.n)  # its rate gives the ETA
 
     def close(self) -> None:
+        if self._tally is not None:
+            self._show(self._tally, time.perf_counter())
         self._bar.close()
 
 
