@@ -390,6 +390,27 @@ def test_every_request_span_links_to_the_batch_span(tiny_model_dir, tmp_path: Pa
     assert batch.attributes["streamgen.batch.requests"] == 5 and summary.busy_s > 0
 
 
+def test_a_stop_between_lines_is_an_interruption(tiny_model_dir, tmp_path: Path) -> None:
+    model = load_model(tiny_model_dir, CPU)
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"bad json\n' * 50)
+    out, done = Output.resume(output)
+    lines_read = []
+
+    def stop() -> bool:  # after ten lines, none of which needs the engine
+        return len(lines_read) >= 10
+
+    def lines():
+        for raw in read_lines(str(source)):
+            lines_read.append(raw.number)
+            yield raw
+
+    summary = BatchRunner(model, EngineConfig(), Telemetry.from_env(env={}), out, done).run(lines(), stop)
+    out.close()
+    assert summary.interrupted and summary.tally.written == summary.tally.failed == 10
+    assert "interrupted" in summary.line()
+
+
 def test_bench_batch_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_cache, tiny_hf_dir,
                                                        tmp_path: Path) -> None:
     report = tmp_path / "bench.json"

@@ -146,7 +146,7 @@ class BatchRunner:
         batch_span = self.telemetry.tracer.start_span("batch", attributes={
             "gen_ai.request.model": self.model.name, "streamgen.batch.order": self.options.order})
         self._batch_context = batch_span.get_span_context()
-        source, ended = iter(lines), False
+        source, ended, finished = iter(lines), False, False
         try:
             while not should_stop():
                 if self.progress is not None:
@@ -157,9 +157,10 @@ class BatchRunner:
                 if self.core.has_work:
                     self._route(self.core.step())
                 elif ended and not self.window:
+                    finished = True
                     break
         finally:
-            interrupted = self._abandon()
+            interrupted = self._abandon() or not finished
             batch_span.set_attributes({"streamgen.batch.requests": self.tally.written,
                                        "streamgen.batch.failed": self.tally.failed,
                                        "streamgen.batch.interrupted": interrupted})
