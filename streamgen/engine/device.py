@@ -15,36 +15,40 @@ from typing import Literal
 
 import onnxruntime as ort
 
+from streamgen.engine.config import DEVICE_CHOICES
 from streamgen.errors import DeviceError
 
 DeviceKind = Literal["cpu", "cuda"]
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True, slots=True)
 class Device:
     kind: DeviceKind
     index: int = 0
+    cuda_graphs: bool = False  # capture each decode width once and replay it (CUDA only; engine/slots.py)
 
     @property
     def providers(self) -> list:
         if self.kind == "cuda":
-            return [("CUDAExecutionProvider", {"device_id": self.index}), "CPUExecutionProvider"]
+            options = {"device_id": self.index}
+            if self.cuda_graphs:
+                options["enable_cuda_graph"] = "1"
+            return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
     def __str__(self) -> str:
         return f"cuda:{self.index}" if self.kind == "cuda" else "cpu"
 
 
-def resolve_device(requested: str) -> Device:
-    """Map auto|cpu|cuda to a usable Device, or raise DeviceError saying why not."""
+def resolve_device(requested: str, cuda_graphs: bool = False) -> Device:
+    """Map auto|cpu|cuda to a usable Device, or raise DeviceError saying why not. CUDA graphs apply to CUDA."""
     if requested not in DEVICE_CHOICES:
         raise DeviceError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {requested!r}")
     if requested == "cpu":
         return Device("cpu")
     problem = cuda_problem()
     if problem is None:
-        return Device("cuda")
+        return Device("cuda", cuda_graphs=cuda_graphs)
     if requested == "cuda":
         raise DeviceError(f"CUDA was requested but is not usable: {problem}. Use --device cpu or auto.")
     return Device("cpu")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from streamgen.engine import cuda
 from streamgen.engine.config import ENGINE_DEFAULTS, EngineConfig
 from streamgen.engine.device import Device
 from streamgen.engine.session import open_session
@@ -75,23 +76,31 @@ class SlotRunner:
 
         b, h, t, d = config.max_batch, info.num_kv_heads, self.max_context, info.head_dim
         self._row_shape = (h, t, d)
-        self._row_bytes = h * t * d * np.dtype(self._dtype).itemsize
+        self._itemsize = np.dtype(self._dtype).itemsize
+        self._row_bytes = h * t * d * self._itemsize
         # Allocated once, on the device, zeroed (stray NaN or denormal bit
         # patterns have no place in rows that run as fillers); bound as past and
         # present alike. On the CPU the OrtValue wraps the zeroed numpy array
         # without a copy (and keeps it alive), so numpy() is a view of it.
-        self._kv = [
-            ort.OrtValue.ortvalue_from_numpy(np.zeros((b, h, t, d), dtype=self._dtype), self._ort_device, device.index)
-            for _ in self._past_names
-        ]
+        self._kv = [self._zeroed((b, h, t, d)) for _ in self._past_names]
         self.table = SlotTable(b, t)
-        # Fixed host buffers for decode, written in place every step.
-        self._ids = np.zeros((b, 1), dtype=np.int64)
-        self._positions = np.zeros((b, 1), dtype=np.int64)
-        self._mask = np.zeros((b, t), dtype=np.int64)
+        # Fixed buffers for decode, written in place every step: on a GPU each
+        # has a device twin at a fixed address (what CUDA graphs replay with).
+        self._ids = _Staged(np.zeros((b, 1), dtype=np.int64), device)
+        self._positions = _Staged(np.zeros((b, 1), dtype=np.int64), device)
+        self._mask = _Staged(np.zeros((b, t), dtype=np.int64), device)
+        self._logits = _Staged(np.zeros((b, 1, info.vocab_size), dtype=np.float32), device)
         self._columns = np.arange(t, dtype=np.int64)
-        self._logits = np.zeros((b, 1, info.vocab_size), dtype=np.float32)
-        self._decode_bindings: dict[int, ort.IOBinding] = {}
+        self._decode_bindings: dict[int, tuple[ort.IOBinding, ort.RunOptions | None]] = {}
+        # Prefill has a new shape every time: never captured into a CUDA graph.
+        self._prefill_options = _graph_options(-1) if device.cuda_graphs else None
+
+    def _zeroed(self, shape: tuple[int, ...]) -> ort.OrtValue:
+        if self.device.kind == "cpu":
+            return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self._dtype), "cpu", 0)
+        buffer = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self._dtype, "cuda", self.device.index)
+        cuda.zero(self.device.index, buffer.data_ptr(), int(np.prod(shape)) * self._itemsize)
+        return buffer
 
     @property
     def max_slots(self) -> int:
@@ -161,7 +170,7 @@ class SlotRunner:
             io.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64)[None, :])
         io.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
         self._bind_kv(io, first_row=slot, rows=1)
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, self._prefill_options)
         self.table.append(slot, ids)
         return np.array(io.get_outputs()[0].numpy()[0, -1], dtype=np.float32)
 
@@ -182,14 +191,19 @@ class SlotRunner:
         for row in range(width):
             if lengths[row] >= self.max_context:
                 self.table.forget_last(row)
-        self._ids[:width] = 0
-        self._ids[slots, 0] = token_ids
-        self._positions[:width, 0] = lengths[:width]
-        np.less_equal(self._columns[None, :], lengths[:width, None], out=self._mask[:width], casting="unsafe")
-        self.session.run_with_iobinding(self._decode_binding(width))
+        ids, positions, mask = self._ids.host, self._positions.host, self._mask.host
+        ids[:width] = 0
+        ids[slots, 0] = token_ids
+        positions[:width, 0] = lengths[:width]
+        np.less_equal(self._columns[None, :], lengths[:width, None], out=mask[:width], casting="unsafe")
+        for staged in (self._ids, self._positions, self._mask):
+            staged.to_device()
+        io, options = self._decode_binding(width)
+        self.session.run_with_iobinding(io, options)
+        self._logits.to_host()
         for slot, token in zip(slots, token_ids):
             self.table.append(slot, (token,))
-        return self._logits[slots, 0].copy()
+        return self._logits.host[slots, 0].copy()
 
     # ---- copies between rows ----------------------------------------------------------
 
@@ -203,26 +217,37 @@ class SlotRunner:
             raise ValueError(f"slots {src} and {dst} differ before position {start}; copying would mix caches")
         if end == start:
             return
-        if self.device.kind != "cpu":
-            raise NotImplementedError("KV row copies on CUDA")
-        for rows in self.kv_views():  # [B, H, T, D], views of the buffers
-            rows[dst, :, start:end] = rows[src, :, start:end]
+        if self.device.kind == "cpu":
+            for rows in self.kv_views():  # [B, H, T, D], views of the buffers
+                rows[dst, :, start:end] = rows[src, :, start:end]
+        else:
+            # Per buffer, H runs of (end - start) positions, one per KV head, a row of T positions apart.
+            t, d = self._row_shape[1], self._row_shape[2]
+            pitch, offset = t * d * self._itemsize, start * d * self._itemsize
+            for buffer in self._kv:
+                base = buffer.data_ptr()
+                cuda.copy_rows(self.device.index, base + dst * self._row_bytes + offset,
+                               base + src * self._row_bytes + offset, pitch, (end - start) * d * self._itemsize,
+                               self._row_shape[0])
         self.table.append(dst, self.table.tokens[src, start:end].copy())
 
     # ---- bindings -------------------------------------------------------------------
 
-    def _decode_binding(self, width: int) -> ort.IOBinding:
-        io = self._decode_bindings.get(width)
-        if io is None:
+    def _decode_binding(self, width: int) -> tuple[ort.IOBinding, ort.RunOptions | None]:
+        """One binding per width, built once: every buffer at a fixed address, so a step only writes the
+        inputs and runs (and, with CUDA graphs, replays the graph captured for that width)."""
+        bound = self._decode_bindings.get(width)
+        if bound is None:
             io = self.session.io_binding()
-            _bind_host(io, "input_ids", self._ids[:width], is_output=False)
-            _bind_host(io, "attention_mask", self._mask[:width], is_output=False)
+            self._ids.bind(io, "input_ids", width, is_output=False)
+            self._mask.bind(io, "attention_mask", width, is_output=False)
             if self._has_positions:
-                _bind_host(io, "position_ids", self._positions[:width], is_output=False)
+                self._positions.bind(io, "position_ids", width, is_output=False)
             self._bind_kv(io, first_row=0, rows=width)
-            _bind_host(io, "logits", self._logits[:width], is_output=True)
-            self._decode_bindings[width] = io
-        return io
+            self._logits.bind(io, "logits", width, is_output=True)
+            bound = (io, _graph_options(width) if self.device.cuda_graphs else None)
+            self._decode_bindings[width] = bound
+        return bound
 
     def _bind_kv(self, io: ort.IOBinding, first_row: int, rows: int) -> None:
         """Bind rows [first_row, first_row + rows) of every KV buffer as past and present."""
@@ -233,10 +258,34 @@ class SlotRunner:
             io.bind_output(_PRESENT + name[len(_PAST):], self._ort_device, self.device.index, self._dtype, shape, ptr)
 
 
-def _bind_host(io: ort.IOBinding, name: str, array: np.ndarray, *, is_output: bool) -> None:
-    """Bind a contiguous host numpy view by pointer, so in-place writes are what the next run sees."""
-    assert array.flags["C_CONTIGUOUS"], f"{name} view must be contiguous"
-    if is_output:
-        io.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-    else:
-        io.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+class _Staged:
+    """A fixed decode input or output: the host array the runner writes or reads, and on a GPU its device
+    twin, copied across once per step. The first `rows` rows are bound by pointer, so in-place writes are
+    what the next run sees and the address never moves."""
+
+    def __init__(self, host: np.ndarray, device: Device) -> None:
+        self.host = host
+        self._device = device
+        self._twin = None if device.kind == "cpu" else ort.OrtValue.ortvalue_from_numpy(host, "cuda", device.index)
+
+    def bind(self, io: ort.IOBinding, name: str, rows: int, *, is_output: bool) -> None:
+        shape = [rows, *self.host.shape[1:]]
+        where, index = ("cpu", 0) if self._twin is None else ("cuda", self._device.index)
+        pointer = self.host.ctypes.data if self._twin is None else self._twin.data_ptr()
+        bind = io.bind_output if is_output else io.bind_input
+        bind(name, where, index, self.host.dtype, shape, pointer)
+
+    def to_device(self) -> None:
+        if self._twin is not None:
+            self._twin.update_inplace(self.host)
+
+    def to_host(self) -> None:
+        if self._twin is not None:
+            self.host[...] = self._twin.numpy()
+
+
+def _graph_options(graph_id: int) -> ort.RunOptions:
+    """Run options that replay (or, the first time, capture) the CUDA graph with this id; -1 runs without one."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
