@@ -69,13 +69,28 @@ class Build:
         """The fp32 export every other build is made from."""
         return self == Build("none")
 
-    def directory_name(self, graph: str) -> str:
-        name = f"{graph}-{self.quantization}"
+    @property
+    def label(self) -> str:
+        """Short name, as benchmarks take it: none, int8, none-fp16, int8-kvint8, ..."""
+        name = self.quantization
         if self.precision != "fp32":
             name += f"-{self.precision}"
         if self.kv_cache != "auto":
             name += f"-kv{self.kv_cache}"
         return name
+
+    @classmethod
+    def from_label(cls, label: str) -> Build:
+        quantization, *rest = label.strip().split("-")
+        precision = next((p for p in rest if p in PRECISIONS), "fp32")
+        kv_cache = next((k[2:] for k in rest if k.startswith("kv")), "auto")
+        unknown = [p for p in rest if p not in PRECISIONS and not p.startswith("kv")]
+        if unknown:
+            raise ValueError(f"{label!r} is not a build: QUANTIZATION[-fp16][-kvint8], e.g. none-fp16")
+        return cls(quantization, precision, kv_cache)
+
+    def directory_name(self, graph: str) -> str:
+        return f"{graph}-{self.label}"
 
     def pull_flags(self) -> str:
         """The `streamgen pull` flags that make this build."""

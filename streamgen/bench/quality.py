@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from streamgen.engine.device import Device
+from streamgen.errors import ConfigError
+from streamgen.model_files import Build
 from streamgen.engine.loader import load_model
 from streamgen.engine.slots import SlotConfig
 
@@ -145,10 +147,15 @@ def run_quality(directories: dict[str, Path], threads: int = 0, texts: list[str]
 def run_quality_bench(args) -> int:
     from streamgen.models.pull import ensure_model
 
-    variants = [v.strip() for v in args.quantize.split(",") if v.strip()]
-    if "none" not in variants:
-        variants.insert(0, "none")
-    directories = {q: ensure_model(args.model, q, args.home, graph=args.graph) for q in variants}
+    # Builds by label: a quantization, and -fp16 / -kvint8 for the other number formats (none-fp16, int8-kvint8).
+    labels = [v.strip() for v in args.quantize.split(",") if v.strip()]
+    if "none" not in labels:
+        labels.insert(0, "none")
+    try:
+        builds = {label: Build.from_label(label) for label in labels}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    directories = {label: ensure_model(args.model, b, args.home, graph=args.graph) for label, b in builds.items()}
     rows = run_quality(directories, args.threads)
     texts = load_texts()
     print(f"\nstreamgen bench quality: {args.model} ({args.graph} graph), {len(texts)} paragraphs, "

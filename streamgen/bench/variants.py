@@ -30,6 +30,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from streamgen.model_files import Build
 from streamgen.models.quantize import VARIANTS
 
 BASELINE = "fp32"  # the default build (model_files.DEFAULT_QUANTIZATION); docs/benchmarks.md says why
@@ -128,7 +129,7 @@ def run_variants_bench(args) -> int:
     for name in names:
         method, options = VARIANTS[name]
         print(f"  building {name}", file=sys.stderr, flush=True)
-        dirs[name] = (ensure_model(args.model, method, args.home, graph="gqa") if not options
+        dirs[name] = (ensure_model(args.model, Build.from_label(method), args.home, graph="gqa") if not options
                       else _build(name, fp32_dir, work))
 
     tokenizer = TextTokenizer.from_dir(fp32_dir)

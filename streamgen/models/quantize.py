@@ -37,9 +37,11 @@ BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZES = {"int8": 64, "int4": 32}
 SOURCE = "source"  # repack the source's own GGUF grid, re-quantize nothing
 # The builds `pull` makes and the alternatives they were chosen over (`streamgen bench variants` measures
-# them all): name -> (quantization, keyword arguments of quantize_model); no arguments = what `pull` makes.
+# them all): name -> (build label, keyword arguments of quantize_model); no arguments = what `pull` makes.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "fp32": ("none", {}),
+    "fp16": ("none-fp16", {}),  # a build label (model_files.Build): pulled like any build
+    "fp32 with int8 KV": ("none-kvint8", {}),
     "int8": ("int8", {}),  # blocks of 64
     "int8 with first+last layers fp32": ("int8", {"keep_fp32": ("/layers.0/", "/layers.29/")}),
     "int8 with lm_head+first+last layers fp32": ("int8", {"keep_fp32": ("/lm_head/", "/layers.0/", "/layers.29/")}),
