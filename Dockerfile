@@ -13,17 +13,18 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# torch is only used to convert and export the model on first start; its CPU
-# build does that and is a tenth of the size of the CUDA one.
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY streamgen ./streamgen
-RUN pip install --no-cache-dir '.[export]'
+# The serving install only: no torch. The export toolchain (torch, transformers,
+# Optimum) is made on the first start, when the model is pulled, in the /models
+# volume beside it, and reused after that. The export runs on the CPU, so it
+# takes PyTorch's CPU build even on a GPU machine (a tenth of the CUDA one).
+RUN pip install --no-cache-dir .
 
 # The model is pulled into this volume on first start and reused afterwards.
 ENV STREAMGEN_HOME=/models \
+    STREAMGEN_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
     STREAMGEN_HOST=0.0.0.0 \
     STREAMGEN_PORT=8000
 VOLUME /models

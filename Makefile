@@ -1,18 +1,29 @@
 # The two set-up commands: `make run` and `make test`. Both create .venv and
-# install everything the project needs on a fresh machine.
+# install what they need on a fresh machine.
+#   make run:  the serving install only (no torch). The first pull makes the
+#              export toolchain in the cache directory (streamgen/models/toolchain.py).
+#   make test: everything in one environment (the export tools, test and bench
+#              extras), as CI needs; torch from PyTorch's CPU index where no GPU
+#              is present, by the same rule the toolchain uses.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install chromium run generate test bench clean
+.PHONY: install serving chromium run generate test bench gpu-check sizes clean
 
-install: $(STAMP)
+serving: $(VENV)/.serving
+install: $(VENV)/.everything
 
-$(STAMP): pyproject.toml
+$(VENV)/.serving: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[export,test,bench]'
-	touch $(STAMP)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.everything: pyproject.toml $(VENV)/.serving
+	index="$$($(BIN)/python -c 'from streamgen.models.toolchain import index_url; print(index_url() or "")')"; \
+	  $(PIP) $${index:+--extra-index-url "$$index"} -e '.[export,test,bench]'
+	touch $@
 
 # The browser tests drive Debian's chromium (Playwright downloads no browser).
 chromium:
@@ -26,7 +37,7 @@ chromium:
 	fi
 
 # Pulls the default model on first use, then serves the browser client and the WebSocket.
-run: install
+run: serving
 	$(BIN)/streamgen serve
 
 test: install chromium
@@ -34,6 +45,14 @@ test: install chromium
 
 bench: install
 	$(BIN)/streamgen bench engine
+
+# On a machine with an NVIDIA GPU: the CUDA tests and `streamgen bench gpu`, with a summary (docs/gpu.md).
+gpu-check: install
+	$(BIN)/python tests/gpu_check.py
+
+# The serving and toolchain sizes in the README (makes both in a temporary directory).
+sizes: install
+	$(BIN)/python tests/install_sizes.py
 
 clean:
 	rm -rf $(VENV)

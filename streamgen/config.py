@@ -34,8 +34,10 @@ class Settings:
     kv_cache: str = "auto"
     graph: str = "auto"
     device: str = "auto"
+    cuda_graphs: str = "off"
     threads: int = 0
     home: str | None = None
+    torch_index_url: str | None = None
     max_batch: int = ENGINE_DEFAULTS.max_batch
     max_context: int = ENGINE_DEFAULTS.max_context
     max_queued: int = ENGINE_DEFAULTS.max_queued
@@ -72,8 +74,13 @@ _HELP: dict[str, str] = {
     "kv_cache": "auto: the KV cache in the activations' type; int8: 8-bit with calibrated scales, a quarter of "
                 "fp32's memory (docs/benchmarks.md)",
     "device": "auto, cpu or cuda; auto uses CUDA only when it is really usable",
+    "cuda_graphs": "on: with CUDA, capture each decode batch width once as a CUDA graph and replay it every step "
+                   "(docs/gpu.md); off: launch the kernels every step",
     "threads": "ONNX Runtime intra-op threads; 0 = one per physical core",
     "home": "model cache directory; unset: ~/.cache/streamgen",
+    "torch_index_url": "where the export toolchain (made on the first pull that needs it) gets PyTorch; unset: "
+                       "PyTorch's CPU index (https://download.pytorch.org/whl/cpu) when no NVIDIA GPU is present, "
+                       "PyPI otherwise; empty: PyPI",
     "graph": "auto (GroupQueryAttention where the model allows it), gqa or plain",
     "max_batch": "KV slots: requests decoded together in one forward pass (GQA graph; the plain graph has 1)",
     "max_context": "tokens per slot (prompt + output), capped by the model's context window",
@@ -114,6 +121,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "graph": GRAPHS,
     "device": DEVICE_CHOICES,
     "prefix_cache": ("on", "off"),
+    "cuda_graphs": ("on", "off"),
     "precision": ("auto", *PRECISIONS),
     "kv_cache": KV_CACHES,
     "trace_detail": ("token", "request"),

@@ -60,8 +60,11 @@ class Handler(BaseHTTPRequestHandler):
         send({"choices": [], "usage": {"completion_tokens": body["max_tokens"], "prompt_tokens": 7}})
         self.wfile.write(b"data: [DONE]\\n\\n")
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 64  # 16 clients connect at once; the default backlog of 5 resets some of them
+
 port = int(sys.argv[sys.argv.index("--port") + 1])
-ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+Server(("127.0.0.1", port), Handler).serve_forever()
 '''
 
 

@@ -109,6 +109,16 @@ def test_gpu_reserved_by_default_and_cpu_override_removes_it(compose: dict) -> N
     assert _env(cpu)["STREAMGEN_DEVICE"] == "cpu"
 
 
+def test_the_service_serves_the_half_precision_build_on_a_gpu(compose: dict) -> None:
+    from streamgen.config import serving_build
+
+    env = _env(compose["services"]["streamgen"])
+    assert env["STREAMGEN_DEVICE"] == "auto" and env["STREAMGEN_PRECISION"] == "auto"
+    assert "STREAMGEN_PRECISION" not in (ROOT / "Dockerfile").read_text(), "the image leaves the choice to auto"
+    assert serving_build(env.get("STREAMGEN_QUANTIZE", "none"), "auto", "auto", "cuda").precision == "fp16"
+    assert serving_build("none", "auto", "auto", "cpu").precision == "fp32"
+
+
 def test_dockerfile_serves_with_the_model_in_a_volume() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "FROM nvidia/cuda:" in dockerfile and "cudnn" in dockerfile
@@ -116,3 +126,12 @@ def test_dockerfile_serves_with_the_model_in_a_volume() -> None:
     assert "STREAMGEN_HOME=/models" in dockerfile and "VOLUME /models" in dockerfile
     for copied in ("pyproject.toml", "README.md", "streamgen"):
         assert (ROOT / copied).exists()
+
+
+def test_the_image_serves_without_torch_and_makes_the_toolchain_in_the_volume() -> None:
+    from streamgen.models.toolchain import CPU_INDEX, INDEX_ENV
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    installs = [line for line in dockerfile.splitlines() if "pip install" in line]
+    assert installs == ["RUN pip install --no-cache-dir ."], "the serving install only, no extras, no torch"
+    assert f"{INDEX_ENV}={CPU_INDEX}" in dockerfile, "the toolchain's torch: the CPU build, enough to export"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -205,17 +206,27 @@ def test_a_healthy_client_is_served_while_hostile_bodies_arrive(server, client) 
     assert server.proc.poll() is None
 
 
+def _cancelled_total(server) -> float:
+    """streamgen.requests{finish_reason=cancelled} from /metrics."""
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    found = re.search(r'^streamgen_requests_total\{[^}]*finish_reason="cancelled"[^}]*\} (\S+)$', text, flags=re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_request(server) -> None:
-    body = {"model": MODEL, "messages": CHAT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    # As many tokens as the tiny model's context leaves, so the stream is still running when the client goes
+    # (the cancelled count below proves it was: a stream that had finished would count as length).
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 220, "ignore_eos": True, "stream": True}
+    before = _cancelled_total(server)
     with httpx.Client(timeout=10) as h, h.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()
         while not next(lines).startswith("data: {"):
             pass
-        assert server.stats()["active_requests"] == 1
     deadline = time.monotonic() + 5
     while (stats := server.stats())["active_requests"] or stats["queued_requests"]:
         assert time.monotonic() < deadline, f"the abandoned stream kept running: {stats}"
         time.sleep(0.02)
+    assert _cancelled_total(server) == before + 1, "the request ended as cancelled, not by running to its end"
 
 
 @pytest.mark.integration

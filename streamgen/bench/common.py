@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -86,3 +87,20 @@ def serve_args(args) -> list[str]:
     flags = ["--model", args.model, "--quantize", args.quantize, "--device", "cpu", "--threads", str(args.threads),
              "--log-level", "warning"]
     return flags + (["--home", args.home] if args.home else [])
+
+
+class LoggedServe(ServeProcess):
+    """`streamgen serve` with its output kept in a temporary file, shown if it fails to start."""
+
+    def __init__(self, name: str, args: Sequence[str]) -> None:
+        self.log: IO[str] = tempfile.TemporaryFile("w+")
+        super().__init__(name, args, output=self.log)
+
+    def _details(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return ": " + self.log.read()[-2000:]
+
+    def stop(self) -> None:
+        super().stop()
+        self.log.close()

@@ -42,7 +42,7 @@ from typing import IO, Any
 import numpy as np
 
 from streamgen.bench.clients import Streamed, percentiles, sse_request, websocket_request, websocket_together
-from streamgen.bench.common import ServeProcess, free_port, serve_args
+from streamgen.bench.common import LoggedServe, ServeProcess, free_port, serve_args
 from streamgen.bench.quality import load_texts
 from streamgen.errors import ConfigError
 
@@ -76,7 +76,7 @@ def sized_prompts(encode: Callable[[str], list[int]], targets: Sequence[int], wo
     return prompts
 
 
-def _words() -> list[str]:
+def prompt_words() -> list[str]:
     return " ".join(load_texts() * 4).split()
 
 
@@ -425,7 +425,7 @@ def run_peers_bench(args) -> int:
                           f"model, {DEFAULT_MODEL}, has one built in)")
     directory = ensure_model(args.model, args.quantize, args.home)
     tokenizer = TextTokenizer.from_dir(directory)
-    words = _words()
+    words = prompt_words()
     prompts = sized_prompts(tokenizer.encode, args.prompt_tokens, words)
     cache_on = args.prefix_cache == "on"
     common = [*serve_args(args), "--max-batch", str(args.max_batch), "--max-queued", "256",
@@ -441,7 +441,7 @@ def run_peers_bench(args) -> int:
         "llama_server": None,
     }
     try:
-        streamgen = _LoggedServe("streamgen", common)
+        streamgen = LoggedServe("streamgen", common)
         servers.append(streamgen)
         targets = [streamgen_target(streamgen, args.streamgen_transport)]
         if binary is not None:
@@ -476,23 +476,6 @@ def run_peers_bench(args) -> int:
     config["transports"] = {t.name: t.transport for t in targets}
     _report(config, results, together, args)
     return 0
-
-
-class _LoggedServe(ServeProcess):
-    """`streamgen serve` with its output kept in a temporary file, shown if it fails to start."""
-
-    def __init__(self, name: str, args: Sequence[str]) -> None:
-        self.log: IO[str] = tempfile.TemporaryFile("w+")
-        super().__init__(name, args, output=self.log)
-
-    def _details(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return ": " + self.log.read()[-2000:]
-
-    def stop(self) -> None:
-        super().stop()
-        self.log.close()
 
 
 def _levels(targets: Sequence[Target], prompts: Sequence[str], args) -> list[LevelRun]:

@@ -46,6 +46,11 @@ class LoadedModel:
     def kv_bytes(self) -> int:
         return getattr(self.runner, "kv_bytes", 0)
 
+    @property
+    def weights_bytes(self) -> int:
+        """The graph and its weights as stored (model.onnx and its external data), what the session loads."""
+        return sum(p.stat().st_size for p in self.directory.glob("model.onnx*"))
+
 
 def check_fits(manifest: Manifest, device: Device) -> None:
     """Refuse a build the device cannot run well, saying what to pull, rather than let ONNX Runtime quietly

@@ -27,6 +27,7 @@ from streamgen.model_files import (
     model_slug,
     streamgen_home,
 )
+from streamgen.models import toolchain
 from streamgen.models.progress import StageProgress
 from streamgen.models.sources import (
     DEFAULT_WHEEL,
@@ -42,7 +43,7 @@ _MODEL_FILES = ("model.onnx", "model.onnx_data", "tokenizer.json", "chat_templat
 
 
 def ensure_model(model: str, build: Build | str, home: str | None = None, allow_pull: bool = True,
-                 graph: str = "auto") -> Path:
+                 graph: str = "auto", torch_index: str | None = None) -> Path:
     """The cached model directory, pulling it first when allowed (ModelNotFoundError says how otherwise)."""
     build = _checked(build)
     cache = CacheLayout(streamgen_home(home))
@@ -50,7 +51,7 @@ def ensure_model(model: str, build: Build | str, home: str | None = None, allow_
     if (directory := cache.published(name, build, graph)) is not None or not allow_pull:
         return directory or cache.find(name, build, graph)
     print(f"streamgen: {model} ({graph}, {build}) is not in {cache.home}; pulling it", file=sys.stderr)
-    return pull(model, build, cache, graph=graph)
+    return pull(model, build, cache, graph=graph, torch_index=torch_index)
 
 
 def pull(
@@ -59,6 +60,7 @@ def pull(
     cache: CacheLayout,
     progress: StageProgress | None = None,
     graph: str = "auto",
+    torch_index: str | None = None,
 ) -> Path:
     """Make sure (model, graph, build) is in the cache; return its directory.
 
@@ -71,6 +73,14 @@ def pull(
         raise PullError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
     source = resolve_source(model)
     if (done := cache.published(source.name, build, graph)) is not None:
+        return done
+
+    tools = toolchain.ensure(cache.home, torch_index)
+    if not tools.here:
+        toolchain.run_pull(tools, [str(model), "--quantize", build.quantization, "--precision", build.precision,
+                                   "--kv-cache", build.kv_cache, "--graph", graph, "--home", str(cache.home)])
+        if (done := cache.published(source.name, build, graph)) is None:
+            raise PullError(f"the export toolchain finished without publishing {source.name} ({graph}, {build})")
         return done
 
     from streamgen.models.export import require_export_tools

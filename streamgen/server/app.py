@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket
 
 from streamgen.config import Settings, api_keys
 from streamgen.engine.engine import SHUTTING_DOWN_MESSAGE, Engine, EngineState
+from streamgen.engine.loader import LoadedModel
 from streamgen.errors import ConfigError
 from streamgen.server.openai import openai_routes
 from streamgen.server.openai_schema import error_body
@@ -29,6 +30,7 @@ from streamgen.server.shutdown import Drain
 from streamgen.server.ws import Connection
 from streamgen.telemetry.logs import get_logger
 from streamgen.telemetry.metrics import PROMETHEUS_CONTENT_TYPE
+from streamgen.telemetry.process import peak_rss_bytes, rss_bytes
 from streamgen.telemetry.setup import Telemetry
 
 log = get_logger("streamgen.server")
@@ -116,7 +118,7 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
             cost = window.cost_per_million_tokens(settings.price_per_hour)
             last_minute["cost_per_million_output_tokens_usd"] = None if cost is None else round(cost, 4)
         return JSONResponse({"state": str(engine.state), **current_stats(), "max_batch_size_seen": engine.max_batch_seen,
-                             "last_minute": last_minute})
+                             "last_minute": last_minute, "memory": memory_mib(engine.model)})
 
     async def metrics(request: Request) -> Response:
         return Response(telemetry.metrics.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
@@ -214,6 +216,17 @@ def _caller(key: str | None, client, traceparent: str | None) -> Caller:
     return Caller(identity, key or "", traceparent)
 
 
+def memory_mib(model: LoadedModel | None) -> dict[str, float | None]:
+    """The footprint in MiB: the weights as loaded, the KV slots (both fixed at start-up) and the process's
+    resident memory now and at its peak (what grows with load: activations, arenas, buffers)."""
+    def mib(n: int | None) -> float | None:
+        return None if n is None else round(n / 2**20, 1)
+
+    return {"weights_mib": mib(model.weights_bytes) if model else None,
+            "kv_cache_mib": mib(model.kv_bytes) if model else None,
+            "rss_mib": mib(rss_bytes()), "peak_rss_mib": mib(peak_rss_bytes())}
+
+
 async def _announce_when_ready(settings: Settings, engine: Engine) -> None:
     ok = await asyncio.to_thread(engine.wait_ready)
     if not ok:
@@ -224,4 +237,4 @@ async def _announce_when_ready(settings: Settings, engine: Engine) -> None:
     log.info("server.ready", url=f"http://{host}:{settings.port}/", model=model.name, graph=model.manifest.graph,
              build=str(model.manifest.build), device=str(model.runner.device), provider=model.provider,
              slots=model.runner.max_slots, context=model.context_length, batch_invariant=engine.batch_invariant,
-             kv_cache_mib=round(model.kv_bytes / 2**20, 1))
+             **memory_mib(model))
