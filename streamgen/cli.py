@@ -335,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--together-tokens", type=int, default=64, help="max_tokens of each (default 64)")
     bp.add_argument("--together-prompt-tokens", type=int, default=20,
                     help="tokens of message text in each of their prompts (default 20)")
+    bp.add_argument("--itl-sweep", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                    help="also run one streamgen server per --itl-target-ms value in this list (0 = off) at the "
+                         "highest level, interleaved, to show time to first token against inter-token latency "
+                         "(default: no sweep)")
     bp.add_argument("--plot", type=Path, default=None, help="write a PNG plot to this file")
     bm = _bench_parser(bsub, "memory", "resident memory under the same load: streamgen's builds and llama-server",
                        "Starts `streamgen serve` once per build in --builds and, when given one, llama.cpp's "

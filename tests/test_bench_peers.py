@@ -106,7 +106,7 @@ def test_peers_bench_end_to_end_without_llama_server(tiny_hf_dir, tiny_model_dir
     assert main(["bench", "peers", "--model", str(tiny_hf_dir), "--home", str(tiny_cache.home),
                  "--levels", "1,2", "--duration", "2", "--rounds", "1", "--prompt-tokens", "5,20,40",
                  "--max-tokens", "8,16", "--together-tokens", "16", "--together-prompt-tokens", "8",
-                 "--json", str(out), "--plot", str(png)]) == 0
+                 "--itl-sweep", "0,5", "--json", str(out), "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
     assert "llama-server: not run" in printed and "| streamgen | 2 |" in printed
     data = json.loads(out.read_text())
@@ -123,6 +123,11 @@ def test_peers_bench_end_to_end_without_llama_server(tiny_hf_dir, tiny_model_dir
     assert min(together["engine_tok_s"]) > 0 and min(together["server_tok_s"]) > 0
     assert together["share"] == pytest.approx(together["server_tok_s"][0] / together["engine_tok_s"][0], rel=1e-3)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep = data["itl_sweep"]
+    assert [(r["server"], r["concurrency"]) for r in sweep] == [("streamgen itl off", 2), ("streamgen itl 5 ms", 2)]
+    for row in sweep:
+        _check_level(row)
+    assert "| streamgen itl 5 ms |" in printed
 
 
 def test_peers_bench_with_a_stand_in_llama_server_over_sse(tiny_hf_dir, tiny_model_dir, tiny_cache, tmp_path,

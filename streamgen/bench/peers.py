@@ -25,6 +25,7 @@ aggregate tokens/s as a share of the engine's.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -433,6 +434,7 @@ def run_peers_bench(args) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="streamgen-peers-")
     servers: list[Any] = []
     engine = together = None
+    sweep: list[LevelResult] = []
     config: dict[str, Any] = {
         "model": args.model, "quantize": args.quantize, "levels": args.levels, "duration_s": args.duration,
         "rounds": args.rounds, "prefix_cache": args.prefix_cache, "threads": args.threads,
@@ -464,6 +466,8 @@ def run_peers_bench(args) -> int:
             if not warm.ok:
                 raise RuntimeError(f"{target.name} refused the first request: {json.dumps(warm.final)[:300]}")
         runs = _levels(targets, prompts, args)
+        if args.itl_sweep:
+            sweep = _sweep(common, prompts, args)
         if engine is not None:
             together = _together(engine, streamgen, servers[1] if binary is not None else None, tokenizer, words,
                                  args)
@@ -474,8 +478,32 @@ def run_peers_bench(args) -> int:
     results = [summarize([r for r in runs if r.server == t.name and r.concurrency == level])
                for level in args.levels for t in targets]
     config["transports"] = {t.name: t.transport for t in targets}
-    _report(config, results, together, args)
+    _report(config, results, together, args, sweep)
     return 0
+
+
+def itl_label(target_ms: float) -> str:
+    return f"streamgen itl {target_ms:g} ms" if target_ms else "streamgen itl off"
+
+
+def _sweep(common: Sequence[str], prompts: Sequence[str], args) -> list[LevelResult]:
+    """The trade the ITL target makes: one streamgen server per --itl-sweep value, at the highest level, in
+    interleaved rounds; time to first token against inter-token latency."""
+    level = max(args.levels)
+    servers = [LoggedServe(itl_label(ms), [*common, "--itl-target-ms", f"{ms:g}"]) for ms in args.itl_sweep]
+    try:
+        for server in servers:
+            server.wait_ready()
+        targets = [Target(s.name, streamgen_target(s, args.streamgen_transport).send, "") for s in servers]
+        for target in targets:
+            asyncio.run(target.send("warm", prompts[0], min(args.max_tokens)))
+        _log(f"ITL target sweep at {level} clients: {', '.join(t.name for t in targets)}")
+        sweep_args = argparse.Namespace(**{**vars(args), "levels": [level]})
+        runs = _levels(targets, prompts, sweep_args)
+    finally:
+        for server in servers:
+            server.stop()
+    return [summarize([r for r in runs if r.server == t.name]) for t in targets]
 
 
 def _levels(targets: Sequence[Target], prompts: Sequence[str], args) -> list[LevelRun]:
@@ -530,7 +558,8 @@ def _log(message: str) -> None:
 # ---- the report ---------------------------------------------------------------------------------------------
 
 
-def _report(config: dict[str, Any], results: list[LevelResult], together: Together | None, args) -> None:
+def _report(config: dict[str, Any], results: list[LevelResult], together: Together | None, args,
+            sweep: Sequence[LevelResult] = ()) -> None:
     peer = config["llama_server"]
     print(f"\nstreamgen bench peers: {args.model} ({args.quantize}, {args.max_batch} slots), "
           f"{args.duration:.0f} s per level and server, {args.rounds} interleaved rounds, prompt caching "
@@ -568,29 +597,54 @@ def _report(config: dict[str, Any], results: list[LevelResult], together: Togeth
         if together.llama_tok_s:
             print(f"- llama-server: {statistics.median(together.llama_tok_s):.1f} tok/s")
         print(f"- failed requests: {together.failed}")
-    print(f"\nfailed requests: {sum(r.failed for r in results)}")
-    for r in results:
+    if sweep:
+        llama = next((r for r in results if r.server == LLAMA and r.concurrency == sweep[0].concurrency), None)
+        print(f"\nThe ITL target's trade at {sweep[0].concurrency} clients (--itl-target-ms of the server; "
+              "p95 inter-token latency against time to first token):\n")
+        print("| server | output tok/s | TTFT p50 / p95 (ms) | inter-token p50 / p95 (ms) | ITL p95 vs llama-server |")
+        print("|---|---|---|---|---|")
+        for r in sweep:
+            vs = f"{r.itl_ms['p95'] / llama.itl_ms['p95']:.2f}x" if llama else "-"
+            print(f"| {r.server} | {r.tokens_per_s} | {r.ttft_ms['p50']:.0f} / {r.ttft_ms['p95']:.0f} | "
+                  f"{r.itl_ms['p50']:.1f} / {r.itl_ms['p95']:.1f} | {vs} |")
+    print(f"\nfailed requests: {sum(r.failed for r in [*results, *sweep])}")
+    for r in [*results, *sweep]:
         for error in r.errors:
             print(f"  {r.server} at {r.concurrency}: {error}")
     if args.json:
         data = {"config": config, "levels": [asdict(r) for r in results], "ratios": [asdict(x) for x in rows],
+                "itl_sweep": [asdict(r) for r in sweep],
                 "together": None if together is None else {**asdict(together), "share": round(together.share, 4)}}
         args.json.write_text(json.dumps(data, indent=2) + "\n")
     if args.plot:
-        plot(results, args.levels, args.plot)
+        plot(results, args.levels, args.plot, sweep)
         print(f"\nplot: {args.plot}")
 
 
 _LABELS = {"tokens_per_s": "output tok/s", "ttft_p50": "TTFT p50 (ms)", "itl_p95": "inter-token p95 (ms)"}
 
 
-def plot(results: Sequence[LevelResult], levels: Sequence[int], path: Path) -> None:
+def plot(results: Sequence[LevelResult], levels: Sequence[int], path: Path, sweep: Sequence[LevelResult] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(16 if sweep else 11, 4.2))
+    left, right = axes[0], axes[1]
+    if sweep:
+        trade = axes[2]
+        trade.plot([r.itl_ms["p95"] for r in sweep], [r.ttft_ms["p50"] for r in sweep], "o-", color="C0")
+        for r in sweep:
+            trade.annotate(r.server.removeprefix("streamgen "), (r.itl_ms["p95"], r.ttft_ms["p50"]), fontsize=8,
+                           textcoords="offset points", xytext=(4, 4))
+        llama = next((r for r in results if r.server == LLAMA and r.concurrency == sweep[0].concurrency), None)
+        if llama is not None:
+            trade.axvline(llama.itl_ms["p95"], color="C1", linestyle="--", label="llama-server inter-token p95")
+            trade.legend(fontsize=8)
+        trade.set(xlabel="inter-token p95 (ms)", ylabel="first token p50 (ms)",
+                  title=f"The ITL target's trade, {sweep[0].concurrency} clients")
+        trade.grid(alpha=0.3)
     for server, style, color in ((STREAMGEN, "o-", "C0"), (LLAMA, "s--", "C1")):
         rows = [r for r in results if r.server == server]
         if not rows:
