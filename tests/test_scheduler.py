@@ -15,7 +15,7 @@ from streamgen.engine.costs import OnlineLine, StepCosts
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, GenerationRequest, TokenEvent
 from streamgen.model_files import ModelInfo
-from streamgen.engine.scheduler import QueueFull, Scheduler, SchedulerLimits
+from streamgen.engine.scheduler import PROMPT_FLOOR_SHARE, QueueFull, Scheduler, SchedulerLimits
 from streamgen.engine.sequence import Sequence, SeqStatus
 from streamgen.engine.slot_table import SlotTable
 from streamgen.engine.tokenizer import TextTokenizer
@@ -342,11 +342,16 @@ def test_without_a_target_or_without_decoding_streams_prompts_run_at_full_budget
     assert sum(n for kind, _, n in runner.calls if kind == "prefill") == 120, "nothing decodes: no limit"
 
 
-def test_a_target_below_the_decode_step_still_lets_prompts_progress() -> None:
-    core, runner, _ = _costed_core(target_ms=5.0)  # less than a decode step alone
+def test_a_target_below_the_decode_step_still_gives_prompts_a_share_of_the_step() -> None:
+    core, runner, costs = _costed_core(target_ms=5.0)  # less than a decode step alone (12 ms at one row)
     core.add(_request(4, max_tokens=40), key=0)
     core.step()
     late = core.add(_request(30, max_tokens=1, first=9), key=1)
+    runner.calls.clear()
     _run(core)
     assert late.finish_reason == "length"
-    assert all(n >= 2 for kind, _, n in runner.calls if kind == "prefill"), "at least two prompt tokens a step"
+    floor = costs.prompt_tokens_within(PROMPT_FLOOR_SHARE * costs.decode(1))  # (3 ms - 1) / 0.5 = 4 tokens
+    assert floor == 4
+    chunks = [n for kind, _, n in runner.calls if kind == "prefill"]
+    assert sum(chunks) == 30
+    assert chunks[:-1] == [floor] * (len(chunks) - 1), "a quarter of the decode step's time, every step"

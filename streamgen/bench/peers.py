@@ -45,6 +45,7 @@ import numpy as np
 from streamgen.bench.clients import Streamed, percentiles, sse_request, websocket_request, websocket_together
 from streamgen.bench.common import LoggedServe, ServeProcess, free_port, serve_args
 from streamgen.bench.quality import load_texts
+from streamgen.engine.config import ENGINE_DEFAULTS
 from streamgen.errors import ConfigError
 
 LLAMA_SERVER_ENV = "STREAMGEN_LLAMA_SERVER"
@@ -438,6 +439,7 @@ def run_peers_bench(args) -> int:
     config: dict[str, Any] = {
         "model": args.model, "quantize": args.quantize, "levels": args.levels, "duration_s": args.duration,
         "rounds": args.rounds, "prefix_cache": args.prefix_cache, "threads": args.threads,
+        "itl_target_ms": ENGINE_DEFAULTS.itl_target_ms,  # the main streamgen server runs the serving default
         "max_batch": args.max_batch, "max_tokens": args.max_tokens,
         "prompt_tokens": [len(tokenizer.encode(p)) for p in prompts], "streamgen_transport": args.streamgen_transport,
         "llama_server": None,
@@ -634,10 +636,17 @@ def plot(results: Sequence[LevelResult], levels: Sequence[int], path: Path, swee
     left, right = axes[0], axes[1]
     if sweep:
         trade = axes[2]
-        trade.plot([r.itl_ms["p95"] for r in sweep], [r.ttft_ms["p50"] for r in sweep], "o-", color="C0")
-        for r in sweep:
-            trade.annotate(r.server.removeprefix("streamgen "), (r.itl_ms["p95"], r.ttft_ms["p50"]), fontsize=8,
-                           textcoords="offset points", xytext=(4, 4))
+        # The serving default (the main streamgen server at this level) is one more point on the curve.
+        default = next((r for r in results if r.server == STREAMGEN and r.concurrency == sweep[0].concurrency), None)
+        points = sorted([*sweep, *([default] if default else [])], key=lambda r: r.itl_ms["p95"])
+        trade.plot([r.itl_ms["p95"] for r in points], [r.ttft_ms["p50"] for r in points], "o-", color="C0")
+        for r in points:
+            label = (f"itl {ENGINE_DEFAULTS.itl_target_ms:g} ms (default)" if r is default
+                     else r.server.removeprefix("streamgen "))
+            trade.annotate(label, (r.itl_ms["p95"], r.ttft_ms["p50"]), fontsize=8, textcoords="offset points",
+                           xytext=(4, 4))
+        if default is not None:
+            trade.plot([default.itl_ms["p95"]], [default.ttft_ms["p50"]], "*", color="C0", markersize=12)
         llama = next((r for r in results if r.server == LLAMA and r.concurrency == sweep[0].concurrency), None)
         if llama is not None:
             trade.axvline(llama.itl_ms["p95"], color="C1", linestyle="--", label="llama-server inter-token p95")

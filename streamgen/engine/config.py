@@ -27,7 +27,10 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # longest prompt accepted; None: what the context allows
     max_new_tokens: int | None = None  # largest max_tokens accepted; None: what the context allows
     prefix_cache: bool = True  # keep each slot's KV after its request and reuse shared prompt prefixes
-    itl_target_ms: float | None = None  # a step that decodes runs only the prompt work that fits this; None: off
+    # A step that decodes runs only the prompt work that fits this; None: off. 150 ms keeps every stream at
+    # 6.7 tokens a second or more, faster than people read, and, at 16 clients on a 2-core CPU, its p95 gap near
+    # llama-server's at half its time to first token (docs/benchmarks.md, bench peers --itl-sweep).
+    itl_target_ms: float | None = 150.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queued", "token_budget", "prefill_chunk", "forward_tokens"):

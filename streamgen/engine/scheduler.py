@@ -12,8 +12,11 @@ of a prompt is left to run (a prefix-cache hit):
    many prompt tokens as fit in the target beside the decode, by the step
    costs measured so far (engine/costs.py): streams do not stall behind
    other users' prompts (the idea of Sarathi-Serve's stall-free batching).
-   Prompts always get at least MIN_PREFILL_PASS tokens a step, so none
-   starves, and a step with nothing to decode is not limited.
+   A target below what the decode alone costs cannot be held; prompts then
+   still get a quarter of the decode's time (PROMPT_FLOOR_SHARE), and never
+   fewer than MIN_PREFILL_PASS tokens, so no prompt starves and throughput
+   does not collapse (at 16 clients, a floor of two tokens a step cut it to a
+   quarter). A step with nothing to decode is not limited.
    A chunk is never a single token on top of a past (see chunk_size), so a
    prompt cut differently still gives bit-identical results.
 
@@ -34,6 +37,9 @@ from streamgen.engine.costs import StepCosts
 from streamgen.engine.slot_table import MIN_PREFILL_PASS, chunk_size, common_prefix
 from streamgen.engine.config import ENGINE_DEFAULTS, EngineConfig
 from streamgen.engine.sequence import Sequence, SeqStatus
+
+# The least share of a decoding step's time that goes to prompts when the ITL target leaves less.
+PROMPT_FLOOR_SHARE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +112,8 @@ class Scheduler:
         budget = self.limits.token_budget - len(plan.decode)
         if plan.decode and self.limits.itl_target_ms and costs is not None:
             rows = max(s.slot for s in plan.decode) + 1  # a decode step runs every row up to the highest
-            spare = self.limits.itl_target_ms - costs.decode(rows)
+            decode_ms = costs.decode(rows)
+            spare = max(self.limits.itl_target_ms - decode_ms, PROMPT_FLOOR_SHARE * decode_ms)
             budget = min(budget, max(MIN_PREFILL_PASS, costs.prompt_tokens_within(spare)))
         for seq in self.running:
             if budget <= 0:
