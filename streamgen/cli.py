@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds of the no-sharing workload per round and server (default 20)")
     bc.add_argument("--per-client", type=int, default=3,
                     help="requests per client in the shared-prompt workload (default 3)")
+    bc.add_argument("--costs-only", action="store_true",
+                    help="measure the step costs only (decode steps by width, prompt passes by length, copies) "
+                         "and start no server")
     bp = _bench_parser(bsub, "peers", "one workload against streamgen and llama.cpp's llama-server",
                        "Starts `streamgen serve` and, when given one, llama.cpp's `llama-server` on the GGUF the "
                        "default model comes from, both on loopback, and drives each with N concurrent clients per "

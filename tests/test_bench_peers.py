@@ -300,3 +300,4 @@ def test_the_default_gguf_comes_from_the_cached_wheel(tmp_path: Path) -> None:
     (home / "downloads" / wheel.name).symlink_to(wheel)
     gguf = peers.default_gguf(str(home), tmp_path)
     assert gguf == tmp_path / Path(DEFAULT_WHEEL.member).name and gguf.read_bytes()[:4] == b"GGUF"
+

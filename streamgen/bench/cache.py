@@ -36,6 +36,7 @@ TURNS = ["What is a lighthouse?", "Who kept lighthouses in the past?", "How did 
          "What is the most famous lighthouse?", "Thank you. Anything else worth knowing?"]
 CLIENTS = 16
 WIDTHS = (1, 2, 4, 8, 16)
+PASS_TOKENS = (4, 16, 64)  # prompt passes timed alone, in the range a latency target leaves: their fixed cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,8 @@ class Costs:
     row_ms: float  # what one more row adds to a decode step (least squares over the widths)
     prefill_ms_per_token: float
     copy_ms_per_token: float
+    prefill_pass_ms: dict[int, float]  # prompt tokens -> ms for one prompt pass of that many, alone
+    prefill_pass_fixed_ms: float  # the line through them: what every pass costs before its tokens
 
 
 @dataclass(slots=True)
@@ -63,9 +66,12 @@ def measure_costs(directory, threads: int) -> Costs:
     runner = SlotRunner(directory, Device("cpu"), SlotConfig(max_batch=max(WIDTHS), max_context=1024), threads)
     rng = np.random.default_rng(0)
     vocab = runner.info.vocab_size
+    # Lengths fit the model's window (the test suite's tiny model has 256 positions) with the decode
+    # steps below (12 at each width) on top.
+    context, long = min(300, runner.max_context - 12 * len(WIDTHS) - 4), min(256, runner.max_context // 2)
     for slot in range(max(WIDTHS)):
         runner.table.claim(slot)
-        runner.prefill(slot, rng.integers(100, vocab, 300).tolist())
+        runner.prefill(slot, rng.integers(100, vocab, context).tolist())
     decode = {}
     for width in WIDTHS:
         times = []
@@ -81,15 +87,26 @@ def measure_costs(directory, threads: int) -> Costs:
         runner.table.release(slot, keep_contents=False)
         runner.table.claim(slot)
         start = time.perf_counter()
-        runner.prefill(slot, rng.integers(100, vocab, 256).tolist())
-        prefill.append((time.perf_counter() - start) * 1000 / 256)
+        runner.prefill(slot, rng.integers(100, vocab, long).tolist())
+        prefill.append((time.perf_counter() - start) * 1000 / long)
         runner.table.release(1, keep_contents=False)
         runner.table.claim(1)
         start = time.perf_counter()
-        runner.copy_prefix(slot, 1, 256)
-        copy.append((time.perf_counter() - start) * 1000 / 256)
+        runner.copy_prefix(slot, 1, long)
+        copy.append((time.perf_counter() - start) * 1000 / long)
+    passes = {}
+    for n in [n for n in PASS_TOKENS if n <= long]:
+        times = []
+        for _ in range(5):
+            runner.table.release(0, keep_contents=False)
+            runner.table.claim(0)
+            start = time.perf_counter()
+            runner.prefill(0, rng.integers(100, vocab, n).tolist())
+            times.append((time.perf_counter() - start) * 1000)
+        passes[n] = statistics.median(times)
+    fixed = float(np.polyfit(list(passes), list(passes.values()), 1)[1])
     return Costs({w: round(v, 2) for w, v in decode.items()}, round(row_ms, 3), round(statistics.median(prefill), 4),
-                 round(statistics.median(copy), 5))
+                 round(statistics.median(copy), 5), {n: round(v, 2) for n, v in passes.items()}, round(fixed, 2))
 
 
 def _chat(rid: str, messages: list[dict], **params) -> dict:
@@ -155,6 +172,11 @@ def run_cache_bench(args) -> int:
     directory = ensure_model(args.model, args.quantize, args.home)
     print("measuring step costs in this process ...", file=sys.stderr, flush=True)
     costs = measure_costs(directory, args.threads)
+    if args.costs_only:
+        _report_costs(costs, args)
+        if args.json:
+            args.json.write_text(json.dumps({"costs": asdict(costs)}, indent=2) + "\n")
+        return 0
     common = [*serve_args(args), "--max-batch", "16", "--max-queued", "256", "--max-requests-per-connection", "1",
               "--rate-limit", "0"]
     servers = {"on": ServeProcess("cache on", [*common, "--prefix-cache", "on"]),
@@ -193,6 +215,22 @@ def run_cache_bench(args) -> int:
     return 0
 
 
+def _report_costs(costs: Costs, args) -> None:
+    print(f"\nStep costs: {args.model} ({args.quantize}), this process (what the slot choice and the scheduler "
+          "weigh):\n")
+    print("| decode width | " + " | ".join(str(w) for w in costs.decode_ms) + " |")
+    print("|---|" + "---|" * len(costs.decode_ms))
+    print("| ms per step | " + " | ".join(f"{v:.2f}" for v in costs.decode_ms.values()) + " |")
+    print("\n| prompt pass of (tokens) | " + " | ".join(str(n) for n in costs.prefill_pass_ms) + " |")
+    print("|---|" + "---|" * len(costs.prefill_pass_ms))
+    print("| ms | " + " | ".join(f"{v:.2f}" for v in costs.prefill_pass_ms.values()) + " |")
+    print(f"\n- one more row in a decode step: {costs.row_ms:.3f} ms")
+    print(f"- a prompt pass costs {costs.prefill_pass_fixed_ms:.2f} ms before its tokens (the line through the "
+          "passes above)")
+    print(f"- a prefill token: {costs.prefill_ms_per_token:.4f} ms; a copied token: {costs.copy_ms_per_token:.5f} ms "
+          f"(copying is {costs.prefill_ms_per_token / max(costs.copy_ms_per_token, 1e-9):.0f}x cheaper)")
+
+
 def _report(costs: Costs, figures: dict[str, ServerFigures], args) -> None:
     on, off = figures["on"], figures["off"]
     med = statistics.median
@@ -200,13 +238,7 @@ def _report(costs: Costs, figures: dict[str, ServerFigures], args) -> None:
     turns_off = [med(r[t] for r in off.turn_ttft_ms) for t in range(len(TURNS))]
     print(f"\nstreamgen bench cache: {args.model} ({args.quantize}), {args.rounds} interleaved rounds, "
           f"medians; {CLIENTS} clients\n")
-    print("Step costs (this process, same build; what the slot choice weighs):\n")
-    print("| decode width | " + " | ".join(str(w) for w in costs.decode_ms) + " |")
-    print("|---|" + "---|" * len(costs.decode_ms))
-    print("| ms per step | " + " | ".join(f"{v:.2f}" for v in costs.decode_ms.values()) + " |")
-    print(f"\n- one more row in a decode step: {costs.row_ms:.3f} ms")
-    print(f"- a prefill token: {costs.prefill_ms_per_token:.4f} ms; a copied token: {costs.copy_ms_per_token:.5f} ms "
-          f"(copying is {costs.prefill_ms_per_token / max(costs.copy_ms_per_token, 1e-9):.0f}x cheaper)")
+    _report_costs(costs, args)
     print("\nMulti-turn, time to first token per turn (ms):\n")
     print("| turn | " + " | ".join(str(t + 1) for t in range(len(TURNS))) + " |")
     print("|---|" + "---|" * len(TURNS))
