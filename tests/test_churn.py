@@ -79,15 +79,18 @@ def solo(runner, tiny_model):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(schedule=steps, budget=st.integers(4, 40), chunk=st.integers(1, 16))
+@given(schedule=steps, budget=st.integers(4, 40), chunk=st.integers(1, 16),
+       itl_target_ms=st.sampled_from([None, 0.5, 2.0, 10.0]))
 def test_every_request_equals_its_solo_run_under_random_churn(runner, tiny_model, solo, schedule, budget,
-                                                               chunk) -> None:
+                                                               chunk, itl_target_ms) -> None:
     tok = tiny_model.tokenizer
     # Solo runs first: they use the same runner, which the crowded run then starts afresh.
     expected = [solo(spec) for arrivals, _, _ in schedule for spec in arrivals]
     runner.table = SlotTable(SLOTS, CONTEXT)
-    core = EngineCore(runner, tok, SchedulerLimits(max_waiting=100, token_budget=budget, prefill_chunk=chunk),
-                      prefix_cache=True)
+    # With a latency target the prompt work per step follows the measured step times (the tiny model's
+    # steps take about a millisecond), so chunks are cut wherever the clock says: tokens must not change.
+    limits = SchedulerLimits(max_waiting=100, token_budget=budget, prefill_chunk=chunk, itl_target_ms=itl_target_ms)
+    core = EngineCore(runner, tok, limits, prefix_cache=True)
     seqs, got, cancelled, finals = {}, {}, set(), {}
 
     def run_step() -> None:
