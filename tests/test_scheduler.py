@@ -326,6 +326,29 @@ def test_a_decoding_step_holds_the_latency_target_and_long_prompts_still_finish(
     assert steps < 400
 
 
+def test_each_prompt_chunk_pays_its_own_pass_within_the_target() -> None:
+    """Chunks of two prompts are two forward passes: the second fits only what the first left, fixed cost
+    included (a prompt pass costs 10 ms before its tokens here, as reading the weights does on a CPU)."""
+    costs = StepCosts(decode=OnlineLine(10.0, 2.0, frozen=True), prefill=OnlineLine(10.0, 0.5, frozen=True))
+    runner = FakeRunner(6, context=400)
+    limits = SchedulerLimits(max_waiting=32, token_budget=256, prefill_chunk=128, itl_target_ms=40.0)
+    core = EngineCore(runner, _tokenizer(), limits, costs=costs)
+    for i in range(3):
+        core.add(_request(4, max_tokens=60, first=10 * i), key=i)
+    core.step()  # three streams decode from here on: 16 ms a step
+    core.add(_request(6, max_tokens=2, first=5), key=10)
+    core.add(_request(120, max_tokens=2, first=6), key=11)
+    worst = 0.0
+    for _ in range(30):
+        runner.calls.clear()
+        core.step()
+        prefill = [n for kind, _, n in runner.calls if kind == "prefill"]
+        if len(prefill) == 2:
+            # 24 ms spare: 6 tokens cost 13 ms, leaving 11 ms, which fits 2 tokens (11 ms) and not 28.
+            assert prefill == [6, 2]
+        worst = max(worst, _predicted_step_ms(runner.calls, costs))
+    assert worst <= 40.0 + 1e-9
+
 def test_without_a_target_or_without_decoding_streams_prompts_run_at_full_budget() -> None:
     core, runner, _ = _costed_core(target_ms=None)
     core.add(_request(4, max_tokens=30), key=0)

@@ -10,8 +10,9 @@ of a prompt is left to run (a prefix-cache hit):
    several steps while the others keep decoding, instead of freezing them.
    With an inter-token latency target, a step that decodes also runs only as
    many prompt tokens as fit in the target beside the decode, by the step
-   costs measured so far (engine/costs.py): streams do not stall behind
-   other users' prompts (the idea of Sarathi-Serve's stall-free batching).
+   costs measured so far (engine/costs.py), counting each sequence's chunk as
+   the separate forward pass it is, fixed cost included: streams do not stall
+   behind other users' prompts (the idea of Sarathi-Serve's stall-free batching).
    A target below what the decode alone costs cannot be held; prompts then
    still get a quarter of the decode's time (PROMPT_FLOOR_SHARE), and never
    fewer than MIN_PREFILL_PASS tokens, so no prompt starves and throughput
@@ -110,11 +111,11 @@ class Scheduler:
     def plan(self, costs: StepCosts | None = None) -> StepPlan:
         plan = StepPlan(decode=[s for s in self.running if s.status == SeqStatus.DECODING])
         budget = self.limits.token_budget - len(plan.decode)
+        spare_ms = None  # with a latency target: the time left in this step for prompt passes
         if plan.decode and self.limits.itl_target_ms and costs is not None:
             rows = max(s.slot for s in plan.decode) + 1  # a decode step runs every row up to the highest
             decode_ms = costs.decode(rows)
-            spare = max(self.limits.itl_target_ms - decode_ms, PROMPT_FLOOR_SHARE * decode_ms)
-            budget = min(budget, max(MIN_PREFILL_PASS, costs.prompt_tokens_within(spare)))
+            spare_ms = max(self.limits.itl_target_ms - decode_ms, PROMPT_FLOOR_SHARE * decode_ms)
         for seq in self.running:
             if budget <= 0:
                 break
@@ -122,9 +123,19 @@ class Scheduler:
                 continue
             if self.limits.share_prefixes and _computed_by_another(seq, plan.prefill):
                 continue
-            n = chunk_size(seq.remaining_prompt, min(self.limits.prefill_chunk, budget))
+            limit = min(self.limits.prefill_chunk, budget)
+            if spare_ms is not None:
+                # Each sequence's chunk is a forward pass of its own, which pays the pass's fixed cost
+                # (reading every weight) before its tokens: a second chunk runs only if it fits whole.
+                fits = costs.prompt_tokens_within(spare_ms)
+                if plan.prefill and fits < MIN_PREFILL_PASS:
+                    break
+                limit = min(limit, max(MIN_PREFILL_PASS, fits))
+            n = chunk_size(seq.remaining_prompt, limit)
             plan.prefill.append((seq, n))
             budget -= n
+            if spare_ms is not None:
+                spare_ms -= costs.prefill(n)
         return plan
 
 
