@@ -360,7 +360,8 @@ def burst_rate(results: Sequence[Streamed]) -> float:
 
 
 class OfflineEngine:
-    """The same requests through `generate()` in this process, on a runner with the server's slot count."""
+    """The same requests through `generate()` in this process, on a runner with the server's slot count and
+    the server's scheduler limits."""
 
     def __init__(self, directory: Path, threads: int, slots: int, prefix_cache: bool) -> None:
         from streamgen.engine.device import Device
@@ -386,7 +387,13 @@ class OfflineEngine:
         from streamgen.engine.request import TokenEvent
 
         start, last, count = time.perf_counter(), 0.0, 0
-        for event in generate(self.model.runner, self.model.tokenizer, requests, prefix_cache=self.prefix_cache):
+        from streamgen.engine.config import EngineConfig
+        from streamgen.engine.scheduler import SchedulerLimits
+
+        # The server's scheduling (its default latency target included), so that the two differ in serving only.
+        limits = SchedulerLimits.from_config(EngineConfig(max_batch=self.slots, prefix_cache=self.prefix_cache))
+        for event in generate(self.model.runner, self.model.tokenizer, requests, limits=limits,
+                              prefix_cache=self.prefix_cache):
             if isinstance(event, TokenEvent):
                 count += 1
                 last = time.perf_counter()
