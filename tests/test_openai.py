@@ -256,8 +256,9 @@ def test_greedy_text_over_http_equals_the_websocket(server, client) -> None:
 
 
 def test_429_is_retried_by_the_sdk_itself(tiny_model_dir, tiny_cache, tiny_hf_dir) -> None:
-    # 600 a minute: the bucket holds 600 and refills one every 100 ms, so a retry comes quickly.
-    limited = _tiny(tiny_cache, tiny_hf_dir, "--rate-limit", "600")
+    # 60 a minute: the bucket holds 60 and refills one a second, so the request right after the refusal is
+    # refused too (a refill every 100 ms let a slow moment slip one through) and the SDK's retry waits ~1 s.
+    limited = _tiny(tiny_cache, tiny_hf_dir, "--rate-limit", "60")
     statuses: list[int] = []
     opened: list[openai.OpenAI] = []
     try:
@@ -267,7 +268,7 @@ def test_429_is_retried_by_the_sdk_itself(tiny_model_dir, tiny_cache, tiny_hf_di
         opened.append(sdk)
         burst = sdk.with_options(max_retries=0)
         refused = 0
-        for _ in range(700):
+        for _ in range(100):
             try:
                 burst.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
             except openai.RateLimitError as exc:
@@ -276,7 +277,7 @@ def test_429_is_retried_by_the_sdk_itself(tiny_model_dir, tiny_cache, tiny_hf_di
                 assert exc.response.headers["retry-after"] == "1"
                 assert exc.body["code"] == "rate_limited"
                 break
-        assert refused == 1, "600 a minute is exhausted within 700 quick requests"
+        assert refused == 1, "60 a minute is exhausted within 100 quick requests"
         statuses.clear()
         r = sdk.completions.create(model=MODEL, prompt="Hi", max_tokens=1)  # refused once, then retried
         assert r.choices[0].text is not None
