@@ -16,8 +16,8 @@ of a prompt is left to run (a prefix-cache hit):
    A target below what the decode alone costs cannot be held; prompts then
    still get a quarter of the decode's time (PROMPT_FLOOR_SHARE), and never
    fewer than MIN_PREFILL_PASS tokens, so no prompt starves and throughput
-   does not collapse (at 16 clients, a floor of two tokens a step cut it to a
-   quarter). A step with nothing to decode is not limited.
+   does not collapse (at 16 clients, a floor of two tokens a step did). A
+   step with nothing to decode is not limited.
    A chunk is never a single token on top of a past (see chunk_size), so a
    prompt cut differently still gives bit-identical results.
 
