@@ -43,10 +43,12 @@ GRAPH_PLAIN = "plain"  # Optimum's text-generation-with-past export
 GRAPHS = ("auto", GRAPH_GQA, GRAPH_PLAIN)  # auto: gqa where the architecture allows it
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-# Bumped whenever models/quantize.py changes how a build is made (int8 1: blocks
-# of 32; 2: of 128, not batch-invariant; 3: of 64). A published build of an
-# older revision is stale: it is not served, and the next pull rebuilds it.
-BUILD_REVISIONS = {"none": 1, "int8": 3, "int4": 1, "source": 1}
+# Bumped whenever the way a build is made changes: models/quantize.py (int8 1:
+# blocks of 32; 2: of 128, not batch-invariant; 3: of 64) or the graph edits
+# every build shares (all +1: the GQA graph's logits at each row's last token,
+# which batched prompt passes need). A published build of an older revision is
+# stale: it is not served, and the next pull rebuilds it.
+BUILD_REVISIONS = {"none": 2, "int8": 4, "int4": 2, "source": 2}
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from streamgen.engine.core import EngineCore
+from streamgen.engine.costs import OnlineLine, StepCosts
 from streamgen.engine.generate import generate
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, TokenEvent, prepare_request
@@ -60,7 +61,7 @@ steps = st.lists(st.tuples(st.lists(specs, max_size=3), st.booleans(), st.intege
 @pytest.fixture()
 def runner(tiny_build_dir) -> SlotRunner:
     """Every number format the slots hold: fp32, fp16, an int8 KV cache."""
-    return SlotRunner(tiny_build_dir, CPU, SlotConfig(max_batch=SLOTS, max_context=CONTEXT, forward_tokens=8))
+    return SlotRunner(tiny_build_dir, CPU, SlotConfig(max_batch=SLOTS, max_context=CONTEXT, forward_tokens=24))
 
 
 @pytest.fixture()
@@ -125,3 +126,29 @@ def test_every_request_equals_its_solo_run_under_random_churn(runner, tiny_model
             assert isinstance(finals[key], FinishEvent) and finals[key].finish_reason == "length"
             assert tokens == expected[key], f"request {key} diverged from its solo run"
     assert runner.table.free_count == SLOTS, "every slot came back"
+
+
+def test_requests_arriving_together_share_a_prompt_pass_and_give_their_solo_tokens(runner, tiny_model, solo) -> None:
+    """The orderly companion of the property above: with a pass's fixed cost set high, prompts that arrive
+    together on empty rows run in one pass (the churn test reaches it only when the drawn schedule allows)."""
+    tok = tiny_model.tokenizer
+    # 7, 6, 8 and 9 tokens, longest first into passes of at most 24 tokens with padding: 9+8, then 7+6.
+    specs = [Spec(0, (1,), 8, None), Spec(0, (4,), 8, 3), Spec(0, (0, 1), 8, None), Spec(0, (3,), 8, 1)]
+    expected = [solo(spec) for spec in specs]
+    runner.table = SlotTable(SLOTS, CONTEXT)
+    shared = []
+    real = runner.prefill_fresh
+
+    def spy(slots, prompts):
+        shared.append(len(slots))
+        return real(slots, prompts)
+
+    runner.prefill_fresh = spy
+    costs = StepCosts(prefill=OnlineLine(intercept=1000.0, slope=1.0, frozen=True))  # padding always pays
+    core = EngineCore(runner, tok, SchedulerLimits(token_budget=200, prefill_chunk=64), costs=costs)
+    seqs = [core.add(prepare_request(tok, CONTEXT, spec.params(), prompt=spec.text()), key) for key, spec in
+            enumerate(specs)]
+    while core.has_work:
+        core.step()
+    assert shared == [2, 2], "four prompts that start empty rows ran in two shared passes"
+    assert [s.output_ids for s in seqs] == expected

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from streamgen.engine.core import EngineCore
 from streamgen.engine.costs import OnlineLine, StepCosts
 from streamgen.engine.params import SamplingParams
+from streamgen.engine.prompt_passes import shared_passes
 from streamgen.engine.request import FinishEvent, GenerationRequest, TokenEvent
 from streamgen.model_files import ModelInfo
 from streamgen.engine.scheduler import PROMPT_FLOOR_SHARE, QueueFull, Scheduler, SchedulerLimits
@@ -35,7 +36,8 @@ class FakeRunner:
 
     supports_reuse = True
 
-    def __init__(self, max_slots: int, context: int = 64) -> None:
+    def __init__(self, max_slots: int, context: int = 64, prompt_pass_tokens: int = 0) -> None:
+        self.prompt_pass_tokens = prompt_pass_tokens
         self.max_slots = max_slots
         self.info = ModelInfo(num_layers=1, num_kv_heads=1, head_dim=16, vocab_size=V, context_length=context)
         self.table = SlotTable(max_slots, context)
@@ -55,6 +57,12 @@ class FakeRunner:
         self.table.append(slot, token_ids)
         return self._logits(token_ids[-1])
 
+    def prefill_fresh(self, slots, prompts):
+        self.calls.append(("shared", list(slots), sum(len(p) for p in prompts)))
+        for slot, prompt in zip(slots, prompts):
+            self.table.append(slot, prompt)
+        return np.stack([self._logits(p[-1]) for p in prompts])
+
     def decode(self, slots, token_ids):
         self.calls.append(("decode", list(slots), len(slots)))
         for s, t in zip(slots, token_ids):
@@ -73,11 +81,15 @@ def _request(prompt_len: int, max_tokens: int = 5, first: int = 1) -> Generation
 
 
 def _core(slots: int = 2, waiting: int = 8, budget: int = 64, chunk: int = 16,
-          prefix_cache: bool = False) -> tuple[EngineCore, FakeRunner]:
+          prefix_cache: bool = False, prompt_pass_tokens: int = 0) -> tuple[EngineCore, FakeRunner]:
     """Most tests here give every request the same prompt; the prefix cache is off unless a test is about it."""
-    runner = FakeRunner(slots)
+    runner = FakeRunner(slots, prompt_pass_tokens=prompt_pass_tokens)
     limits = SchedulerLimits(max_waiting=waiting, token_budget=budget, prefill_chunk=chunk)
-    return EngineCore(runner, _tokenizer(), limits, prefix_cache=prefix_cache), runner
+    # The fake's microsecond steps would teach the online costs nothing a real model does: keep the priors.
+    priors = StepCosts()
+    costs = StepCosts(*(OnlineLine(line.intercept, line.slope, frozen=True)
+                        for line in (priors.decode, priors.prefill, priors.copy)))
+    return EngineCore(runner, _tokenizer(), limits, prefix_cache=prefix_cache, costs=costs), runner
 
 
 def _run(core: EngineCore) -> list:
@@ -378,3 +390,53 @@ def test_a_target_below_the_decode_step_still_gives_prompts_a_share_of_the_step(
     chunks = [n for kind, _, n in runner.calls if kind == "prefill"]
     assert sum(chunks) == 30
     assert chunks[:-1] == [floor] * (len(chunks) - 1), "a quarter of the decode step's time, every step"
+
+
+# ---- prompts that share a forward pass ------------------------------------------------------------------------
+
+
+def test_chunks_share_a_pass_while_padding_costs_less_than_a_pass_and_it_fits() -> None:
+    # A pass costs 20 ms before its tokens and 2 ms a token: padding up to 9 tokens is worth sharing.
+    assert shared_passes([14, 12, 13, 14], capacity=256, fixed_ms=20, per_token_ms=2) == [[0, 3, 2, 1]]
+    assert shared_passes([30, 5, 28], capacity=256, fixed_ms=20, per_token_ms=2) == [[0, 2], [1]]
+    # Rows x longest chunk within the capacity: 3 x 14 = 42 > 40.
+    assert shared_passes([14, 14, 14], capacity=40, fixed_ms=20, per_token_ms=2) == [[0, 1], [2]]
+    # With no fixed cost to save, only chunks of equal length share (no padding at all).
+    assert shared_passes([6, 5, 6], capacity=256, fixed_ms=0.0, per_token_ms=2) == [[0, 2], [1]]
+    # A single token always runs alone (GQA's decode path rounds differently from a prompt's).
+    assert shared_passes([2, 1, 1], capacity=256, fixed_ms=20, per_token_ms=2) == [[0], [1], [2]]
+    assert shared_passes([], capacity=256, fixed_ms=20, per_token_ms=2) == []
+
+
+def _fixed_costs() -> StepCosts:
+    return StepCosts(prefill=OnlineLine(intercept=20.0, slope=2.0, frozen=True))
+
+
+def test_prompts_that_start_empty_rows_share_one_pass_and_the_others_run_alone() -> None:
+    core, runner = _core(slots=4, budget=256, chunk=64, prefix_cache=True, prompt_pass_tokens=256)
+    core.costs = _fixed_costs()
+    system = tuple(range(1, 41))
+    first = core.add(GenerationRequest(system + (50, 51), SamplingParams(temperature=0.0, max_tokens=2),
+                                       frozenset()), key=0)
+    _run(core)
+    runner.calls.clear()
+    # Three new prompts with nothing cached, and one that continues `first`'s cached prompt.
+    fresh = [core.add(_request(10 + i, max_tokens=3, first=60 + 3 * i), key=1 + i) for i in range(3)]
+    cached = core.add(GenerationRequest(system + (52, 53, 54), SamplingParams(temperature=0.0, max_tokens=3),
+                                        frozenset()), key=9)
+    core.step()
+    (shared,) = [call for call in runner.calls if call[0] == "shared"]
+    assert sorted(shared[1]) == sorted(s.slot for s in fresh) and shared[2] == 10 + 11 + 12
+    assert [call for call in runner.calls if call[0] == "prefill"] == [("prefill", [cached.slot], 3)]
+    assert all(s.status == SeqStatus.DECODING for s in [*fresh, cached])
+    _run(core)
+    assert all(s.output_ids == [(s.request.prompt_ids[-1] + 1 + k) % V for k in range(3)] for s in [*fresh, cached])
+
+
+def test_without_shared_passes_every_prompt_runs_alone() -> None:
+    core, runner = _core(slots=4, budget=256, chunk=64, prompt_pass_tokens=0)
+    core.costs = _fixed_costs()
+    for i in range(3):
+        core.add(_request(10, max_tokens=2, first=1 + 20 * i), key=i)
+    core.step()
+    assert [kind for kind, _, _ in runner.calls] == ["prefill"] * 3

@@ -192,3 +192,52 @@ def test_memory_use_is_reported(tiny_model_dir) -> None:
     runner = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=3, max_context=64))
     info = runner.info
     assert runner.kv_bytes == 3 * info.num_kv_heads * 64 * info.head_dim * 4 * 2 * info.num_layers
+
+
+def test_prompts_run_together_in_one_pass_give_each_prompt_alone_bit_for_bit(tiny_build_dir, tok) -> None:
+    """prefill_fresh (several empty rows' prompts in one pass, right-padded, through a scratch buffer) against
+    each prompt prefilled alone: the same logits, the same K/V, the same tokens after; a busy row between
+    them untouched. Every number format the slots hold."""
+    prompts = [tok.encode(t) for t in (PROMPTS[1], PROMPTS[0], PROMPTS[3])]
+    assert len({len(p) for p in prompts}) == 3, "different lengths: the shorter rows are padded"
+    alone = SlotRunner(tiny_build_dir, CPU, SlotConfig(max_batch=4, max_context=96, forward_tokens=64))
+    solo_logits, solo_rows, solo_tokens = [], [], []
+    for prompt in prompts:
+        slot = alone.allocate()
+        solo_logits.append(alone.prefill(slot, prompt))
+        solo_rows.append(_rows(alone, slot, len(prompt)))
+        alone.free(slot)
+        slot = alone.allocate()
+        solo_tokens.append(greedy_slot(alone, slot, prompt, 12))
+        alone.free(slot)
+
+    runner = SlotRunner(tiny_build_dir, CPU, SlotConfig(max_batch=4, max_context=96, forward_tokens=64))
+    slots = [runner.allocate() for _ in range(4)]
+    busy, fresh = slots[1], [slots[3], slots[0], slots[2]]  # not contiguous, not in order
+    greedy_slot(runner, busy, tok.encode(PROMPTS[2] + " and more"), 5)
+    busy_before = _rows(runner, busy, int(runner.table.lengths[busy]))
+    logits = runner.prefill_fresh(fresh, prompts)
+    for row, (slot, prompt) in enumerate(zip(fresh, prompts)):
+        assert np.array_equal(logits[row], solo_logits[row]), f"prompt {row}: logits differ from its solo prefill"
+        assert _rows(runner, slot, len(prompt)) == solo_rows[row], f"prompt {row}: K/V differ"
+        assert runner.table.tokens[slot, : len(prompt)].tolist() == prompt
+    assert _rows(runner, busy, int(runner.table.lengths[busy])) == busy_before, "the busy row changed"
+    tokens = [[int(row.argmax())] for row in logits]
+    for _ in range(11):
+        step = runner.decode(fresh, [t[-1] for t in tokens])
+        for t, row in zip(tokens, step):
+            t.append(int(row.argmax()))
+    assert tokens == solo_tokens
+
+
+def test_a_shared_prompt_pass_takes_only_empty_slots_within_its_capacity(tiny_model_dir, tok) -> None:
+    runner = SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=3, max_context=64, forward_tokens=8))
+    a, b, c = runner.allocate(), runner.allocate(), runner.allocate()
+    runner.prefill(a, [5, 6, 7])
+    with pytest.raises(ValueError, match="empty slots"):
+        runner.prefill_fresh([a, b], [[1, 2], [3, 4]])
+    with pytest.raises(ValueError, match="at most 8 tokens"):
+        runner.prefill_fresh([b, c], [[1, 2, 3, 4, 5], [3, 4]])  # 2 rows x 5 > 8
+    with pytest.raises(ValueError, match="2 tokens or more"):
+        runner.prefill_fresh([b, c], [[1], [3, 4]])
+    assert runner.table.lengths[b] == runner.table.lengths[c] == 0, "a refused pass writes nothing"

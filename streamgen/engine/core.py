@@ -21,6 +21,7 @@ import structlog
 from streamgen.engine.costs import StepCosts
 from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
 from streamgen.engine.prefix import best_source, choose_slot
+from streamgen.engine.prompt_passes import shared_passes
 from streamgen.engine.request import Event, FinishReason, GenerationRequest
 from streamgen.model_files import ModelInfo
 from streamgen.engine.sampling import sample
@@ -41,8 +42,10 @@ class KVRunner(Protocol):
     max_slots: int
     table: SlotTable  # the slot contract: what each row holds; the runner writes it as it runs
     supports_reuse: bool  # rows can be kept and copied (prefix caching)
+    prompt_pass_tokens: int  # most tokens (rows x longest prompt) prefill_fresh takes in one pass; 0: none
 
     def prefill(self, slot: int, token_ids: Seq[int]) -> np.ndarray: ...  # [V]
+    def prefill_fresh(self, slots: Seq[int], prompts: Seq[Seq[int]]) -> np.ndarray: ...  # [len(slots), V]
     def decode(self, slots: Seq[int], token_ids: Seq[int]) -> np.ndarray: ...  # [len(slots), V]
     def copy_prefix(self, src: int, dst: int, end: int) -> None: ...
 
@@ -183,7 +186,7 @@ class EngineCore:
                 continue
             source, upto = best_source(table, seq.prompt_array, seq.namespace, exclude=seq.slot)
             n = upto - seq.prefilled
-            if source is None or n <= 0 or self.costs.copy(n) >= self.costs.prefill(n):
+            if source is None or not self.costs.reuse_pays(n, into_empty_row=seq.prefilled == 0):
                 continue
             start = time.perf_counter()
             self.runner.copy_prefix(source, seq.slot, upto)
@@ -191,23 +194,29 @@ class EngineCore:
             seq.reused(upto)
 
     def _run(self, plan: StepPlan) -> tuple[list[Sequence], np.ndarray]:
-        """Prompt chunks one row at a time, then one decode pass for every decoding row.
-        Returns the sequences that get a token this step and their logits [N, V]."""
+        """The prompt chunks, in as few passes as pay (engine/prompt_passes.py), then one decode pass for
+        every decoding row. Returns the sequences that get a token this step and their logits [N, V]."""
         ready: list[Sequence] = []
         rows: list[np.ndarray] = []
-        for seq, n in plan.prefill:
+        for chunks in self._prompt_passes(plan):
             start = time.perf_counter()
-            chunk = seq.request.prompt_ids[seq.prefilled : seq.prefilled + n]
-            row_logits = self.runner.prefill(seq.slot, chunk)
-            seq.prefilled += n
+            ids = [seq.request.prompt_ids[seq.prefilled : seq.prefilled + n] for seq, n in chunks]
+            if len(chunks) == 1:
+                pass_logits = self.runner.prefill(chunks[0][0].slot, ids[0])[None, :]
+                tokens = chunks[0][1]
+            else:
+                pass_logits = self.runner.prefill_fresh([seq.slot for seq, _ in chunks], ids)
+                tokens = len(chunks) * max(n for _, n in chunks)  # padded: what the pass computed
             end = time.perf_counter()
-            self.costs.prefill.observe(n, (end - start) * 1000)
-            seq.prefill_s += end - start
-            seq.observer.prefill(start, end, 1, n, seq.cached_tokens)
-            if seq.remaining_prompt == 0:
-                seq.status = SeqStatus.DECODING
-                ready.append(seq)
-                rows.append(row_logits[None, :])
+            self.costs.prefill.observe(tokens, (end - start) * 1000)
+            for (seq, n), row_logits in zip(chunks, pass_logits):
+                seq.prefilled += n
+                seq.prefill_s += end - start
+                seq.observer.prefill(start, end, len(chunks), n, seq.cached_tokens)
+                if seq.remaining_prompt == 0:
+                    seq.status = SeqStatus.DECODING
+                    ready.append(seq)
+                    rows.append(row_logits[None, :])
         if plan.decode:
             slots = [s.slot for s in plan.decode]
             start = time.perf_counter()
@@ -221,6 +230,19 @@ class EngineCore:
             ready += plan.decode
             rows.append(decode_logits)
         return ready, (np.concatenate(rows) if rows else np.empty((0, 0), dtype=np.float32))
+
+    def _prompt_passes(self, plan: StepPlan) -> list[list[tuple[Sequence, int]]]:
+        """The step's prompt chunks as forward passes, in plan order: chunks that start an empty row may share
+        one; every other chunk runs alone (GQA takes several rows' prompts only without a past)."""
+        table, capacity = self.runner.table, self.runner.prompt_pass_tokens
+        fresh = [i for i, (seq, _) in enumerate(plan.prefill)
+                 if capacity and seq.prefilled == 0 and table.lengths[seq.slot] == 0]
+        groups = shared_passes([plan.prefill[i][1] for i in fresh], capacity, self.costs.prefill.intercept,
+                               self.costs.prefill.slope)
+        first_of = {fresh[g[0]]: [plan.prefill[fresh[j]] for j in g] for g in groups}
+        in_group = {fresh[j] for g in groups for j in g}
+        return [first_of[i] if i in first_of else [chunk] for i, chunk in enumerate(plan.prefill)
+                if i in first_of or i not in in_group]
 
     def _release(self, seq: Sequence) -> None:
         """The sequence leaves the batch; with the prefix cache on, its slot keeps what it holds."""

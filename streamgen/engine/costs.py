@@ -70,6 +70,16 @@ class StepCosts:
     def prefill_ms_per_token(self) -> float:
         return self.prefill.slope
 
+    def reuse_pays(self, n: int, into_empty_row: bool, copied: bool = True) -> bool:
+        """Whether taking n prompt tokens from the prefix cache (copied from another row, or kept in place)
+        beats computing them. Into an empty row the saving must also beat a forward pass's fixed cost: a row
+        with a past cannot share its prompt pass with other new prompts (engine/prompt_passes.py), so a short
+        reuse there costs more than it saves."""
+        if n <= 0:
+            return False
+        cost = (self.copy(n) if copied else 0.0) + (self.prefill.intercept if into_empty_row else 0.0)
+        return self.prefill.slope * n > cost
+
     def prompt_tokens_within(self, spare_ms: float) -> int:
         """How many prompt tokens one more forward pass can run in spare_ms."""
         return max(0, int((spare_ms - self.prefill.intercept) / max(self.prefill.slope, 1e-6)))

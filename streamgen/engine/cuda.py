@@ -55,8 +55,11 @@ def zero(device: int, pointer: int, size: int) -> None:
     _synchronize(device)
 
 
-def copy_rows(device: int, dst: int, src: int, pitch: int, width: int, height: int) -> None:
-    """Copy `height` rows of `width` bytes each, `pitch` bytes apart, from src to dst (both device memory)."""
+def copy_rows(device: int, dst: int, src: int, pitch: int, width: int, height: int,
+              src_pitch: int | None = None) -> None:
+    """Copy `height` rows of `width` bytes each, `pitch` bytes apart at dst (src_pitch at src, if it differs),
+    from src to dst (both device memory)."""
     _synchronize(device)
-    _check(_runtime().cudaMemcpy2D(dst, pitch, src, pitch, width, height, _DEVICE_TO_DEVICE), "cudaMemcpy2D")
+    _check(_runtime().cudaMemcpy2D(dst, pitch, src, src_pitch or pitch, width, height, _DEVICE_TO_DEVICE),
+           "cudaMemcpy2D")
     _synchronize(device)

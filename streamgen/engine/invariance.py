@@ -16,31 +16,37 @@ from collections.abc import Sequence
 import numpy as np
 
 from streamgen.engine.core import KVRunner
+from streamgen.engine.slot_table import MIN_PREFILL_PASS
 
 
 def batch_invariant(runner: KVRunner, prompts: Sequence[Sequence[int]]) -> bool:
-    """Prefill each prompt in its own row, decode one step for all rows together, then each row alone
-    after the same prefill: True when every row's logits are identical. Leaves every row empty and free."""
+    """Prefill the prompts together (in one shared pass where the runner has them, else each in its own
+    row), decode one step for all rows together, then each row alone: True when every row's logits, after
+    the prompt and after the step, are identical. Leaves every row empty and free."""
     table = runner.table
     if runner.max_slots < 2 or len(prompts) > table.free_count:
         return True  # one row at a time: nothing is ever shared
     slots = table.free_slots()[: len(prompts)]
     for slot in slots:
         table.claim(slot)
+    shared = (runner.prompt_pass_tokens >= len(prompts) * max(map(len, prompts))
+              and min(map(len, prompts)) >= MIN_PREFILL_PASS)
     try:
-        firsts = [int(runner.prefill(s, p).argmax()) for s, p in zip(slots, prompts)]
+        prefilled = (runner.prefill_fresh(slots, prompts) if shared
+                     else np.stack([runner.prefill(s, p) for s, p in zip(slots, prompts)]))
+        firsts = [int(row.argmax()) for row in prefilled]
         together = runner.decode(slots, firsts)
     finally:
         for slot in slots:
             table.release(slot, keep_contents=False)
     slot = slots[0]
-    for prompt, first, row in zip(prompts, firsts, together):
+    for prompt, first, prompt_row, row in zip(prompts, firsts, prefilled, together):
         table.claim(slot)
         try:
-            runner.prefill(slot, prompt)
+            prompt_alone = runner.prefill(slot, prompt)
             alone = runner.decode([slot], [first])[0]
         finally:
             table.release(slot, keep_contents=False)
-        if not np.array_equal(alone, row):
+        if not (np.array_equal(prompt_alone, prompt_row) and np.array_equal(alone, row)):
             return False
     return True

@@ -21,7 +21,11 @@ measurements behind it):
    free rows keep the most recently used conversations.
 4. Whatever the slot, if another row of the namespace, busy or free, holds a
    longer prefix, the core copies the missing part across (`best_source`).
-5. At least two prompt tokens are always run: the last one's logits give the
+5. A reuse must save more than it costs: a few shared tokens (a common first
+   word) would leave the row with a past, and a row with a past prefills
+   alone instead of sharing a pass with other new prompts
+   (StepCosts.reuse_pays).
+6. At least two prompt tokens are always run: the last one's logits give the
    first output token, and a one-token pass on top of a cache would round
    differently from a solo prefill (engine/slot_table.py, MIN_PREFILL_PASS).
 """
@@ -71,6 +75,8 @@ def choose_slot(table: SlotTable, prompt: np.ndarray, namespace: str, expected_s
         keep = 0
         if table.namespace[slot] == namespace:
             keep = reusable(len(prompt), table.common_prefix(slot, prompt))
+            if not costs.reuse_pays(keep, into_empty_row=True, copied=False):
+                keep = 0  # a few shared tokens: worth less than sharing a prompt pass (rule 5)
         saved = keep * per_token if keep >= MIN_REUSE_TOKENS else 0.0
         widened = max(0, slot + 1 - width) * per_row * expected_steps
         # Highest score first; then empty, least recently used, lowest.

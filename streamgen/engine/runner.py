@@ -112,6 +112,7 @@ class PlainSlots:
 
     max_slots = 1
     supports_reuse = False
+    prompt_pass_tokens = 0  # one slot: prompts never share a pass
 
     def __init__(self, runner: OnnxRunner) -> None:
         self.runner = runner
@@ -142,6 +143,9 @@ class PlainSlots:
             logits = self.runner.extend(self._state, np.asarray([token_ids], dtype=np.int64))
         self.table.append(slot, token_ids)
         return logits[0]
+
+    def prefill_fresh(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        raise ValueError("the plain graph has one slot; its prompts never share a pass")
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         logits = self.runner.decode(self._state, np.asarray(token_ids, dtype=np.int64))

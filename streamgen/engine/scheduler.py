@@ -121,7 +121,7 @@ class Scheduler:
                 break
             if seq.status != SeqStatus.PREFILLING:
                 continue
-            if self.limits.share_prefixes and _computed_by_another(seq, plan.prefill):
+            if self.limits.share_prefixes and _computed_by_another(seq, plan.prefill, costs):
                 continue
             limit = min(self.limits.prefill_chunk, budget)
             if spare_ms is not None:
@@ -139,13 +139,14 @@ class Scheduler:
         return plan
 
 
-def _computed_by_another(seq: Sequence, planned: list[tuple[Sequence, int]]) -> bool:
-    """Whether a sequence already planned this step computes seq's next prompt token: the same tokens
-    at the same positions, from a cache no further along than seq's."""
+def _computed_by_another(seq: Sequence, planned: list[tuple[Sequence, int]], costs: StepCosts | None) -> bool:
+    """Whether a sequence already planned this step computes seq's next prompt tokens, enough of them to be
+    worth a step's wait and a copy: the same tokens at the same positions, from a cache no further along."""
     for other, n in planned:
         start = other.prefilled
         if other.namespace != seq.namespace or not start <= seq.prefilled < start + n:
             continue
-        if common_prefix(other.prompt_array, seq.prompt_array) > seq.prefilled:
+        shared = min(common_prefix(other.prompt_array, seq.prompt_array), start + n) - seq.prefilled
+        if shared > 0 and (costs is None or costs.reuse_pays(shared, into_empty_row=seq.prefilled == 0)):
             return True
     return False

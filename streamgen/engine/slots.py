@@ -10,6 +10,13 @@ attention mask. What every row holds is recorded in a SlotTable
 - prefill(slot, ids) runs one row through a pointer view of that row (GQA
   refuses a batched prompt on top of an existing past), in chunks so that a
   long prompt never needs a huge activation.
+- prefill_fresh(slots, prompts) runs the prompts of several empty rows in
+  one pass. GQA takes a batch of prompts only without a past (its "first
+  prompt" mode, where the pass's length is the whole context), so the pass
+  runs on a scratch buffer of exactly the padded prompt length, and each row's
+  positions are then copied into its slot. Same K/V and logits, bit for bit,
+  as prefilling each alone; one pass, so one read of the weights, instead of one
+  per prompt.
 - decode(slots, ids) runs every row from 0 to the highest slot decoding; the
   IOBinding for each such width is built once and reused, so a step only
   writes the fixed numpy input buffers in place and runs. GQA writes one
@@ -35,7 +42,7 @@ from streamgen.engine.config import ENGINE_DEFAULTS, EngineConfig
 from streamgen.engine.device import Device
 from streamgen.engine.session import open_session
 from streamgen.model_files import ModelInfo
-from streamgen.engine.slot_table import ContextFull, SlotTable, chunk_size
+from streamgen.engine.slot_table import MIN_PREFILL_PASS, ContextFull, SlotTable, chunk_size
 
 _PAST = "past_key_values."
 # The KV cache's element type, as ONNX Runtime names it: fp32, fp16 (the CUDA builds), int8 (with scales).
@@ -91,6 +98,8 @@ class SlotRunner:
         self._mask = _Staged(np.zeros((b, t), dtype=np.int64), device)
         self._logits = _Staged(np.zeros((b, 1, info.vocab_size), dtype=np.float32), device)
         self._columns = np.arange(t, dtype=np.int64)
+        # prefill_fresh's K/V: as many positions as one pass may hold, viewed as [rows, H, S, D] for each pass.
+        self._scratch = [self._zeroed((config.forward_tokens * h * d,)) for _ in self._past_names]
         self._decode_bindings: dict[int, tuple[ort.IOBinding, ort.RunOptions | None]] = {}
         # Prefill has a new shape every time: never captured into a CUDA graph.
         self._prefill_options = _graph_options(-1) if device.cuda_graphs else None
@@ -105,6 +114,11 @@ class SlotRunner:
     @property
     def max_slots(self) -> int:
         return self.config.max_batch
+
+    @property
+    def prompt_pass_tokens(self) -> int:
+        """Most tokens, padding included, of one prefill_fresh pass: what its scratch buffer holds."""
+        return self.config.forward_tokens
 
     @property
     def past_names(self) -> list[str]:
@@ -173,6 +187,54 @@ class SlotRunner:
         self.session.run_with_iobinding(io, self._prefill_options)
         self.table.append(slot, ids)
         return np.array(io.get_outputs()[0].numpy()[0, -1], dtype=np.float32)
+
+    def prefill_fresh(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Run the prompts of several empty slots in one forward pass; returns each row's last-token logits
+        [len(slots), V]. Each prompt needs at least MIN_PREFILL_PASS tokens (one token would take GQA's decode
+        path alone, and round differently), and rows x longest prompt at most forward_tokens."""
+        rows, width = len(slots), max(len(p) for p in prompts)
+        if any(self.table.lengths[s] for s in slots) or len(set(slots)) != rows:
+            raise ValueError("prefill_fresh takes distinct empty slots")
+        if min(len(p) for p in prompts) < MIN_PREFILL_PASS or rows * width > self.config.forward_tokens:
+            raise ValueError(f"prefill_fresh takes prompts of {MIN_PREFILL_PASS} tokens or more, at most "
+                             f"{self.config.forward_tokens} tokens with padding; got {rows} x {width}")
+        ids = np.zeros((rows, width), dtype=np.int64)
+        mask = np.zeros((rows, width), dtype=np.int64)  # right padding: its sum is the row's prompt length
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+            mask[row, : len(prompt)] = 1
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        if self._has_positions:
+            io.bind_cpu_input("position_ids", np.maximum(np.cumsum(mask, axis=1) - 1, 0))
+        io.bind_output("logits", "cpu")  # the graph gives each row's last token (models/graph.py)
+        shape = [rows, self._row_shape[0], width, self._row_shape[2]]
+        for name, buffer in zip(self._past_names, self._scratch):
+            ptr = buffer.data_ptr()
+            io.bind_input(name, self._ort_device, self.device.index, self._dtype, shape, ptr)
+            io.bind_output(_PRESENT + name[len(_PAST):], self._ort_device, self.device.index, self._dtype, shape, ptr)
+        self.session.run_with_iobinding(io, self._prefill_options)
+        logits = np.array(io.get_outputs()[0].numpy()[:, 0], dtype=np.float32)
+        for row, (slot, prompt) in enumerate(zip(slots, prompts)):
+            self._copy_in(row, width, slot, len(prompt))
+            self.table.append(slot, prompt)
+        return logits
+
+    def _copy_in(self, row: int, width: int, slot: int, n: int) -> None:
+        """Copy positions [0, n) of a scratch row (of a pass `width` positions long) to the slot's row."""
+        h, t, d = self._row_shape
+        if self.device.kind == "cpu":
+            for buffer, scratch in zip(self._kv, self._scratch):
+                rows = buffer.numpy()  # [B, H, T, D], a view
+                pass_rows = scratch.numpy()[: (row + 1) * h * width * d].reshape(row + 1, h, width, d)
+                rows[slot, :, :n] = pass_rows[row, :, :n]
+        else:
+            item = self._itemsize
+            for buffer, scratch in zip(self._kv, self._scratch):
+                cuda.copy_rows(self.device.index, buffer.data_ptr() + slot * self._row_bytes,
+                               scratch.data_ptr() + row * h * width * d * item, t * d * item, n * d * item, h,
+                               src_pitch=width * d * item)
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         """Feed one token to each slot; returns logits [len(slots), V] in the same order."""

