@@ -1,17 +1,21 @@
 """What a step costs, measured as the engine runs.
 
 The core times every forward pass and every KV copy and feeds the times here.
-Two policies read the estimates:
+Three policies read the estimates:
 - the prefix cache (engine/prefix.py) weighs the prefill a cache hit saves
-  against the wider decode steps it may cost;
+  against the wider decode steps it may cost, and against the shared prompt
+  pass a short hit would cost the row (reuse_pays);
+- prompts that start empty rows share a pass while their padding costs less
+  than a pass's fixed cost (engine/prompt_passes.py);
 - the scheduler sizes each step's prompt work so that a step with decoding
   requests stays under the inter-token latency target.
 
 Each cost is a line, time = a + b * n, fitted online from exponentially
 weighted moments, so it follows the machine as load and thermal state change
 and needs no calibration run. Until enough varied samples arrive, the priors
-(measured with `streamgen bench cache` on the default int8 build, 2-core CPU)
-stand in.
+(measured with `streamgen bench cache --costs-only` on the default fp32
+build, 2-core CPU) stand in, so the first requests of a run are planned as
+the default build runs them.
 """
 
 from __future__ import annotations
@@ -56,12 +60,13 @@ class OnlineLine:
 
 @dataclass(slots=True)
 class StepCosts:
-    """Milliseconds for the parts of a step; priors from `streamgen bench cache` (int8, 2-core AVX2 CPU,
-    2026-11-27: a decode step 12 ms at 1 row and 99 ms at 16, a prefill token 3.0 ms, a copied token 0.008 ms)."""
+    """Milliseconds for the parts of a step; priors from `streamgen bench cache --costs-only` on the default
+    fp32 build (2-core AVX2 CPU, 2026-11-28, docs/costs.json: a decode step 22 ms at 1 row and 81 ms at 16, a
+    prompt pass 22 ms before its first token and 1.8 ms a token after it, a copied token 0.007 ms)."""
 
-    decode: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=6.0, slope=5.9))  # n = rows in the step
-    prefill: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=2.0, slope=2.6))  # n = prompt tokens
-    copy: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=0.05, slope=0.008))  # n = tokens copied
+    decode: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=19.0, slope=3.6))  # n = rows in the step
+    prefill: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=21.7, slope=1.8))  # n = prompt tokens
+    copy: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=0.05, slope=0.007))  # n = tokens copied
 
     def decode_row_ms(self) -> float:
         """What one more row adds to a decode step."""

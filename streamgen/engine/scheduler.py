@@ -11,7 +11,9 @@ of a prompt is left to run (a prefix-cache hit):
    With an inter-token latency target, a step that decodes also runs only as
    many prompt tokens as fit in the target beside the decode, by the step
    costs measured so far (engine/costs.py), counting each sequence's chunk as
-   the separate forward pass it is, fixed cost included: streams do not stall
+   a forward pass of its own, fixed cost included (chunks that start empty
+   rows may then share one pass, engine/prompt_passes.py, so the count errs
+   on the safe side): streams do not stall
    behind other users' prompts (the idea of Sarathi-Serve's stall-free batching).
    A target below what the decode alone costs cannot be held; prompts then
    still get a quarter of the decode's time (PROMPT_FLOOR_SHARE), and never
