@@ -440,3 +440,25 @@ def test_without_shared_passes_every_prompt_runs_alone() -> None:
         core.add(_request(10, max_tokens=2, first=1 + 20 * i), key=i)
     core.step()
     assert [kind for kind, _, _ in runner.calls] == ["prefill"] * 3
+
+
+def test_a_short_cached_prefix_is_dropped_only_when_it_would_cost_a_shared_pass() -> None:
+    core, runner = _core(slots=4, budget=256, chunk=64, prefix_cache=True, prompt_pass_tokens=256)
+    core.add(_request(10, max_tokens=2, first=1), key=0)  # leaves w1..w10 (and its output) in a free row
+    _run(core)
+    # Two new prompts arrive together; one shares its first 3 tokens with that row. Keeping them would
+    # save 3 x 1.8 ms and cost a 21.7 ms pass of its own: both run fresh, in one shared pass.
+    runner.calls.clear()
+    prompts = [(1, 2, 3, *range(40, 47)), tuple(range(60, 70))]
+    together = [core.add(GenerationRequest(p, SamplingParams(temperature=0.0, max_tokens=2), frozenset()), key=1 + i)
+                for i, p in enumerate(prompts)]
+    core.step()
+    assert [kind for kind, _, _ in runner.calls if kind != "decode"] == ["shared"]
+    assert [s.cached_tokens for s in together] == [0, 0]
+    _run(core)
+    # Alone, the same kind of prompt keeps what the row holds: there is no pass to share.
+    runner.calls.clear()
+    alone = core.add(GenerationRequest((1, 2, 3, *range(80, 87)), SamplingParams(temperature=0.0, max_tokens=2),
+                                       frozenset()), key=9)
+    core.step()
+    assert alone.cached_tokens == 3 and runner.calls[0] == ("prefill", [alone.slot], 7)

@@ -158,8 +158,10 @@ class EngineCore:
         """Give each admitted sequence its slot, keeping whatever prefix of its prompt the slot holds."""
         table = self.runner.table
         now = time.perf_counter()
+        share = self._new_prompts(admitting=len(seqs)) > 1
         for seq in seqs:
-            choice = choose_slot(table, seq.prompt_array, seq.namespace, seq.max_tokens, self.costs, self.reuse)
+            choice = choose_slot(table, seq.prompt_array, seq.namespace, seq.max_tokens, self.costs, self.reuse,
+                                 share_pass=share)
             if choice.move_to is not None:
                 self._move(choice.slot, choice.move_to)
             table.claim(choice.slot, seq.namespace, keep=choice.keep)
@@ -181,12 +183,13 @@ class EngineCore:
         if not self.reuse:
             return
         table = self.runner.table
+        share = self._new_prompts() > 1
         for seq in self.scheduler.running:
             if seq.status != SeqStatus.PREFILLING:
                 continue
             source, upto = best_source(table, seq.prompt_array, seq.namespace, exclude=seq.slot)
             n = upto - seq.prefilled
-            if source is None or not self.costs.reuse_pays(n, into_empty_row=seq.prefilled == 0):
+            if source is None or not self.costs.reuse_pays(n, share_pass=share and seq.prefilled == 0):
                 continue
             start = time.perf_counter()
             self.runner.copy_prefix(source, seq.slot, upto)
@@ -230,6 +233,14 @@ class EngineCore:
             ready += plan.decode
             rows.append(decode_logits)
         return ready, (np.concatenate(rows) if rows else np.empty((0, 0), dtype=np.float32))
+
+    def _new_prompts(self, admitting: int = 0) -> int:
+        """Prompts this step that start an empty row (those being admitted count as such) and so could share
+        a pass; 0 if the runner has no shared passes."""
+        if not self.runner.prompt_pass_tokens:
+            return 0
+        return admitting + sum(1 for s in self.scheduler.running
+                               if s.status == SeqStatus.PREFILLING and s.prefilled == 0)
 
     def _prompt_passes(self, plan: StepPlan) -> list[list[tuple[Sequence, int]]]:
         """The step's prompt chunks as forward passes, in plan order: chunks that start an empty row may share

@@ -75,15 +75,16 @@ class StepCosts:
     def prefill_ms_per_token(self) -> float:
         return self.prefill.slope
 
-    def reuse_pays(self, n: int, into_empty_row: bool, copied: bool = True) -> bool:
+    def reuse_pays(self, n: int, copied: bool = True, share_pass: bool = False) -> bool:
         """Whether taking n prompt tokens from the prefix cache (copied from another row, or kept in place)
-        beats computing them. Into an empty row the saving must also beat a forward pass's fixed cost: a row
-        with a past cannot share its prompt pass with other new prompts (engine/prompt_passes.py), so a short
-        reuse there costs more than it saves."""
+        beats computing them. share_pass: the row is empty and other new prompts run this step, so without
+        the reuse it would share their pass (engine/prompt_passes.py); with it, the row has a past and runs
+        alone, so the saving must also beat a pass's fixed cost."""
         if n <= 0:
             return False
-        cost = (self.copy(n) if copied else 0.0) + (self.prefill.intercept if into_empty_row else 0.0)
-        return self.prefill.slope * n > cost
+        if not share_pass:
+            return not copied or self.copy(n) < self.prefill(n)
+        return self.prefill.slope * n > (self.copy(n) if copied else 0.0) + self.prefill.intercept
 
     def prompt_tokens_within(self, spare_ms: float) -> int:
         """How many prompt tokens one more forward pass can run in spare_ms."""

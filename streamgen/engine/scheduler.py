@@ -149,6 +149,8 @@ def _computed_by_another(seq: Sequence, planned: list[tuple[Sequence, int]], cos
         if other.namespace != seq.namespace or not start <= seq.prefilled < start + n:
             continue
         shared = min(common_prefix(other.prompt_array, seq.prompt_array), start + n) - seq.prefilled
-        if shared > 0 and (costs is None or costs.reuse_pays(shared, into_empty_row=seq.prefilled == 0)):
+        # Both prompts new: without the wait, seq could share other's pass instead of copying from it.
+        sharing = seq.prefilled == 0 and start == 0
+        if shared > 0 and (costs is None or costs.reuse_pays(shared, share_pass=sharing)):
             return True
     return False
