@@ -28,8 +28,8 @@ def shared_passes(lengths: Sequence[int], capacity: int, fixed_ms: float, per_to
         if passes and n >= MIN_PREFILL_PASS:
             group = passes[-1]
             width = lengths[group[0]]
-            fits = (len(group) + 1) * width <= capacity and lengths[group[-1]] >= MIN_PREFILL_PASS
-            if fits and (width - n) * per_token_ms <= fixed_ms:
+            # Longest first: the group's head is at least n long, so at least MIN_PREFILL_PASS too.
+            if (len(group) + 1) * width <= capacity and (width - n) * per_token_ms <= fixed_ms:
                 group.append(i)
                 continue
         passes.append([i])
