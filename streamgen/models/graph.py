@@ -53,15 +53,21 @@ def keep_last_logits(model: onnx.ModelProto) -> bool:
     slice_node = helper.make_node(
         "Slice", [head.input[0], *consts], [_LAST_HIDDEN], name="/streamgen/LastPosition"
     )
-    head.input[0] = _LAST_HIDDEN
-    # Insert right before the lm_head so the node list stays topologically sorted.
+    _feed_lm_head(graph, head, [slice_node], _LAST_HIDDEN)
+    return True
+
+
+def _feed_lm_head(graph: onnx.GraphProto, head: onnx.NodeProto, nodes: list[onnx.NodeProto], hidden: str) -> None:
+    """Insert nodes right before the lm_head (the node list stays topologically sorted), feed it `hidden`, and
+    declare the logits one position long."""
+    head.input[0] = hidden
     index = list(graph.node).index(head)
-    graph.node.insert(index, slice_node)
+    for node in reversed(nodes):
+        graph.node.insert(index, node)
     for output in graph.output:
         if output.name == "logits":
             output.type.tensor_type.shape.dim[1].ClearField("dim_param")
             output.type.tensor_type.shape.dim[1].dim_value = 1
-    return True
 
 
 def logits_at_last_token(model: onnx.ModelProto) -> bool:
@@ -93,16 +99,9 @@ def logits_at_last_token(model: onnx.ModelProto) -> bool:
         helper.make_node("Unsqueeze", ["/streamgen/last_rows", "/streamgen/seq_axis"], [_LAST_TOKEN],
                          name="/streamgen/LastTokenRow"),  # [B, 1, H]
     ]
-    head.input[0] = _LAST_TOKEN
+    _feed_lm_head(graph, head, nodes, _LAST_TOKEN)
     if not any(last.output[0] in node.input for node in graph.node):
         graph.node.remove(last)
-    index = list(graph.node).index(head)  # right before the lm_head: the node list stays topologically sorted
-    for node in reversed(nodes):
-        graph.node.insert(index, node)
-    for output in graph.output:
-        if output.name == "logits":
-            output.type.tensor_type.shape.dim[1].ClearField("dim_param")
-            output.type.tensor_type.shape.dim[1].dim_value = 1
     return True
 
 
