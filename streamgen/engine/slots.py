@@ -216,22 +216,24 @@ class SlotRunner:
             io.bind_output(_PRESENT + name[len(_PAST):], self._ort_device, self.device.index, self._dtype, shape, ptr)
         self.session.run_with_iobinding(io, self._prefill_options)
         logits = np.array(io.get_outputs()[0].numpy()[:, 0], dtype=np.float32)
-        for row, (slot, prompt) in enumerate(zip(slots, prompts)):
-            self._copy_in(row, width, slot, len(prompt))
+        self._copy_in(width, [(slot, len(prompt)) for slot, prompt in zip(slots, prompts)])
+        for slot, prompt in zip(slots, prompts):
             self.table.append(slot, prompt)
         return logits
 
-    def _copy_in(self, row: int, width: int, slot: int, n: int) -> None:
-        """Copy positions [0, n) of a scratch row (of a pass `width` positions long) to the slot's row."""
+    def _copy_in(self, width: int, rows: list[tuple[int, int]]) -> None:
+        """Copy each scratch row's first n positions (a pass `width` positions long) to its slot: rows are
+        (slot, n) in the pass's row order."""
         h, t, d = self._row_shape
-        if self.device.kind == "cpu":
-            for buffer, scratch in zip(self._kv, self._scratch):
-                rows = buffer.numpy()  # [B, H, T, D], a view
-                pass_rows = scratch.numpy()[: (row + 1) * h * width * d].reshape(row + 1, h, width, d)
-                rows[slot, :, :n] = pass_rows[row, :, :n]
-        else:
+        for buffer, scratch in zip(self._kv, self._scratch):
+            if self.device.kind == "cpu":
+                slots = buffer.numpy()  # [B, H, T, D], a view
+                passed = scratch.numpy()[: len(rows) * h * width * d].reshape(len(rows), h, width, d)
+                for row, (slot, n) in enumerate(rows):
+                    slots[slot, :, :n] = passed[row, :, :n]
+                continue
             item = self._itemsize
-            for buffer, scratch in zip(self._kv, self._scratch):
+            for row, (slot, n) in enumerate(rows):
                 cuda.copy_rows(self.device.index, buffer.data_ptr() + slot * self._row_bytes,
                                scratch.data_ptr() + row * h * width * d * item, t * d * item, n * d * item, h,
                                src_pitch=width * d * item)
