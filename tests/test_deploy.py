@@ -1,0 +1,487 @@
+"""The scale-out deployment files, checked without Docker or a cluster (docs/scale-out.md).
+
+- deploy/haproxy/haproxy.cfg runs in a real HAProxy in front of three small fake
+  replicas on loopback (plain Python HTTP servers that say which of them answered):
+  affinity by key, keyless spreading, X-Forwarded-For, health checks, retries when a
+  replica is gone, WebSocket upgrades;
+- the compose scale profile's HAProxy configuration (haproxy.cfg + compose-servers.cfg)
+  passes `haproxy -c`, and the profile's services agree with it;
+- every Kubernetes manifest in deploy/k8s validates against the Kubernetes JSON
+  schemas (kubernetes-validate, offline) or, for the InferencePool, against the
+  upstream CRD's schema vendored in tests/schemas; broken copies are rejected.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import csv
+import hashlib
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from websockets.sync.client import connect as ws_connect
+
+ROOT = Path(__file__).resolve().parent.parent
+HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+COMPOSE_SERVERS = ROOT / "deploy" / "haproxy" / "compose-servers.cfg"
+K8S = ROOT / "deploy" / "k8s"
+INFERENCEPOOL_SCHEMA = ROOT / "tests" / "schemas" / "inferencepool-v1.json"
+# The oldest Kubernetes the manifests claim (the preStop sleep action is on by default from 1.30)
+# and the newest schemas kubernetes-validate ships.
+K8S_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
+# What the replicas export (docs/scale-out.md); the EPP, HPA and adapter must name these.
+QUEUED, ACTIVE, KV_USAGE = "streamgen_requests_queued", "streamgen_requests_active", "streamgen_kv_cache_utilization"
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll until predicate() is truthy; fail with `what` past the deadline (a guard, not a figure)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def _haproxy_binary() -> str:
+    found = shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)), None)
+    if found:
+        return found
+    message = ("HAProxy is not installed: `make test` installs it (Debian's haproxy, with apt-get), "
+               "or run `apt-get install haproxy`")
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def haproxy() -> str:
+    return _haproxy_binary()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_frame(stream: io.BufferedIOBase) -> tuple[int, bytes]:
+    head = stream.read(2)
+    if len(head) < 2:
+        return 8, b""
+    opcode, size = head[0] & 0x0F, head[1] & 0x7F
+    if size == 126:
+        size = int.from_bytes(stream.read(2), "big")
+    elif size == 127:
+        size = int.from_bytes(stream.read(8), "big")
+    mask = stream.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+    data = stream.read(size)
+    return opcode, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    assert len(payload) < 126
+    return bytes([0x80 | opcode, len(payload)]) + payload
+
+
+class Upstream:
+    """A fake replica: /health/ready answers 200 or 503 (the test switches it), any POST
+    answers which upstream it is and the forwarding headers it saw, and a WebSocket
+    upgrade gets an echo that names the upstream."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.healthy = True
+        self.hold = threading.Event()  # requests with X-Test-Hold wait for this
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _reply(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == "/health/ready":
+                    self._reply(200 if upstream.healthy else 503, {"ready": upstream.healthy})
+                elif self.headers.get("Upgrade", "").lower() == "websocket":
+                    self._websocket()
+                else:
+                    self._reply(404, {"upstream": upstream.name})
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with upstream._lock:
+                    upstream.in_flight += 1
+                try:
+                    if self.headers.get("X-Test-Hold"):
+                        upstream.hold.wait(10)
+                    self._reply(200, {"upstream": upstream.name, "body_bytes": len(body),
+                                      "x_forwarded_for": self.headers.get_all("X-Forwarded-For"),
+                                      "x_forwarded_proto": self.headers.get_all("X-Forwarded-Proto")})
+                finally:
+                    with upstream._lock:
+                        upstream.in_flight -= 1
+
+            def _websocket(self) -> None:
+                accept = base64.b64encode(
+                    hashlib.sha1((self.headers["Sec-WebSocket-Key"] + WS_GUID).encode()).digest()).decode()
+                self.send_response(101)
+                self.send_header("Upgrade", "websocket")
+                self.send_header("Connection", "Upgrade")
+                self.send_header("Sec-WebSocket-Accept", accept)
+                self.end_headers()
+                self.wfile.flush()
+                while True:
+                    opcode, payload = _read_frame(self.rfile)
+                    if opcode == 8:
+                        self.wfile.write(_frame(8, payload[:2]))
+                        break
+                    if opcode == 1:
+                        self.wfile.write(_frame(1, f"{upstream.name}:{payload.decode()}".encode()))
+                    elif opcode == 9:
+                        self.wfile.write(_frame(10, payload))
+                    self.wfile.flush()
+                self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    def kill(self) -> None:
+        """Stop serving and close the listening socket: new connections are refused."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Balancer:
+    """deploy/haproxy/haproxy.cfg with one appended `server` line per upstream, run in the foreground."""
+
+    def __init__(self, binary: str, upstreams: list[Upstream], workdir: Path, check: bool = True) -> None:
+        self.upstreams = upstreams
+        servers = "".join(f"    server {u.name} 127.0.0.1:{u.port}{' check' if check else ''}\n" for u in upstreams)
+        self.config = workdir / "haproxy.cfg"
+        self.config.write_text(HAPROXY_CFG.read_text().rstrip("\n") + "\n" + servers)
+        self.log_path = workdir / "haproxy.log"
+        for _attempt in range(3):  # the port is picked free, but another process could take it first
+            self.port = _free_port()
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen([binary, "-db", "-f", str(self.config)], stdout=log,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             env={**os.environ, "STREAMGEN_LB_BIND": f"127.0.0.1:{self.port}"})
+            try:
+                wait_for(lambda: self.proc.poll() is not None or self._answers(), 10, "HAProxy answers")
+            except AssertionError:
+                self.stop()
+                raise
+            if self.proc.poll() is None:
+                break
+        else:
+            raise AssertionError(f"HAProxy did not start:\n{self.log_path.read_text()}")
+        if check:
+            wait_for(lambda: set(self.status().values()) == {"UP"}, 10, "every replica UP")
+
+    def _answers(self) -> bool:
+        try:
+            return self.get("/haproxy/stats;csv")[0] == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def post(self, body: dict | bytes | None, headers: dict[str, str] | None = None,
+             path: str = "/v1/chat/completions") -> dict:
+        data = body if isinstance(body, bytes) else json.dumps(body if body is not None else {}).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        try:
+            conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+            response = conn.getresponse()
+            payload = response.read()
+        finally:
+            conn.close()
+        assert response.status == 200, (response.status, payload[:500], self.log_path.read_text()[-2000:])
+        return json.loads(payload)
+
+    def route(self, body: dict | None = None, headers: dict[str, str] | None = None) -> str:
+        """The replica a request lands on, sent once HAProxy has nothing in flight: with bounded
+        load, a request that overlaps the previous one (HAProxy still closing it) could be sent
+        on to the next replica, and these tests ask where a key goes on an idle cluster."""
+        wait_for(self.idle, 10, "HAProxy idle")
+        return self.post(body, headers)["upstream"]
+
+    def idle(self) -> bool:
+        return all(row["scur"] == "0" for row in self.stats() if row["pxname"] == "replicas")
+
+    def stats(self) -> list[dict[str, str]]:
+        status, data = self.get("/haproxy/stats;csv")
+        assert status == 200
+        return list(csv.DictReader(io.StringIO(data.decode().lstrip("# "))))
+
+    def status(self) -> dict[str, str]:
+        return {row["svname"]: row["status"] for row in self.stats()
+                if row["pxname"] == "replicas" and row["svname"] not in ("BACKEND", "FRONTEND")}
+
+
+@pytest.fixture(scope="module")
+def cluster(haproxy: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
+    upstreams = [Upstream(f"r{i}") for i in (1, 2, 3)]
+    balancer = Balancer(haproxy, upstreams, tmp_path_factory.mktemp("haproxy"))
+    yield balancer
+    balancer.stop()
+    for upstream in upstreams:
+        upstream.kill()
+
+
+KEYS = [f"conversation-{i}" for i in range(30)]
+
+
+def _by_key(cluster: Balancer, keys: list[str] = KEYS) -> dict[str, str]:
+    return {key: cluster.route({"prompt_cache_key": key}) for key in keys}
+
+
+# --- HAProxy: the configuration file -------------------------------------------------------------
+
+
+def _sections(text: str) -> list[tuple[str, list[str]]]:
+    sections: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        stripped = line.split("#", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if not stripped:
+            continue
+        if not line[0].isspace():
+            sections.append((stripped, []))
+        else:
+            assert sections, f"a directive before any section: {line!r}"
+            sections[-1][1].append(stripped)
+    return sections
+
+
+def test_the_config_ends_with_the_one_backend_and_has_no_servers(haproxy: str) -> None:
+    sections = _sections(HAPROXY_CFG.read_text())
+    assert [name.split()[0] for name, _ in sections] == ["global", "defaults", "frontend", "backend"]
+    assert sections[-1][0] == "backend replicas", "server lines are appended: the backend must come last"
+    assert not any(d.startswith(("server ", "server-template ")) for _, body in sections for d in body)
+    assert "server r1 127.0.0.1:8101 check" in HAPROXY_CFG.read_text(), "the header shows the line to append"
+    # Valid on its own (no servers yet), and without any of its environment variables set.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMGEN_LB_")}
+    result = subprocess.run([haproxy, "-c", "-f", str(HAPROXY_CFG)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_environment_variables_and_their_defaults_are_what_the_header_says() -> None:
+    text = HAPROXY_CFG.read_text()
+    used = dict(re.findall(r'"\$\{(STREAMGEN_LB_[A-Z_]+)-([^}]*)\}"', text))
+    assert used == {"STREAMGEN_LB_BIND": ":8000", "STREAMGEN_LB_MAXCONN": "4096", "STREAMGEN_LB_BUFSIZE": "131072"}
+    for name, default in used.items():
+        assert re.search(rf"#\s+{name}\b.*\(default {re.escape(default)}\)", text), f"{name} undocumented"
+    assert ":-" not in text.replace("# ", ""), "HAProxy 2.6 has no ${VAR:-default}, only ${VAR-default}"
+
+
+# --- HAProxy: behaviour, real HAProxy with fake replicas ------------------------------------------
+
+
+def test_the_same_prompt_cache_key_always_reaches_the_same_replica_and_keys_spread(cluster: Balancer) -> None:
+    first = _by_key(cluster)
+    for _ in range(2):
+        assert _by_key(cluster) == first
+    assert set(first.values()) == {"r1", "r2", "r3"}, first
+    # Across endpoints too: the key is in the body, whatever the path.
+    key = KEYS[0]
+    assert cluster.post({"prompt_cache_key": key}, path="/v1/completions")["upstream"] == first[key]
+
+
+def test_the_key_is_found_after_a_long_prompt(cluster: Balancer) -> None:
+    """The body is read whole (tune.bufsize holds any body a replica accepts, 64 KiB by default),
+    so a key that comes after the messages still counts."""
+    for key in KEYS[:6]:
+        body = {"messages": [{"role": "user", "content": "word " * 12_000}], "prompt_cache_key": key}
+        wait_for(cluster.idle, 10, "HAProxy idle")
+        answer = cluster.post(body)
+        assert answer["body_bytes"] > 60_000
+        assert answer["upstream"] == cluster.route({"prompt_cache_key": key})
+
+
+def _distinct_pair(cluster: Balancer, avoid: str | None = None) -> tuple[str, str]:
+    """Two keys that land on different replicas (neither equal to `avoid`)."""
+    seen: dict[str, str] = {}
+    for i in range(100):
+        key = f"pick-{avoid}-{i}"
+        where = cluster.route({"prompt_cache_key": key})
+        for other, other_where in seen.items():
+            if other_where != where:
+                return other, key
+        seen[key] = where
+    raise AssertionError("no two keys on different replicas")
+
+
+def test_the_key_falls_back_from_prompt_cache_key_to_user_to_session_to_api_key(cluster: Balancer) -> None:
+    route_of = lambda key: cluster.route({"prompt_cache_key": key})  # noqa: E731
+    # Each source, alone, hashes like the same string given as prompt_cache_key.
+    for key in KEYS[:9]:
+        expected = route_of(key)
+        assert cluster.route({"user": key}) == expected
+        assert cluster.route({"prompt_cache_key": "", "user": key}) == expected, "an empty key is no key"
+        assert cluster.route({}, {"X-Session-Id": key}) == expected
+        assert cluster.route({}, {"Authorization": key}) == expected
+        assert cluster.route(b"not json", {"X-Session-Id": key}) == expected, "a body that is not JSON has no key"
+    # The order: prompt_cache_key, then user, then X-Session-Id, then Authorization.
+    a, b = _distinct_pair(cluster)
+    assert cluster.route({"prompt_cache_key": a, "user": b}) == route_of(a)
+    assert cluster.route({"user": a}, {"X-Session-Id": b}) == route_of(a)
+    assert cluster.route({}, {"X-Session-Id": a, "Authorization": b}) == route_of(a)
+    assert cluster.route({"prompt_cache_key": a}, {"X-Session-Id": b, "Authorization": b}) == route_of(a)
+    # The whole Authorization header is the key: one API key, one replica.
+    token = "Bearer sk-test-0123456789"
+    assert {cluster.route({}, {"Authorization": token}) for _ in range(5)} == {route_of(token)}
+
+
+def test_keyless_requests_reach_every_replica(cluster: Balancer) -> None:
+    seen = [cluster.route({"messages": [{"role": "user", "content": "hi"}]}) for _ in range(12)]
+    assert set(seen) == {"r1", "r2", "r3"}, seen
+
+
+def test_one_hot_key_is_spread_when_its_replica_has_too_much_in_flight(cluster: Balancer) -> None:
+    """Bounded load: nine requests in flight at once with one key are not all left on its replica."""
+    key = KEYS[1]
+    home = cluster.route({"prompt_cache_key": key})
+    results: list[str] = []
+
+    def send() -> None:
+        results.append(cluster.post({"prompt_cache_key": key}, {"X-Test-Hold": "1"})["upstream"])
+
+    threads = [threading.Thread(target=send) for _ in range(9)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: sum(u.in_flight for u in cluster.upstreams) == 9, 10, "nine requests in flight")
+    finally:
+        for upstream in cluster.upstreams:
+            upstream.hold.set()
+        for thread in threads:
+            thread.join(15)
+        for upstream in cluster.upstreams:
+            upstream.hold.clear()
+    assert len(results) == 9
+    assert home in results and len(set(results)) > 1, results
+
+
+def test_x_forwarded_for_carries_the_client_address_and_nothing_the_client_made_up(cluster: Balancer) -> None:
+    answer = cluster.post({"prompt_cache_key": "xff"})
+    assert answer["x_forwarded_for"] == ["127.0.0.1"]
+    assert answer["x_forwarded_proto"] == ["http"]
+    spoofed = cluster.post({"prompt_cache_key": "xff"}, {"X-Forwarded-For": "203.0.113.9",
+                                                          "X-Forwarded-Proto": "https"})
+    assert spoofed["x_forwarded_for"] == ["127.0.0.1"], "a client cannot choose the address the replica sees"
+    assert spoofed["x_forwarded_proto"] == ["http"]
+
+
+def test_a_replica_that_turns_not_ready_loses_its_keys_and_gets_them_back(cluster: Balancer) -> None:
+    before = _by_key(cluster)
+    victim = cluster.upstreams[0]
+    its_keys = [k for k, where in before.items() if where == victim.name]
+    assert its_keys, before
+    victim.healthy = False
+    try:
+        wait_for(lambda: cluster.status()[victim.name].startswith("DOWN"), 10, f"{victim.name} marked DOWN")
+        during = _by_key(cluster)
+        assert victim.name not in during.values()
+        # Consistent hashing: only the keys of the replica that left move.
+        assert {k: w for k, w in during.items() if before[k] != victim.name} == \
+               {k: w for k, w in before.items() if w != victim.name}
+    finally:
+        victim.healthy = True
+    wait_for(lambda: cluster.status()[victim.name] == "UP", 10, f"{victim.name} back UP")
+    assert _by_key(cluster) == before
+
+
+def test_requests_for_a_replica_that_is_gone_are_retried_on_another(haproxy: str, tmp_path: Path) -> None:
+    """No health checks here, so only retry-on conn-failure with redispatch can answer them."""
+    upstreams = [Upstream(f"r{i}") for i in (1, 2, 3)]
+    balancer = Balancer(haproxy, upstreams, tmp_path, check=False)
+    try:
+        before = _by_key(balancer)
+        victim = upstreams[1]
+        victim.kill()
+        after = _by_key(balancer)
+        assert victim.name not in after.values()
+        assert {k: w for k, w in after.items() if before[k] != victim.name} == \
+               {k: w for k, w in before.items() if w != victim.name}
+        backend = next(r for r in balancer.stats() if r["pxname"] == "replicas" and r["svname"] == "BACKEND")
+        assert int(backend["wredis"]) >= sum(1 for w in before.values() if w == victim.name)
+    finally:
+        balancer.stop()
+        for upstream in upstreams:
+            if upstream is not upstreams[1]:
+                upstream.kill()
+
+
+def test_websocket_upgrades_pass_through_with_the_session_affinity(cluster: Balancer) -> None:
+    for key in KEYS[:3]:
+        expected = cluster.route({"prompt_cache_key": key})
+        with ws_connect(f"ws://127.0.0.1:{cluster.port}/v1/ws", additional_headers={"X-Session-Id": key},
+                        open_timeout=10, close_timeout=5) as ws:
+            for message in ("hello", "again"):
+                ws.send(message)
+                assert ws.recv(timeout=10) == f"{expected}:{message}"
+
+
+def test_haproxy_serves_its_own_pages_and_forwards_metrics(cluster: Balancer) -> None:
+    status, page = cluster.get("/haproxy/stats")
+    assert status == 200 and b"replicas" in page
+    status, metrics = cluster.get("/haproxy/metrics")
+    assert status == 200 and b"haproxy_backend_active_servers" in metrics
+    status, body = cluster.get("/metrics")
+    assert status == 404 and json.loads(body)["upstream"] in {"r1", "r2", "r3"}, "/metrics is the replicas'"
