@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install serving chromium run generate test bench gpu-check sizes clean
+.PHONY: install serving chromium haproxy run generate test bench gpu-check sizes clean
 
 serving: $(VENV)/.serving
 install: $(VENV)/.everything
@@ -39,8 +39,19 @@ chromium:
 # Pulls the default model on first use, then serves the browser client and the WebSocket.
 run: serving
 	$(BIN)/streamgen serve
+# The balancer tests run Debian's HAProxy against fake replicas (tests/test_deploy.py, deploy/haproxy).
+haproxy:
+	@if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing haproxy (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; \
+	  else \
+	    echo "the balancer tests need Debian's haproxy: sudo apt-get install haproxy" >&2; exit 1; \
+	  fi; \
+	fi
 
-test: install chromium
+
+test: install chromium haproxy
 	$(BIN)/python -m pytest
 
 bench: install
