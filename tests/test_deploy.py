@@ -113,7 +113,7 @@ class Upstream:
     answers which upstream it is and the forwarding headers it saw, and a WebSocket
     upgrade gets an echo that names the upstream."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
         self.name = name
         self.healthy = True
         self.hold = threading.Event()  # requests with X-Test-Hold wait for this
@@ -178,7 +178,7 @@ class Upstream:
                     self.wfile.flush()
                 self.close_connection = True
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -194,9 +194,11 @@ class Upstream:
 class Balancer:
     """deploy/haproxy/haproxy.cfg with one appended `server` line per upstream, run in the foreground."""
 
-    def __init__(self, binary: str, upstreams: list[Upstream], workdir: Path, check: bool = True) -> None:
+    def __init__(self, binary: str, upstreams: list[Upstream], workdir: Path, check: bool = True,
+                 servers: str | None = None) -> None:
         self.upstreams = upstreams
-        servers = "".join(f"    server {u.name} 127.0.0.1:{u.port}{' check' if check else ''}\n" for u in upstreams)
+        if servers is None:
+            servers = "".join(f"    server {u.name} 127.0.0.1:{u.port}{' check' if check else ''}\n" for u in upstreams)
         self.config = workdir / "haproxy.cfg"
         self.config.write_text(HAPROXY_CFG.read_text().rstrip("\n") + "\n" + servers)
         self.log_path = workdir / "haproxy.log"
@@ -216,7 +218,7 @@ class Balancer:
         else:
             raise AssertionError(f"HAProxy did not start:\n{self.log_path.read_text()}")
         if check:
-            wait_for(lambda: set(self.status().values()) == {"UP"}, 10, "every replica UP")
+            wait_for(lambda: list(self.status().values()).count("UP") == len(upstreams), 10, "every replica UP")
 
     def _answers(self) -> bool:
         try:
@@ -485,3 +487,145 @@ def test_haproxy_serves_its_own_pages_and_forwards_metrics(cluster: Balancer) ->
     assert status == 200 and b"haproxy_backend_active_servers" in metrics
     status, body = cluster.get("/metrics")
     assert status == 404 and json.loads(body)["upstream"] in {"r1", "r2", "r3"}, "/metrics is the replicas'"
+
+
+# --- compose: the scale profile -----------------------------------------------------------------
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """Compose's YAML: accepts its !reset and !override tags (as tests/test_compose.py)."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: {"__reset__": True})
+_ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_mapping(node))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.load((ROOT / "compose.yaml").read_text(), Loader=_ComposeLoader)
+
+
+def _template() -> re.Match:
+    match = re.search(r"^\s+server-template (\S+) 1-(\d+) ([\w.-]+):(\d+) (.*)$", COMPOSE_SERVERS.read_text(), re.M)
+    assert match, "compose-servers.cfg has one server-template line"
+    return match
+
+
+def _mounts(service: dict) -> dict[str, Path]:
+    """Container path -> file on this machine, for the service's bind mounts."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        if source.startswith("."):
+            mounts[target] = (ROOT / source).resolve()
+    return mounts
+
+
+def test_the_scale_profile_puts_replicas_behind_haproxy(compose: dict) -> None:
+    services = compose["services"]
+    scale = {name for name, s in services.items() if "scale" in s.get("profiles", [])}
+    assert scale == {"streamgen-replica", "haproxy"}
+    assert "profiles" not in services["streamgen"], "the default stack is unchanged"
+    replica, balancer = services["streamgen-replica"], services["haproxy"]
+    _, count, host, port, options = _template().groups()
+    assert host == "streamgen-replica" and int(count) == replica["deploy"]["replicas"] >= 2
+    assert port == "8000" and "STREAMGEN_PORT=8000" in (ROOT / "Dockerfile").read_text().replace(" ", "")
+    assert options.split()[:3] == ["check", "resolvers", "docker"]
+    assert replica["image"] == services["streamgen"]["image"] and "ports" not in replica
+    assert replica["depends_on"]["streamgen"]["condition"] == "service_healthy", "one pull, by streamgen"
+    assert "models:/models" in replica["volumes"]
+    env = {k: str(v) for k, v in replica["environment"].items()}
+    assert env["STREAMGEN_FORWARDED_ALLOW_IPS"] and env["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    grace = int(re.fullmatch(r"(\d+)s", replica["stop_grace_period"]).group(1))
+    assert grace > int(env["STREAMGEN_SHUTDOWN_GRACE"]), "Docker must not kill a replica mid-drain"
+
+    assert balancer["image"].startswith("haproxy:2.6")
+    command = balancer["entrypoint"][-1]
+    concatenated = re.fullmatch(r"cat (\S+) (\S+) > (\S+)\s+&& exec haproxy -db -f (\S+)", command)
+    assert concatenated and concatenated[3] == concatenated[4], command
+    mounts = _mounts(balancer)
+    assert [mounts[concatenated[1]], mounts[concatenated[2]]] == [HAPROXY_CFG, COMPOSE_SERVERS]
+    bind_port = balancer["environment"]["STREAMGEN_LB_BIND"].rsplit(":", 1)[1]
+    assert [str(p).split(":")[1] for p in balancer["ports"]] == [bind_port]
+
+
+def test_the_compose_haproxy_configuration_parses(haproxy: str, compose: dict, tmp_path: Path) -> None:
+    """What the haproxy service's entrypoint makes, checked by `haproxy -c` with its environment."""
+    config = tmp_path / "haproxy.cfg"
+    config.write_bytes(HAPROXY_CFG.read_bytes() + COMPOSE_SERVERS.read_bytes())
+    env = {**os.environ, **{k: str(v) for k, v in compose["services"]["haproxy"]["environment"].items()}}
+    result = subprocess.run([haproxy, "-c", "-f", str(config)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resolvers docker" in COMPOSE_SERVERS.read_text() and "127.0.0.11:53" in COMPOSE_SERVERS.read_text()
+
+
+class FakeDNS:
+    """Docker's DNS, reduced to one name: A queries for it get the given addresses."""
+
+    def __init__(self, name: str, addresses: list[str]) -> None:
+        self.name, self.addresses = name, addresses
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, peer = self.sock.recvfrom(4096)
+            except (TimeoutError, OSError):
+                continue
+            labels, i = [], 12
+            while query[i]:
+                labels.append(query[i + 1:i + 1 + query[i]].decode())
+                i += 1 + query[i]
+            qtype = int.from_bytes(query[i + 1:i + 3], "big")
+            question = query[12:i + 5]
+            known = ".".join(labels).lower() == self.name
+            answers = [b"\xc0\x0c" + (1).to_bytes(2, "big") + (1).to_bytes(2, "big") + (5).to_bytes(4, "big")
+                       + (4).to_bytes(2, "big") + socket.inet_aton(a) for a in self.addresses] \
+                if known and qtype == 1 else []
+            flags = 0x8180 if known else 0x8183  # NOERROR, or NXDOMAIN
+            header = query[:2] + flags.to_bytes(2, "big") + (1).to_bytes(2, "big") \
+                + len(answers).to_bytes(2, "big") + bytes(4)
+            self.sock.sendto(header + question + b"".join(answers), peer)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_the_compose_servers_find_the_replicas_through_dns(haproxy: str, tmp_path: Path) -> None:
+    """compose-servers.cfg as compose runs it, with a fake DNS in place of Docker's (its address and
+    the replicas' port changed to free ones on loopback): the slots fill with the three replicas."""
+    port = _free_port()
+    addresses = ["127.0.0.21", "127.0.0.22", "127.0.0.23"]
+    upstreams: list[Upstream] = []
+    try:
+        for i, address in enumerate(addresses, 1):
+            upstreams.append(Upstream(f"u{i}", address, port))
+    except OSError as error:  # a server of someone else's holds the port on every address
+        for upstream in upstreams:
+            upstream.kill()
+        pytest.skip(f"loopback port {port} is taken: {error}")
+    dns = FakeDNS("streamgen-replica", addresses)
+    servers = COMPOSE_SERVERS.read_text().replace("127.0.0.11:53", f"127.0.0.1:{dns.port}") \
+        .replace("streamgen-replica:8000", f"streamgen-replica:{port}")
+    balancer = None
+    try:
+        balancer = Balancer(haproxy, upstreams, tmp_path, servers=servers)
+        assert set(balancer.status()) == {"replica1", "replica2", "replica3"}
+        seen = {balancer.route({}) for _ in range(9)}
+        assert seen == {"u1", "u2", "u3"}
+        key = KEYS[0]
+        assert len({balancer.route({"prompt_cache_key": key}) for _ in range(5)}) == 1
+    finally:
+        if balancer:
+            balancer.stop()
+        dns.stop()
+        for upstream in upstreams:
+            upstream.kill()
