@@ -8,7 +8,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# pip install with a start line, a condensed progress (a counter, large downloads, errors, each kind of
+# warning once) and an end line with the time taken (streamgen/models/toolchain.py; runs from the checkout
+# before streamgen is installed).
+PIP := $(BIN)/python -m streamgen.models.toolchain pip-install
 
 .PHONY: install serving chromium haproxy run generate test bench gpu-check sizes clean
 
@@ -17,12 +20,12 @@ install: $(VENV)/.everything
 
 $(VENV)/.serving: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e .
+	$(PIP) "the serving packages into $(VENV)" -e .
 	touch $@
 
+# --torch-index: PyTorch's CPU index without a GPU (or STREAMGEN_TORCH_INDEX_URL), if it answers within 2 s.
 $(VENV)/.everything: pyproject.toml $(VENV)/.serving
-	index="$$($(BIN)/python -c 'from streamgen.models.toolchain import index_url; print(index_url() or "")')"; \
-	  $(PIP) $${index:+--extra-index-url "$$index"} -e '.[export,test,bench]'
+	$(PIP) --torch-index "the export, test and bench extras into $(VENV)" -e '.[export,test,bench]'
 	touch $@
 
 # The browser tests drive Debian's chromium (Playwright downloads no browser).
