@@ -25,6 +25,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 COMPOSE_SERVERS = ROOT / "deploy" / "haproxy" / "compose-servers.cfg"
 K8S = ROOT / "deploy" / "k8s"
-INFERENCEPOOL_SCHEMA = ROOT / "tests" / "schemas" / "inferencepool-v1.json"
+INFERENCEPOOL_SCHEMA_DIR = ROOT / "tests" / "schemas"
 # The oldest Kubernetes the manifests claim (the preStop sleep action is on by default from 1.30)
 # and the newest schemas kubernetes-validate ships.
 K8S_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
@@ -106,6 +107,14 @@ def _read_frame(stream: io.BufferedIOBase) -> tuple[int, bytes]:
 def _frame(opcode: int, payload: bytes) -> bytes:
     assert len(payload) < 126
     return bytes([0x80 | opcode, len(payload)]) + payload
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # HAProxy resets its health-check connections
+            super().handle_error(request, client_address)
 
 
 class Upstream:
@@ -178,8 +187,7 @@ class Upstream:
                     self.wfile.flush()
                 self.close_connection = True
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self.server = _QuietServer((host, port), Handler)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -629,3 +637,242 @@ def test_the_compose_servers_find_the_replicas_through_dns(haproxy: str, tmp_pat
         dns.stop()
         for upstream in upstreams:
             upstream.kill()
+
+
+# --- Kubernetes: deploy/k8s against the schemas, offline ------------------------------------------
+
+
+def _manifests() -> list[tuple[str, dict]]:
+    found = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
+            if doc:
+                found.append((f"{path.relative_to(K8S)}#{i}", doc))
+    return found
+
+
+MANIFESTS = _manifests()
+CRD_SCHEMAS = {("inference.networking.k8s.io/v1", "InferencePool"):
+               sorted(INFERENCEPOOL_SCHEMA_DIR.glob("inferencepool-v*.json"))}
+
+
+def _strict(schema: Any) -> Any:
+    """The CRD schema with unknown fields refused: the API server would prune them silently, so a
+    misspelt field would vanish from the object instead of failing here."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {k: _strict(v) for k, v in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        strict["additionalProperties"] = False
+    return strict
+
+
+def _cel_rules(schema: Any) -> set[str]:
+    if isinstance(schema, dict):
+        rules = {r["rule"] for r in schema.get("x-kubernetes-validations", [])}
+        return rules.union(*(_cel_rules(v) for v in schema.values()))
+    if isinstance(schema, list):
+        return set().union(*(_cel_rules(v) for v in schema))
+    return set()
+
+
+# The CRD's CEL rules (x-kubernetes-validations), which jsonschema does not run, checked by hand.
+INFERENCEPOOL_CEL = {
+    "self.kind != 'Service' || has(self.port)":
+        lambda spec: spec.get("endpointPickerRef") is None or spec["endpointPickerRef"].get("kind", "Service")
+        != "Service" or "port" in spec["endpointPickerRef"],
+    "self.all(p1, self.exists_one(p2, p1.number==p2.number))":
+        lambda spec: len({p["number"] for p in spec["targetPorts"]}) == len(spec["targetPorts"]),
+}
+
+
+def validate(doc: dict) -> None:
+    """Raises (jsonschema.ValidationError, or ValueError for a CEL rule) if the manifest is invalid."""
+    schemas = CRD_SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
+    if schemas is None:
+        for version in K8S_VERSIONS:  # an unknown kind raises SchemaNotFoundError: every manifest is checked
+            kubernetes_validate.validate(doc, version, strict=True)
+        return
+    assert schemas, "no vendored schema for the InferencePool"
+    for path in schemas:
+        schema = json.loads(path.read_text())
+        assert set(INFERENCEPOOL_CEL) == _cel_rules(schema), f"{path.name}: the CEL rules changed"
+        jsonschema.validate(doc, _strict(schema), cls=jsonschema.Draft7Validator)
+        for rule, holds in INFERENCEPOOL_CEL.items():
+            if not holds(doc["spec"]):
+                raise ValueError(f"{path.name}: {rule}")
+    # The CRD leaves metadata as any object; check it as the ObjectMeta it is.
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]},
+                                 K8S_VERSIONS[-1], strict=True)
+
+
+def _one(kind: str, name: str) -> dict:
+    (doc,) = [d for _, d in MANIFESTS if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+@pytest.mark.parametrize("doc", [d for _, d in MANIFESTS], ids=[i for i, _ in MANIFESTS])
+def test_every_manifest_validates(doc: dict) -> None:
+    validate(doc)
+
+
+def test_the_manifests_are_all_there() -> None:
+    kinds = {(d["kind"], d["metadata"]["name"]) for _, d in MANIFESTS}
+    assert {("Deployment", "streamgen"), ("PersistentVolumeClaim", "streamgen-models"), ("Service", "streamgen"),
+            ("PodDisruptionBudget", "streamgen"), ("HorizontalPodAutoscaler", "streamgen"),
+            ("ConfigMap", "prometheus-adapter"), ("InferencePool", "streamgen"), ("Deployment", "streamgen-epp"),
+            ("Service", "streamgen-epp")} <= kinds
+
+
+def _set(doc: dict, path: str, value: Any) -> dict:
+    """A copy of doc with the value at a dotted path (list indices as numbers) replaced, or removed
+    when value is _DELETE."""
+    broken = copy.deepcopy(doc)
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+    node = broken
+    for part in parents:
+        node = node[part]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return broken
+
+
+_DELETE = object()
+BROKEN = [
+    ("Deployment", "streamgen", "spec.replicas", "two"),
+    ("Deployment", "streamgen", "spec.template.spec.containerz", []),
+    ("Deployment", "streamgen", "spec.template.spec.containers.0.readinessProbe.httpGet.paht", "/health/ready"),
+    ("Deployment", "streamgen", "spec.template.spec.containers.0.lifecycle.preStop.sleep.seconds", "5s"),
+    ("Deployment", "streamgen", "spec.selector", _DELETE),
+    ("Service", "streamgen", "spec.ports.0.port", "http"),
+    ("PodDisruptionBudget", "streamgen", "spec.maxUnavailable", [1]),
+    ("HorizontalPodAutoscaler", "streamgen", "spec.metrics.0.pods.target.type", _DELETE),
+    ("HorizontalPodAutoscaler", "streamgen", "spec.metrics.0.pods.metric.name", 7),
+    ("PersistentVolumeClaim", "streamgen-models", "spec.accessModes", "ReadWriteMany"),
+    ("InferencePool", "streamgen", "spec.targetPorts", _DELETE),
+    ("InferencePool", "streamgen", "spec.targetPorts.0.number", 70000),
+    ("InferencePool", "streamgen", "spec.targetPortNumber", 8000),  # the v1alpha2 field
+    ("InferencePool", "streamgen", "spec.targetPorts", [{"number": 8000}, {"number": 8000}]),  # CEL
+    ("InferencePool", "streamgen", "spec.endpointPickerRef.port", _DELETE),  # CEL
+    ("InferencePool", "streamgen", "spec.selector.matchLabels", {}),
+    ("InferencePool", "streamgen", "metadata.labelz", {}),
+]
+
+
+@pytest.mark.parametrize(("kind", "name", "path", "value"), BROKEN, ids=[f"{k}:{p}" for k, _, p, _ in BROKEN])
+def test_a_broken_manifest_is_rejected(kind: str, name: str, path: str, value: Any) -> None:
+    """The validation can fail: each of these copies, broken in one place, is refused."""
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        validate(_set(_one(kind, name), path, value))
+
+
+def _env(container: dict) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_the_deployment_serves_drains_and_keeps_its_models() -> None:
+    deployment = _one("Deployment", "streamgen")
+    pod = deployment["spec"]["template"]
+    assert _matches(deployment["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "streamgen:latest"
+    # The image has no ENTRYPOINT (its CMD is `streamgen serve`): args alone would replace the command.
+    assert container["command"] + container["args"] == ["streamgen", "serve", "--host", "0.0.0.0", "--port", "8000"]
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+    env = _env(container)
+    assert env["STREAMGEN_HOME"] == "/models"
+    assert env["STREAMGEN_REPLICA_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["STREAMGEN_FORWARDED_ALLOW_IPS"]
+    for probe, path in (("startupProbe", "/health/ready"), ("readinessProbe", "/health/ready"),
+                        ("livenessProbe", "/health/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "minutes to load and warm up"
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop >= 3
+    assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + int(env["STREAMGEN_SHUTDOWN_GRACE"])
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    # The model cache: a claim that storage.yaml makes, mounted where STREAMGEN_HOME points.
+    (volume,) = pod["spec"]["volumes"]
+    _one("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    for c in pod["spec"]["containers"] + pod["spec"]["initContainers"]:
+        assert {"name": volume["name"], "mountPath": "/models"} in c["volumeMounts"]
+        assert _env(c)["STREAMGEN_HOME"] == "/models"
+    (pull,) = pod["spec"]["initContainers"]
+    assert pull["command"][:2] == ["flock", "/models/.streamgen-pull.lock"] and pull["command"][2:4] == \
+        ["streamgen", "pull"], "one replica pulls at a time"
+
+
+def test_the_service_pdb_and_autoscaler_point_at_the_replicas() -> None:
+    deployment = _one("Deployment", "streamgen")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    service = _one("Service", "streamgen")
+    assert _matches(service["spec"]["selector"], labels)
+    (port,) = service["spec"]["ports"]
+    assert (port["name"], port["port"]) == ("http", 8000) and ports[port["targetPort"]] == 8000
+    pdb = _one("PodDisruptionBudget", "streamgen")
+    assert _matches(pdb["spec"]["selector"]["matchLabels"], labels)
+    assert pdb["spec"].get("maxUnavailable") == 1 or pdb["spec"].get("minAvailable") == 1
+    hpa = _one("HorizontalPodAutoscaler", "streamgen")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "streamgen"}
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == QUEUED
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+
+
+def test_the_adapter_rule_serves_the_queue_metric_per_pod() -> None:
+    config = yaml.safe_load(_one("ConfigMap", "prometheus-adapter")["data"]["config.yaml"])
+    (rule,) = config["rules"]
+    assert rule["seriesQuery"].startswith(QUEUED + "{")
+    assert rule["name"]["as"] == QUEUED and re.fullmatch(rule["name"]["matches"], QUEUED)
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert "<<.Series>>{<<.LabelMatchers>>}" in rule["metricsQuery"] and "by (<<.GroupBy>>)" in rule["metricsQuery"]
+
+
+def test_the_inference_pool_selects_the_replicas_and_its_picker_reads_streamgen_metrics() -> None:
+    deployment = _one("Deployment", "streamgen")
+    pool = _one("InferencePool", "streamgen")
+    assert _matches(pool["spec"]["selector"]["matchLabels"], deployment["spec"]["template"]["metadata"]["labels"])
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [8000]
+
+    ref = pool["spec"]["endpointPickerRef"]
+    epp_service = _one("Service", ref["name"])
+    epp = _one("Deployment", ref["name"])
+    assert _matches(epp_service["spec"]["selector"], epp["spec"]["template"]["metadata"]["labels"])
+    (container,) = epp["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (grpc,) = [p for p in epp_service["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    assert ports[grpc["targetPort"]] == ref["port"]["number"]
+
+    image, tag = container["image"].rsplit(":", 1)
+    assert image == "registry.k8s.io/gateway-api-inference-extension/epp" and tag == "v1.3.1", \
+        "the metric flags exist up to v1.3 (refused from v1.4)"
+    args = dict(a.removeprefix("--").split("=", 1) for a in container["args"])
+    assert args["total-queued-requests-metric"] == QUEUED
+    assert args["total-running-requests-metric"] == ACTIVE
+    assert args["kv-cache-usage-percentage-metric"] == KV_USAGE
+    assert args["pool-name"] == pool["metadata"]["name"]
+    assert args["pool-namespace"] == "$(NAMESPACE)" and "NAMESPACE" in _env(container)
+    # The plugins file is a key of the mounted ConfigMap, and its profile uses only defined plugins.
+    (mount,) = container["volumeMounts"]
+    (volume,) = [v for v in epp["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    directory, filename = args["config-file"].rsplit("/", 1)
+    assert directory == mount["mountPath"]
+    plugins = yaml.safe_load(_one("ConfigMap", volume["configMap"]["name"])["data"][filename])
+    defined = {p["type"] for p in plugins["plugins"]}
+    used = {p["pluginRef"] for profile in plugins["schedulingProfiles"] for p in profile["plugins"]}
+    assert used == defined == {"queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"}
+    role = _one("Role", epp["spec"]["template"]["spec"]["serviceAccountName"])
+    assert any("inferencepools" in r["resources"] and "inference.networking.k8s.io" in r["apiGroups"]
+               for r in role["rules"])
