@@ -154,6 +154,8 @@ class Upstream:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/v1/stream":
+                    return self._stream()
                 with upstream._lock:
                     upstream.in_flight += 1
                 try:
@@ -165,6 +167,21 @@ class Upstream:
                 finally:
                     with upstream._lock:
                         upstream.in_flight -= 1
+
+            def _stream(self) -> None:
+                """Server-sent events, the second only once the test releases `hold`."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                def send(event: str) -> None:
+                    self.wfile.write(f"{len(event):x}\r\n{event}\r\n".encode())
+                    self.wfile.flush()
+
+                send(f"data: {upstream.name}\n\n")
+                # Released only by a client that got the first event: a buffered stream never is.
+                send("data: [DONE]\n\n" if upstream.hold.wait(10) else "data: not released\n\n")
+                self.wfile.write(b"0\r\n\r\n")
 
             def _websocket(self) -> None:
                 accept = base64.b64encode(
@@ -476,6 +493,24 @@ def test_requests_for_a_replica_that_is_gone_are_retried_on_another(haproxy: str
         for upstream in upstreams:
             if upstream is not upstreams[1]:
                 upstream.kill()
+
+
+def test_streamed_events_reach_the_client_as_they_are_sent(cluster: Balancer) -> None:
+    """The first event arrives while the replica still holds back the second: nothing buffers the stream."""
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=10)
+    try:
+        conn.request("POST", "/v1/stream", body=b'{"stream": true}', headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+        first = response.readline()
+        assert first.startswith(b"data: r"), first
+        for upstream in cluster.upstreams:
+            upstream.hold.set()
+        assert response.read().strip().endswith(b"data: [DONE]")
+    finally:
+        conn.close()
+        for upstream in cluster.upstreams:
+            upstream.hold.clear()
 
 
 def test_websocket_upgrades_pass_through_with_the_session_affinity(cluster: Balancer) -> None:
