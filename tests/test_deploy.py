@@ -402,6 +402,7 @@ def test_the_key_falls_back_from_prompt_cache_key_to_user_to_session_to_api_key(
         assert cluster.route({"user": key}) == expected
         assert cluster.route({"prompt_cache_key": "", "user": key}) == expected, "an empty key is no key"
         assert cluster.route({}, {"X-Session-Id": key}) == expected
+        assert cluster.route({"user": ""}, {"X-Session-Id": key, "Authorization": ""}) == expected
         assert cluster.route({}, {"Authorization": key}) == expected
         assert cluster.route(b"not json", {"X-Session-Id": key}) == expected, "a body that is not JSON has no key"
     # The order: prompt_cache_key, then user, then X-Session-Id, then Authorization.
