@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +23,18 @@ from streamgen.engine.loader import load_model
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, prepare_request
 from streamgen.errors import ModelNotFoundError, PullError
-from streamgen.model_files import BUILD_REVISIONS, DEFAULT_MODEL, Build, CacheLayout, Manifest
+from streamgen.model_files import (
+    BUILD_REVISIONS,
+    DEFAULT_MODEL,
+    GRAPH_GQA,
+    GRAPH_PLAIN,
+    KV_CACHES,
+    PRECISIONS,
+    QUANTIZATIONS,
+    Build,
+    CacheLayout,
+    Manifest,
+)
 from streamgen.models.pull import pull
 from streamgen.models.sources import DEFAULT_WHEEL
 
@@ -173,3 +187,101 @@ def test_an_fp32_gqa_build_is_refused_on_cuda_with_what_to_pull(tiny_model_dir: 
         check_fits(manifest, Device("cuda"))
     assert "fp16 only" in refused.value.message and "--precision fp16" in refused.value.message
     check_fits(manifest, CPU)  # fine on the CPU
+
+
+# Every build the docs offer (README's `streamgen pull` synopsis; model_files.py's lists): each quantization,
+# precision and KV cache, on each graph. graph auto is gqa for the tiny (Llama) model, so gqa covers it.
+OFFERED = [(graph, Build(q, p, kv)) for graph in (GRAPH_GQA, GRAPH_PLAIN) for q in QUANTIZATIONS for p in PRECISIONS
+           for kv in KV_CACHES]
+
+
+@pytest.mark.parametrize("graph,build", OFFERED, ids=[f"{g}-{b.label}" for g, b in OFFERED])
+def test_every_offered_build_on_every_graph_pulls_and_generates(tiny_hf_dir: Path, tiny_cache: CacheLayout,
+                                                                tiny_model_dir: Path, tiny_plain_dir: Path,
+                                                                graph: str, build: Build) -> None:
+    if graph == GRAPH_PLAIN and build.kv_cache == "int8":
+        # The 8-bit cache is read by GroupQueryAttention nodes, which the plain graph has not: refused up front.
+        with pytest.raises(PullError, match="an int8 KV cache needs the GroupQueryAttention graph"):
+            pull(str(tiny_hf_dir), build, tiny_cache, quiet(), graph=graph)
+        return
+    if build.quantization == "source":
+        # The tiny model is a Hugging Face directory of random fp32 weights, on no GGUF grid: pull says so.
+        with pytest.raises(PullError, match="--quantize source needs a source whose weights are already on a GGUF"):
+            pull(str(tiny_hf_dir), build, tiny_cache, quiet(), graph=graph)
+        return
+    directory = pull(str(tiny_hf_dir), build, tiny_cache, quiet(), graph=graph)
+    manifest = Manifest.read(directory)
+    assert (manifest.graph, manifest.build) == (graph, build) and directory.name == build.directory_name(graph)
+    if not build.is_base:
+        assert any("checked against the fp32 build" in note for note in manifest.notes)
+    model = load_model(directory, CPU)
+    request = prepare_request(model.tokenizer, model.context_length,
+                              SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), prompt="Hello world")
+    final = [e for e in generate(model.runner, model.tokenizer, [request]) if isinstance(e, FinishEvent)]
+    assert final[0].usage.completion_tokens == 4
+
+
+def _streamgen() -> list[str]:
+    script = Path(sys.executable).with_name("streamgen")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "streamgen"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_a_hub_id_that_cannot_be_downloaded_ends_in_one_whole_error_line(tmp_path: Path, hub: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    if hub == "offline":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:  # a hub that does not answer, whatever this machine's network
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
+    done = subprocess.run([*_streamgen(), "pull", "some-org/some-model", "--home", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and done.stdout == ""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("streamgen: error:")]
+    assert len(errors) == 1, done.stderr
+    assert "some-org/some-model" in errors[0] and errors[0].endswith("streamgen pull /path/to/model")
+    assert ("HF_HUB_OFFLINE" if hub == "offline" else "Connection refused") in errors[0]
+
+
+QUIET_LINE = re.compile(r"\[\d/\d\] .+ (\.\.\.|done in \d+\.\ds)")
+
+
+def test_a_pull_prints_its_stages_and_its_directory_once_and_no_expected_warning(tiny_hf_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """The export tools' expected messages (models/export.py, models/gqa.py) are left out at their source."""
+    done = subprocess.run([*_streamgen(), "pull", str(tiny_hf_dir), "--home", str(tmp_path), "--quantize", "int8"],
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line for line in done.stderr.splitlines() if not QUIET_LINE.fullmatch(line)] == []
+    assert len(done.stderr.splitlines()) == 6, "three stages, each a start and an end line"
+    directory = done.stdout.strip()
+    assert done.stdout.count(directory) == 1 and directory not in done.stderr
+    assert Path(directory, "manifest.json").is_file()
+
+
+def test_a_pull_in_the_toolchain_is_drawn_here_and_fails_in_one_line(tiny_hf_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same pull through toolchain.run_pull, with this interpreter standing in for the toolchain's: the child's
+    stages are drawn by the parent, its directory is not copied, and its error becomes the parent's one error."""
+    from streamgen.models import toolchain
+
+    tools = toolchain.Toolchain(Path(sys.executable), here=False)
+    out = io.StringIO()
+    toolchain.run_pull(tools, [str(tiny_hf_dir), "--home", str(tmp_path)], out)
+    shown = out.getvalue().splitlines()
+    assert shown and all(QUIET_LINE.fullmatch(line) for line in shown), shown
+    assert "[1/2] Exporting to ONNX with Optimum (GroupQueryAttention graph) ..." in shown
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = io.StringIO()
+    with pytest.raises(PullError) as failed:
+        toolchain.run_pull(tools, ["some-org/some-model", "--home", str(tmp_path)], out)
+    assert "HF_HUB_OFFLINE is set" in failed.value.message
+    assert "streamgen: error" not in out.getvalue(), "the parent prints the one error line"
+    assert out.getvalue().splitlines()[-1].startswith("[1/3] Downloading some-org/some-model from the Hugging Face "
+                                                      "hub failed after")

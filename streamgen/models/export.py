@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
+import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from streamgen import DISTRIBUTION
 from streamgen.errors import PullError
 
 EXPORT_TASK = "text-generation-with-past"
@@ -27,7 +32,7 @@ def require_export_tools() -> None:
     if missing:
         raise PullError(
             f"pulling a model needs the export tools ({', '.join(missing)} missing); "
-            "install them with: pip install 'streamgen[export]'"
+            f"install them with: pip install '{DISTRIBUTION}[export]' (in the checkout: pip install '.[export]')"
         )
 
 
@@ -39,6 +44,70 @@ def tool_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+# ---- expected messages, each left out where it is logged --------------------------------------------------------
+
+# (logger, message pattern, why it is expected and harmless). A filter sits on the logger that emits the record
+# (a filter on a parent would not see it) and drops only what its pattern matches: anything else still shows.
+EXPECTED_LOGS: tuple[tuple[str, str, str], ...] = (
+    # Optimum's exporter passes `torch_dtype=` to transformers 4.57, which renamed it `dtype`; same meaning.
+    ("transformers.configuration_utils", r"`torch_dtype` is deprecated! Use `dtype` instead!$",
+     "optimum-onnx 0.1.0 still passes the renamed argument"),
+    ("transformers.modeling_utils", r"`torch_dtype` is deprecated! Use `dtype` instead!$",
+     "optimum-onnx 0.1.0 still passes the renamed argument"),
+    # The message itself says it is expected, and to ignore it for a tokenizer loaded from a GGUF: our case.
+    ("transformers.models.llama.tokenization_llama_fast", r"You are using the default legacy behaviour of the ",
+     "the GGUF conversion's tokenizer; fix_gguf_tokenizer replaces its decoder afterwards"),
+    # A tied lm_head and embedding become two initializers (a Gather's and a MatMul's, transposed), which
+    # Optimum cannot merge; the graph is right, and quantized builds untie the lm_head anyway (models/graph.py).
+    # Optimum logs the header, then one tab-indented record per parameter: those go with it.
+    ("optimum", r"Found different candidate ONNX initializers \(likely duplicate\) for the tied weights:$",
+     "tied embedding and lm_head, exported as two initializers"),
+)
+
+
+QUANTIZER_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
+
+
+class _Expected(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+        self._continuing = False  # the header matched: its tab-indented detail records follow
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.pattern.match(message):
+            self._continuing = True
+            return False
+        if self._continuing and message.startswith("\t"):
+            return False
+        self._continuing = False
+        return True
+
+
+@contextmanager
+def expected_messages_quiet() -> Iterator[None]:
+    """Leave out the export tools' expected messages (EXPECTED_LOGS) while a build runs. Tracing's warnings
+    are left out by export_onnx and export_gqa; the GroupQueryAttention node's missing shape inference by
+    giving its outputs their types (models/gqa.py)."""
+    installed = []
+    for name, pattern, _why in EXPECTED_LOGS:
+        logger, expected = logging.getLogger(name), _Expected(pattern)
+        logger.addFilter(expected)
+        installed.append((logger, expected))
+    # ONNX Runtime's MatMulNBits quantizer logs a line per graph node at INFO (hundreds per build), and its
+    # module turns the root logger on at INFO when imported (logging.basicConfig): its own warnings stay.
+    quantizer = logging.getLogger(QUANTIZER_LOGGER)
+    level = quantizer.level
+    quantizer.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        quantizer.setLevel(level)
+        for logger, expected in installed:
+            logger.removeFilter(expected)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:

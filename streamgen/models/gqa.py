@@ -37,6 +37,7 @@ from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
 from optimum.exporters.onnx.model_patcher import ModelPatcher
 from torch import nn
 
+from streamgen import DISTRIBUTION
 from streamgen.errors import PullError
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -50,8 +51,8 @@ def check_versions() -> None:
         if not found.startswith(prefix):
             raise PullError(
                 f"the GroupQueryAttention export was written for {package} {prefix.rstrip('.')}* but {found} is "
-                "installed; install the pinned export tools (pip install 'streamgen[export]') or pull with "
-                "--graph plain"
+                f"installed; install the pinned export tools (pip install '{DISTRIBUTION}[export]', in the "
+                "checkout: pip install '.[export]') or pull with --graph plain"
             )
 
 
@@ -73,9 +74,8 @@ class _GroupQueryAttention(torch.autograd.Function):
     """Traced as one GroupQueryAttention node; the eager maths only give tracing the right shapes."""
 
     @staticmethod
-    def forward(ctx, qkv, past_k, past_v, seqlens_k, total_len, cos, sin, num_heads, kv_heads, scale):
+    def forward(ctx, qkv, past_k, past_v, seqlens_k, total_len, cos, sin, num_heads, kv_heads, head_dim, scale):
         batch, seq, _ = qkv.shape
-        head_dim = past_k.shape[-1]
         q_end = num_heads * head_dim
         kv = kv_heads * head_dim
         k = qkv[..., q_end : q_end + kv].reshape(batch, seq, kv_heads, head_dim).transpose(1, 2)
@@ -83,15 +83,23 @@ class _GroupQueryAttention(torch.autograd.Function):
         return qkv[..., :q_end].contiguous(), torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
 
     @staticmethod
-    def symbolic(g, qkv, past_k, past_v, seqlens_k, total_len, cos, sin, num_heads, kv_heads, scale):
+    def symbolic(g, qkv, past_k, past_v, seqlens_k, total_len, cos, sin, num_heads, kv_heads, head_dim, scale):
         none = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
-        return g.op(
+        out, present_k, present_v = g.op(
             "com.microsoft::GroupQueryAttention",
             qkv, none, none, past_k, past_v, seqlens_k, total_len, cos, sin,
             num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale,
             do_rotary_i=1, rotary_interleaved_i=0, local_window_size_i=-1,
             outputs=3,
         )
+        # The exporter cannot infer a contrib op's outputs: without their types it warns once per output of
+        # every layer ("The shape inference of com.microsoft::GroupQueryAttention type is missing") and leaves
+        # their dimensions unnamed. The export traces in float32 (fp16 builds are converted afterwards).
+        typed = torch._C.TensorType.get().with_dtype(torch.float32)
+        out.setType(typed.with_sizes([None, None, num_heads * head_dim]))
+        present_k.setType(typed.with_sizes([None, kv_heads, None, head_dim]))
+        present_v.setType(typed.with_sizes([None, kv_heads, None, head_dim]))
+        return out, present_k, present_v
 
 
 class _Shared:
@@ -110,7 +118,7 @@ def _gqa_attention_forward(self, hidden_states, position_embeddings=None, attent
     out, present_k, present_v = _GroupQueryAttention.apply(
         qkv, past_k, past_v, shared.seqlens_k, shared.total_len,
         self._streamgen_cos, self._streamgen_sin,
-        self.config.num_attention_heads, self.config.num_key_value_heads, float(self.scaling),
+        self.config.num_attention_heads, self.config.num_key_value_heads, self.head_dim, float(self.scaling),
     )
     # The node's outputs are the layer's present: Optimum names them present.{i}.*
     layer.keys, layer.values = present_k, present_v
@@ -188,6 +196,8 @@ def export_gqa(model_dir: str | Path, out_dir: Path) -> None:
     check_versions()
     config = AutoConfig.from_pretrained(model_dir)
     onnx_config = GQALlamaOnnxConfig(config, task="text-generation", use_past=True, use_past_in_inputs=True)
+    # Tracing warns about every data-dependent branch in transformers' code; they are expected for this
+    # export, and validate_export checks the graph against the source model.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         main_export(

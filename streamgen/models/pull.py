@@ -8,6 +8,7 @@ published fp32 export, which is pulled first if needed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -71,6 +72,8 @@ def pull(
     build = _checked(build)
     if graph not in GRAPHS:
         raise PullError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
+    if graph == GRAPH_PLAIN:
+        _check_plain(build)
     source = resolve_source(model)
     if (done := cache.published(source.name, build, graph)) is not None:
         return done
@@ -83,7 +86,7 @@ def pull(
             raise PullError(f"the export toolchain finished without publishing {source.name} ({graph}, {build})")
         return done
 
-    from streamgen.models.export import require_export_tools
+    from streamgen.models.export import expected_messages_quiet, require_export_tools
 
     require_export_tools()
     _clean_stale_builds(cache)
@@ -91,11 +94,12 @@ def pull(
     stages = (0 if base else _stage_count(source)) + (not build.is_base)
     progress = progress or StageProgress(stages)
     progress.total = stages
-    if base is None:
-        base = _build_base(source, graph, cache, progress)
-    if build.is_base:
-        return base
-    return _build_derived(source, base, build, cache, progress)
+    with expected_messages_quiet():
+        if base is None:
+            base = _build_base(source, graph, cache, progress)
+        if build.is_base:
+            return base
+        return _build_derived(source, base, build, cache, progress)
 
 
 def _checked(build: Build | str) -> Build:
@@ -103,6 +107,15 @@ def _checked(build: Build | str) -> Build:
         return as_build(build)
     except ValueError as exc:
         raise PullError(str(exc)) from None
+
+
+def _check_plain(build: Build) -> None:
+    """Refuse what the plain graph cannot take, before any work: an int8 KV cache is read and written by the
+    GroupQueryAttention nodes (models/precision.py), which that graph does not have."""
+    if build.kv_cache == "int8":
+        raise PullError("an int8 KV cache needs the GroupQueryAttention graph (its attention reads the 8-bit "
+                        "cache); the plain graph keeps it in the activations' type: pull with --graph gqa (or auto), "
+                        "or without --kv-cache int8")
 
 
 def _stage_count(source: Source) -> int:
@@ -186,6 +199,8 @@ def _build_derived(source: Source, base: Path, build: Build, cache: CacheLayout,
     from streamgen.models.validate import check_build
 
     base_manifest = Manifest.read(base)
+    if base_manifest.graph == GRAPH_PLAIN:  # graph auto chose it for this model
+        _check_plain(build)
     with progress.stage(f"Making the {build} build from the fp32 export"), \
             _build_dir(cache, source.name, build.directory_name("build")) as work:
         out = work / "model"
@@ -204,6 +219,10 @@ def _build_derived(source: Source, base: Path, build: Build, cache: CacheLayout,
             model, done = int8_kv(model, calibrate_kv(base))
             notes += done
         save_model(model, out / "model.onnx")
+        # A provisional manifest, so that the check opens the build as the engine will (by its graph);
+        # _publish replaces it with the final one.
+        dataclasses.replace(base_manifest, quantization=build.quantization, precision=build.precision,
+                            kv_cache=build.kv_cache, files={}, notes=[]).write(out)
         notes.append(check_build(out, base, build.quantization))
         notes.append(f"made from model.onnx sha256 {base_manifest.files['model.onnx']}")
         return _publish(source, build, base_manifest.graph, out, cache, base_manifest.notes + notes)

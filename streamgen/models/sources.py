@@ -79,18 +79,49 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tikto
 
 
 def fetch_hub(repo_id: str, downloads: Path) -> Path:
-    """Download a hub checkpoint into the cache; a failure is one PullError that says what to check."""
+    """Download a hub checkpoint into the cache; a failure is one PullError, whole, that says what to do."""
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, cache_dir=str(downloads / "hub"), allow_patterns=_HUB_FILES))
     except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all end the pull the same way
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise PullError(
-            f"could not download {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {reason}). Check the "
-            "network and the id (a proxy: HTTPS_PROXY; a mirror: HF_ENDPOINT; a gated model: HF_TOKEN), or "
-            "pull a local Hugging Face directory instead: streamgen pull /path/to/model"
-        ) from None
+        raise PullError(_hub_failure(repo_id, exc)) from None
+
+
+_LOCAL = "or pull a local Hugging Face directory instead: streamgen pull /path/to/model"
+
+
+def _hub_failure(repo_id: str, exc: Exception) -> str:
+    """One sentence for why repo_id could not be downloaded, and what to do about it."""
+    import re
+
+    from huggingface_hub import constants, errors
+
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    names = {type(c).__name__ for c in chain}
+    if "OfflineModeIsEnabled" in names or (constants.HF_HUB_OFFLINE and isinstance(exc, errors.LocalEntryNotFoundError)):
+        return (f"{repo_id!r} is not in the download cache and HF_HUB_OFFLINE is set, so the Hugging Face hub "
+                f"was not asked: unset HF_HUB_OFFLINE to download it, {_LOCAL}")
+    if isinstance(exc, errors.GatedRepoError):
+        return (f"{repo_id!r} is a gated model on the Hugging Face hub: accept its terms on its hub page and set "
+                f"HF_TOKEN to a token of that account, {_LOCAL}")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return (f"the Hugging Face hub has no model {repo_id!r} (or it is private: set HF_TOKEN); check the id "
+                f"(org/name), {_LOCAL}")
+    if isinstance(exc, errors.LocalEntryNotFoundError) or names & {"ConnectionError", "ConnectTimeout", "ReadTimeout",
+                                                                      "NameResolutionError", "MaxRetryError"}:
+        found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", " ".join(str(c) for c in chain))
+        reason = found.group(1).strip() if found else next(
+            (type(c).__name__ for c in chain if type(c).__name__ in ("ConnectTimeout", "ReadTimeout")), "no answer")
+        return (f"could not reach the Hugging Face hub at {constants.ENDPOINT} ({reason}) to download {repo_id!r}: "
+                f"check the network (a proxy: HTTPS_PROXY; a mirror: HF_ENDPOINT), {_LOCAL}")
+    first = str(exc).strip().splitlines()[0].strip() if str(exc).strip() else type(exc).__name__
+    return (f"could not download {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {first.rstrip('.')}); "
+            f"check the id and the network (a proxy: HTTPS_PROXY; a mirror: HF_ENDPOINT; a gated model: HF_TOKEN), "
+            f"{_LOCAL}")
 
 
 def sha256_file(path: Path) -> str:

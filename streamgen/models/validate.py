@@ -70,17 +70,20 @@ MIN_AGREEMENT = {"none": 0.75, "int8": 0.5, "source": 0.5, "int4": 0.1}
 
 def check_build(build_dir: Path, base_dir: Path, quantization: str) -> str:
     """A build made from the fp32 export must track it: finite logits, and the same greedy token at most steps
-    of the fp32 build's own greedy continuation. Raises PullError; returns a note for the manifest."""
+    of the fp32 build's own greedy continuation. Both are opened as the engine serves them (engine/loader.py:
+    the GQA graph's slots, the plain graph's own runner), so build_dir needs a manifest naming its graph.
+    Raises PullError; returns a note for the manifest."""
     from streamgen.engine.device import Device
-    from streamgen.engine.slots import SlotConfig, SlotRunner
+    from streamgen.engine.loader import load_model
+    from streamgen.engine.slots import SlotConfig
     from streamgen.engine.tokenizer import TextTokenizer
 
     prompt = TextTokenizer.from_dir(base_dir).encode(PROMPT)
-    config = SlotConfig(max_batch=1, max_context=len(prompt) + STEPS + 1)
+    slots = SlotConfig(max_batch=1, max_context=len(prompt) + STEPS + 1)
     rows = {}
     generated: list[int] = []
     for name, directory in (("base", base_dir), ("build", build_dir)):
-        runner = SlotRunner(directory, Device("cpu"), config)
+        runner = load_model(directory, Device("cpu"), slots=slots).runner
         slot = runner.allocate()
         logits = [runner.prefill(slot, prompt)]
         for step in range(STEPS - 1):
