@@ -39,9 +39,6 @@ chromium:
 	  fi; \
 	fi
 
-# Pulls the default model on first use, then serves the browser client and the WebSocket.
-run: serving
-	$(BIN)/streamgen serve
 # The balancer tests run Debian's HAProxy against fake replicas (tests/test_deploy.py, deploy/haproxy).
 haproxy:
 	@if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then \
@@ -53,6 +50,9 @@ haproxy:
 	  fi; \
 	fi
 
+# Pulls the default model on first use, then serves the browser client and the WebSocket.
+run: serving
+	$(BIN)/streamgen serve
 
 test: install chromium haproxy
 	$(BIN)/python -m pytest
