@@ -35,7 +35,7 @@ def greedy_ids(model_dir: Path) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {p: [] for p in PROMPTS}
     for event in generate(model.runner, model.tokenizer, requests):
         if isinstance(event, TokenEvent):
-            out[PROMPTS[event.row]].append(event.token_id)
+            out[PROMPTS[event.key]].append(event.token_id)
     return out
 
 

@@ -57,7 +57,7 @@ def _crowded(runner, tok, request, rng: np.random.Generator) -> tuple[list[int],
             core.cancel(running[int(rng.integers(len(running)))])
         max_batch = max(max_batch, sum(1 for s in core.scheduler.running if s.slot is not None))
         for event in core.step():
-            if isinstance(event, TokenEvent) and event.row == 0:
+            if isinstance(event, TokenEvent) and event.key == 0:
                 tokens.append(event.token_id)
     for s in others:  # leave the runner clean for the next schedule
         core.cancel(s)
@@ -76,7 +76,7 @@ def test_request_alone_equals_request_in_a_changing_batch(runner, tiny_model, sc
     crowded, max_batch = _crowded(runner, tok, request, np.random.default_rng(schedule))
     assert max_batch >= 3, "the schedule must actually crowd the request"
     assert crowded == alone
-    assert runner.free_slots == runner.max_slots, "every slot came back"
+    assert runner.table.free_count == runner.max_slots, "every slot came back"
 
 
 def test_a_failing_row_fails_alone_and_the_batch_goes_on(runner, tiny_model) -> None:
@@ -102,11 +102,11 @@ def test_a_failing_row_fails_alone_and_the_batch_goes_on(runner, tiny_model) -> 
     events = []
     while core.has_work:
         events += core.step()
-    finals = {e.row: e for e in events if isinstance(e, (FinishEvent, ErrorEvent))}
+    finals = {e.key: e for e in events if isinstance(e, (FinishEvent, ErrorEvent))}
     assert isinstance(finals[1], ErrorEvent) and finals[1].code == "internal"
     assert "detokenizer" not in finals[1].message, "no internals in the client's message"
-    assert [e.row for e in events if isinstance(e, (FinishEvent, ErrorEvent))].count(1) == 1
+    assert [e.key for e in events if isinstance(e, (FinishEvent, ErrorEvent))].count(1) == 1
     for i in (0, 2):
         assert finals[i].finish_reason == "length"
         assert seqs[i].output_ids == solo[i]
-    assert runner.free_slots == runner.max_slots
+    assert runner.table.free_count == runner.max_slots

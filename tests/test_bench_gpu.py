@@ -41,4 +41,4 @@ def test_every_contender_is_measured_at_every_width_in_every_round(tiny_hf_dir: 
     assert len(logged) == 2 * 2 * 2
     assert logged[0].startswith("round 1/2 batch 1: streamgen") and logged[4].startswith(
         "round 2/2 batch 1: transformers eager"), "the second round runs the contenders in the other order"
-    assert contenders[0].runner.free_slots == 4, "every slot given back after each run"
+    assert contenders[0].runner.table.free_count == 4, "every slot given back after each run"

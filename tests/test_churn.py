@@ -97,10 +97,10 @@ def test_every_request_equals_its_solo_run_under_random_churn(runner, tiny_model
     def run_step() -> None:
         for event in core.step():
             if isinstance(event, TokenEvent):
-                got[event.row].append(event.token_id)
+                got[event.key].append(event.token_id)
             else:
-                assert event.row not in finals, "exactly one final event per request"
-                finals[event.row] = event
+                assert event.key not in finals, "exactly one final event per request"
+                finals[event.key] = event
 
     for arrivals, cancel, pick in schedule:
         for spec in arrivals:

@@ -46,7 +46,7 @@ def _greedy(model, prompts: list[str], tokens: int = 24) -> list[list[int]]:
     out: list[list[int]] = [[] for _ in prompts]
     for event in generate(model.runner, model.tokenizer, requests):
         if isinstance(event, TokenEvent):
-            out[event.row].append(event.token_id)
+            out[event.key].append(event.token_id)
     return out
 
 

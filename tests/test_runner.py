@@ -11,7 +11,7 @@ from streamgen.engine.generate import generate
 from streamgen.engine.loader import LoadedModel, load_model
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, TokenEvent, prepare_request
-from streamgen.engine.runner import OnnxRunner
+from streamgen.engine.plain import PlainGraph
 
 from conftest import CPU
 
@@ -24,15 +24,15 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_plain_dir) -> OnnxRunner:
-    return OnnxRunner(tiny_plain_dir, CPU)
+def plain(tiny_plain_dir) -> PlainGraph:
+    return PlainGraph(tiny_plain_dir, CPU)
 
 
 def _ids(model: LoadedModel, text: str) -> list[int]:
     return model.tokenizer.encode(text)
 
 
-def _cached_greedy(runner: OnnxRunner, prompts: list[list[int]], steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def _cached_greedy(runner: PlainGraph, prompts: list[list[int]], steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
     state, logits = runner.prefill(prompts)
     tokens, all_logits = [], []
     for _ in range(steps):
@@ -43,7 +43,7 @@ def _cached_greedy(runner: OnnxRunner, prompts: list[list[int]], steps: int) -> 
     return np.stack(tokens, axis=1), all_logits  # [B, steps]
 
 
-def test_incremental_decoding_equals_full_recomputation(tiny_model: LoadedModel, plain: OnnxRunner) -> None:
+def test_incremental_decoding_equals_full_recomputation(tiny_model: LoadedModel, plain: PlainGraph) -> None:
     prompt = _ids(tiny_model, PROMPTS[1])
     cached, cached_logits = _cached_greedy(plain, [prompt], STEPS)
     seq = list(prompt)
@@ -75,7 +75,7 @@ def test_greedy_equals_optimum_generate(tiny_plain_dir) -> None:
     assert ours == expected
 
 
-def test_batch_rows_equal_solo_runs(tiny_model: LoadedModel, plain: OnnxRunner) -> None:
+def test_batch_rows_equal_solo_runs(tiny_model: LoadedModel, plain: PlainGraph) -> None:
     prompts = [_ids(tiny_model, p) for p in PROMPTS]
     assert len({len(p) for p in prompts}) == len(prompts), "prompts must differ in length to exercise padding"
     batched, _ = _cached_greedy(plain, prompts, STEPS)
@@ -96,10 +96,10 @@ def test_generate_batch_gives_each_request_its_solo_output(tiny_model: LoadedMod
         finals: dict[int, FinishEvent] = {}
         for e in generate(tiny_model.runner, tok, reqs):
             if isinstance(e, TokenEvent):
-                texts.setdefault(e.row, []).append(e.token_id)
+                texts.setdefault(e.key, []).append(e.token_id)
             else:
-                assert e.row not in finals, "exactly one final event per request"
-                finals[e.row] = e
+                assert e.key not in finals, "exactly one final event per request"
+                finals[e.key] = e
         return texts, finals
 
     batch_tokens, batch_finals = run(requests)
@@ -120,8 +120,8 @@ def test_cancel_ends_within_one_step(tiny_model: LoadedModel) -> None:
     for e in generate(tiny_model.runner, tok, reqs, is_cancelled=lambda row: row == 0 and seen[0] >= 3):
         events.append(e)
         if isinstance(e, TokenEvent):
-            seen[e.row] += 1
-    finals = {e.row: e for e in events if isinstance(e, FinishEvent)}
+            seen[e.key] += 1
+    finals = {e.key: e for e in events if isinstance(e, FinishEvent)}
     assert finals[0].finish_reason == "cancelled" and finals[0].usage.completion_tokens == 3
     assert finals[1].finish_reason == "length" and finals[1].usage.completion_tokens == 50
 

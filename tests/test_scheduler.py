@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from streamgen.engine.core import EngineCore
 from streamgen.engine.costs import OnlineLine, StepCosts
 from streamgen.engine.params import SamplingParams
-from streamgen.engine.prompt_passes import shared_passes
+from streamgen.engine.scheduler import shared_passes
 from streamgen.engine.request import FinishEvent, GenerationRequest, TokenEvent
 from streamgen.model_files import ModelInfo
 from streamgen.engine.scheduler import PROMPT_FLOOR_SHARE, QueueFull, Scheduler, SchedulerLimits
@@ -42,10 +42,6 @@ class FakeRunner:
         self.info = ModelInfo(num_layers=1, num_kv_heads=1, head_dim=16, vocab_size=V, context_length=context)
         self.table = SlotTable(max_slots, context)
         self.calls: list[tuple[str, list[int], int]] = []  # (kind, slots, tokens)
-
-    @property
-    def free_slots(self) -> int:
-        return self.table.free_count
 
     def _logits(self, token: int) -> np.ndarray:
         row = np.zeros(V, dtype=np.float32)
@@ -104,7 +100,7 @@ def test_admission_is_first_come_first_served() -> None:
     seqs = [core.add(_request(3, max_tokens=2 + i), key=i) for i in range(5)]
     core.step()
     assert [s.status for s in seqs] == [SeqStatus.DECODING] * 2 + [SeqStatus.WAITING] * 3
-    finished_order = [e.row for e in _run(core) if isinstance(e, FinishEvent)]
+    finished_order = [e.key for e in _run(core) if isinstance(e, FinishEvent)]
     assert finished_order == [0, 1, 2, 3, 4]
     # each got the predictable continuation of its prompt
     assert all(s.output_ids == [(s.request.prompt_ids[-1] + 1 + k) % V for k in range(s.max_tokens)] for s in seqs)
@@ -145,7 +141,7 @@ def test_cancel_removes_the_row_before_the_next_forward_pass() -> None:
     core.step()
     events = core.cancel(seqs[1])
     assert len(events) == 1 and events[0].finish_reason == "cancelled"
-    assert runner.free_slots == 1, "its slot is free at once"
+    assert runner.table.free_count == 1, "its slot is free at once"
     runner.calls.clear()
     core.step()
     assert runner.calls == [("decode", [seqs[0].slot, seqs[2].slot], 2)]
@@ -169,7 +165,7 @@ def test_slots_are_returned_and_reused() -> None:
     for i in range(6):
         core.add(_request(2 + i, max_tokens=1 + i % 3), key=i)
     events = _run(core)
-    assert runner.free_slots == 2
+    assert runner.table.free_count == 2
     assert sum(isinstance(e, FinishEvent) for e in events) == 6
     used = {slots[0] for kind, slots, _ in runner.calls if kind == "prefill"}
     assert used == {0, 1}
@@ -180,10 +176,10 @@ def test_exactly_one_final_event_per_request() -> None:
     rng = np.random.default_rng(0)
     seqs = [core.add(_request(int(rng.integers(1, 12)), max_tokens=int(rng.integers(1, 9))), key=i) for i in range(8)]
     events = _run(core)
-    finals = [e.row for e in events if isinstance(e, FinishEvent)]
+    finals = [e.key for e in events if isinstance(e, FinishEvent)]
     assert sorted(finals) == list(range(8))
     for s in seqs:
-        tokens = [e for e in events if isinstance(e, TokenEvent) and e.row == s.key]
+        tokens = [e for e in events if isinstance(e, TokenEvent) and e.key == s.key]
         assert [t.index for t in tokens] == list(range(s.max_tokens))
 
 
@@ -232,7 +228,7 @@ def test_requests_sharing_a_long_prompt_prefill_it_once_and_copy_it() -> None:
                                        frozenset()), key=i) for i in range(4)]
     events = _run(core)
     assert _prefilled(runner) == 40 + 4 * 2, "the shared part once, each request's own tokens once"
-    finals = {e.row: e for e in events if isinstance(e, FinishEvent)}
+    finals = {e.key: e for e in events if isinstance(e, FinishEvent)}
     assert [finals[i].usage.cached_tokens for i in range(1, 4)] == [40, 40, 40]
     assert all(s.output_ids == [(s.request.prompt_ids[-1] + 1 + k) % V for k in range(2)] for s in seqs)
 
@@ -294,7 +290,7 @@ def test_step_time_is_split_by_tokens_run_and_a_request_alone_pays_the_whole_ste
     a = core.add(_request(10, max_tokens=2, first=1), key=1)
     b = core.add(_request(4, max_tokens=2, first=20), key=2)
     events = _run(core)
-    finals = {e.row: e for e in events if isinstance(e, FinishEvent)}
+    finals = {e.key: e for e in events if isinstance(e, FinishEvent)}
     # The first step ran a's 10 prompt tokens and b's 4: a paid 10/14 of it, b 4/14; then one token each.
     assert finals[1].usage.compute_s + finals[2].usage.compute_s == pytest.approx(sum(steps))
     assert finals[1].usage.compute_s == pytest.approx(steps[0] * 10 / 14 + sum(steps[1:]) / 2)
@@ -462,3 +458,73 @@ def test_a_short_cached_prefix_is_dropped_only_when_it_would_cost_a_shared_pass(
                                        frozenset()), key=9)
     core.step()
     assert alone.cached_tokens == 3 and runner.calls[0] == ("prefill", [alone.slot], 7)
+
+
+# ---- the plan itself: schedule() is pure, and says what the step will do ----------------------------------------
+
+
+def _plan(core: EngineCore):
+    return core.scheduler.schedule(core.runner.table, core.costs)
+
+
+def test_schedule_changes_nothing_and_lists_claims_chunks_and_decode_rows() -> None:
+    core, runner = _core(slots=2, budget=64, chunk=16)
+    first = core.add(_request(3, max_tokens=5), key=0)
+    core.step()  # first decodes from here on
+    second, third = core.add(_request(20, max_tokens=2, first=9), key=1), core.add(_request(4, first=30), key=2)
+    lengths, busy = runner.table.lengths.copy(), runner.table.busy.copy()
+    plan = _plan(core)
+    assert _plan(core) == plan, "planning twice plans the same step"
+    assert np.array_equal(runner.table.lengths, lengths) and np.array_equal(runner.table.busy, busy)
+    assert second.status == SeqStatus.WAITING and core.scheduler.waiting[0] is second, "nothing moved"
+    # One free slot: the second request claims it, the third waits; the first decodes its last token.
+    assert [(c.seq, c.slot, c.keep) for c in plan.claims] == [(second, 1, 0)]
+    assert [(r.seq, r.slot, r.token) for r in plan.decode] == [(first, 0, first.output_ids[-1])]
+    assert [(c.seq, c.start, c.tokens) for c in plan.chunks()] == [(second, 0, 16)], "one chunk of 16"
+    assert third.status == SeqStatus.WAITING
+    core.step()
+    assert second.prefilled == 16 and second.slot == 1, "the step did what the plan said"
+
+
+def test_a_plan_keeps_the_cached_prefix_and_copies_what_another_row_holds_further() -> None:
+    core, runner = _core(slots=3, budget=64, chunk=64, prefix_cache=True)
+    system = tuple(range(1, 41))
+    core.add(GenerationRequest(system + (41, 42), SamplingParams(temperature=0.0, max_tokens=2), frozenset()), 0)
+    _run(core)  # a free row now holds the system prompt and that turn
+    follow = core.add(GenerationRequest(system + (43, 44, 45), SamplingParams(temperature=0.0, max_tokens=2),
+                                        frozenset()), 1)
+    plan = _plan(core)
+    (claim,) = plan.claims
+    assert claim.seq is follow and claim.keep == 40, "it takes the row holding its prefix and keeps 40 tokens"
+    assert plan.copies == ()
+    assert [(c.start, c.tokens) for c in plan.chunks()] == [(40, 3)], "only its own three tokens run"
+
+
+def test_a_prompt_that_another_chunk_computes_this_step_waits_and_then_copies_it() -> None:
+    core, runner = _core(slots=3, budget=128, chunk=64, prefix_cache=True)
+    system = tuple(range(1, 41))
+    a = core.add(GenerationRequest(system + (41, 42), SamplingParams(temperature=0.0, max_tokens=2), frozenset()), 0)
+    b = core.add(GenerationRequest(system + (43, 44), SamplingParams(temperature=0.0, max_tokens=2), frozenset()), 1)
+    plan = _plan(core)
+    assert [c.seq for c in plan.claims] == [a, b]
+    assert [c.seq for c in plan.chunks()] == [a], "b waits: a computes its first 40 tokens this step"
+    core.step()
+    plan = _plan(core)
+    assert [(c.seq, c.source, c.start, c.upto) for c in plan.copies] == [(b, a.slot, 0, 40)]
+    assert [(c.seq, c.start, c.tokens) for c in plan.chunks()] == [(b, 40, 2)]
+
+
+def test_a_plan_groups_fresh_prompts_into_one_pass_and_prices_the_latency_target() -> None:
+    core, runner = _core(slots=4, budget=256, chunk=64, prompt_pass_tokens=256)
+    core.costs = _fixed_costs()
+    seqs = [core.add(_request(10 + i, max_tokens=3, first=1 + 20 * i), key=i) for i in range(3)]
+    (shared,) = _plan(core).passes
+    assert [c.seq for c in shared.chunks] == seqs[::-1], "longest first, in one pass"
+    assert shared.computed_tokens == 3 * 12, "padded to the longest"
+
+    core, runner, costs = _costed_core(target_ms=20.0)
+    core.add(_request(4, max_tokens=30), key=0)
+    core.step()  # decoding one row costs 12 ms: 8 ms are left, and a pass costs 1 ms + 0.5 ms a token
+    core.add(_request(100, max_tokens=2, first=7), key=1)
+    (chunk,) = _plan(core).chunks()
+    assert chunk.tokens == costs.prompt_tokens_within(20.0 - costs.decode(1)) == 14

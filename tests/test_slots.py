@@ -9,7 +9,7 @@ from streamgen.engine.generate import generate
 from streamgen.engine.loader import load_model
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, TokenEvent, prepare_request
-from streamgen.engine.runner import OnnxRunner
+from streamgen.engine.plain import PlainGraph
 from streamgen.engine.slots import ContextFull, SlotConfig, SlotRunner
 from streamgen.model_files import Manifest
 
@@ -29,7 +29,7 @@ def slots(tiny_model_dir) -> SlotRunner:
     return SlotRunner(tiny_model_dir, CPU, SlotConfig(max_batch=4, max_context=128, forward_tokens=5))
 
 
-def _greedy_plain(runner: OnnxRunner, prompt: list[int], steps: int) -> list[int]:
+def _greedy_plain(runner: PlainGraph, prompt: list[int], steps: int) -> list[int]:
     state, logits = runner.prefill([prompt])
     out = []
     for _ in range(steps):
@@ -47,7 +47,7 @@ def test_the_default_build_is_the_gqa_graph_without_concat(tiny_model_dir) -> No
 
 
 def test_gqa_greedy_equals_the_plain_export_for_64_steps(tiny_plain_dir, tok, slots) -> None:
-    plain = OnnxRunner(tiny_plain_dir, CPU)
+    plain = PlainGraph(tiny_plain_dir, CPU)
     for text in PROMPTS[:2]:
         prompt = tok.encode(text)
         slot = slots.allocate()

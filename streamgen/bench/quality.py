@@ -79,7 +79,7 @@ def greedy_answers(directory: Path, prompts: list[str], threads: int = 0) -> lis
     params = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS)
     requests = [prepare_request(model.tokenizer, model.context_length, params, messages=[ChatMessage("user", p)])
                 for p in prompts]
-    texts = {e.row: e.text for e in generate(model.runner, model.tokenizer, requests) if isinstance(e, FinishEvent)}
+    texts = {e.key: e.text for e in generate(model.runner, model.tokenizer, requests) if isinstance(e, FinishEvent)}
     return [texts[i] for i in range(len(prompts))]
 
 def load_texts(path: Path = TEXTS) -> list[str]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from streamgen.bench.quality import load_texts
 from streamgen.engine.device import Device
-from streamgen.engine.runner import OnnxRunner
+from streamgen.engine.plain import PlainGraph
 from streamgen.engine.slots import SlotConfig, SlotRunner
 from streamgen.engine.tokenizer import TextTokenizer
 from streamgen.errors import PullError
@@ -57,7 +57,7 @@ class _Contender:
 class _Plain(_Contender):
     def __init__(self, directory: Path, threads: int) -> None:
         self.name = "plain fp32"
-        self.runner = OnnxRunner(directory, Device("cpu"), threads)
+        self.runner = PlainGraph(directory, Device("cpu"), threads)
 
     def batch1(self, prompt):
         state, logits = self.runner.prefill([prompt])

@@ -1,14 +1,14 @@
 """What a step costs, measured as the engine runs.
 
 The core times every forward pass and every KV copy and feeds the times here.
-Three policies read the estimates:
-- the prefix cache (engine/prefix.py) weighs the prefill a cache hit saves
-  against the wider decode steps it may cost, and against the shared prompt
-  pass a short hit would cost the row (reuse_pays);
+The scheduler (engine/scheduler.py) plans every step with the estimates:
+- a prefix-cache hit is weighed against the wider decode steps it may cost
+  (engine/prefix.py), and against the shared prompt pass a short hit would
+  cost the row (the reuse rule, `reuse_pays`);
 - prompts that start empty rows share a pass while their padding costs less
-  than a pass's fixed cost (engine/prompt_passes.py);
-- the scheduler sizes each step's prompt work so that a step with decoding
-  requests stays under the inter-token latency target.
+  than a pass's fixed cost;
+- a step with decoding requests runs only the prompt work that fits under
+  the inter-token latency target.
 
 Each cost is a line, time = a + b * n, fitted online from exponentially
 weighted moments, so it follows the machine as load and thermal state change
@@ -74,17 +74,6 @@ class StepCosts:
 
     def prefill_ms_per_token(self) -> float:
         return self.prefill.slope
-
-    def reuse_pays(self, n: int, copied: bool = True, share_pass: bool = False) -> bool:
-        """Whether taking n prompt tokens from the prefix cache (copied from another row, or kept in place)
-        beats computing them. share_pass: the row is empty and other new prompts run this step, so without
-        the reuse it would share their pass (engine/prompt_passes.py); with it, the row has a past and runs
-        alone, so the saving must also beat a pass's fixed cost."""
-        if n <= 0:
-            return False
-        if not share_pass:
-            return not copied or self.copy(n) < self.prefill(n)
-        return self.prefill.slope * n > (self.copy(n) if copied else 0.0) + self.prefill.intercept
 
     def prompt_tokens_within(self, spare_ms: float) -> int:
         """How many prompt tokens one more forward pass can run in spare_ms."""

@@ -1,10 +1,11 @@
 """The engine: the step loop in one worker thread, an asyncio façade for callers.
 
-Callers (the WebSocket handler) `submit` a validated request and get a
-`RequestHandle` whose `events()` async-iterates that request's TokenEvents and
-exactly one final event (FinishEvent or ErrorEvent). Events cross from the
-worker thread to the event loop with `call_soon_threadsafe` onto an
-asyncio.Queue: no polling, and the loop is never blocked by model work.
+The request service (server/service.py) submits a validated request's n
+sequences with `submit_all` and gets one `RequestHandle` per sequence; their
+events (TokenEvents, then exactly one FinishEvent or ErrorEvent each) go to
+one asyncio.Queue shared by the request, tagged with the choice. Events cross
+from the worker thread to the event loop with `call_soon_threadsafe`: no
+polling, and the loop is never blocked by model work.
 
 The worker runs EngineCore (continuous batching): at every step boundary new
 requests join, cancelled and finished ones leave and free their slot, and one
@@ -19,7 +20,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from enum import StrEnum
 
@@ -27,13 +28,12 @@ import structlog
 
 from streamgen.engine.config import ENGINE_DEFAULTS, EngineConfig
 from streamgen.engine.core import EngineCore
-from streamgen.engine.invariance import batch_invariant
 from streamgen.engine.loader import LoadedModel
-from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
-from streamgen.engine.params import SamplingParams
+from streamgen.engine.observer import RequestObserver
 from streamgen.engine.ledger import Ledger
-from streamgen.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, prepare_request
+from streamgen.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from streamgen.engine.scheduler import QueueFull, SchedulerLimits
+from streamgen.engine.warmup import warm_up
 from streamgen.engine.sequence import Sequence
 from streamgen.errors import StreamgenError
 
@@ -76,25 +76,17 @@ class RequestHandle:
     """
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, observer: RequestObserver,
-                 queue: asyncio.Queue[tuple[int, Event]] | None = None, tag: int = 0) -> None:
+                 queue: asyncio.Queue[tuple[int, Event]], tag: int = 0) -> None:
         self.request = request
         self.observer = observer
         self.tag = tag
         self._loop = loop
-        self._events: asyncio.Queue[tuple[int, Event]] = queue if queue is not None else asyncio.Queue()
+        self.queue = queue  # (choice, event), shared by the sequences of one request
         self.cancelled = False  # read by the worker thread once per step
         self.sequence: Sequence | None = None  # set by the worker when it takes the request
 
     def cancel(self) -> None:
         self.cancelled = True
-
-    async def events(self) -> AsyncIterator[Event]:
-        """This sequence's events, to its final one (only for a handle with a queue of its own)."""
-        while True:
-            _, event = await self._events.get()
-            yield event
-            if isinstance(event, (FinishEvent, ErrorEvent)):
-                return
 
     def _deliver(self, event: Event) -> None:
         """Called from the worker thread."""
@@ -105,7 +97,7 @@ def _hand_over(batch: list[tuple[RequestHandle, Event]]) -> None:
     """Give events to their handles' event loop with one cross-thread wake-up per loop, not per token."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple[int, Event]]]] = {}
     for handle, event in batch:
-        by_loop.setdefault(handle._loop, []).append((handle._events, (handle.tag, event)))
+        by_loop.setdefault(handle._loop, []).append((handle.queue, (handle.tag, event)))
     for loop, items in by_loop.items():
         try:
             loop.call_soon_threadsafe(_put_all, items)
@@ -177,31 +169,17 @@ class Engine:
         core = self.core
         return self._pending + (len(core.scheduler.waiting) if core else 0)
 
-    def prepare(self, params: SamplingParams, *, prompt=None, messages=None, request_id: str = "",
-                truncate: str = "refuse", namespace: str = "") -> GenerationRequest:
-        """Tokenize and validate against the loaded model (raises ValidationError)."""
-        model = self._require_ready()
-        return prepare_request(
-            model.tokenizer, model.context_length, params, prompt=prompt, messages=messages, request_id=request_id,
-            max_prompt_tokens=self.config.max_prompt_tokens, max_new_tokens=self.config.max_new_tokens,
-            truncate=truncate, namespace=namespace,
-        )
-
     def end_all(self, code: str, message: str) -> None:
         """Fail every request in flight or waiting, at the next step boundary."""
         self._end_all = (code, message)
         self._inbox.put(_WAKE)
-
-    def submit(self, request: GenerationRequest, observer: RequestObserver = NULL_OBSERVER) -> RequestHandle:
-        """Queue a validated request. Call from the event loop's thread."""
-        return self.submit_all([request], [observer])[0]
 
     def submit_all(self, requests: list[GenerationRequest], observers: list[RequestObserver]) -> list[RequestHandle]:
         """Queue the sequences of one request together (its n choices): all are taken or none.
         Their handles share one queue of (choice, event)."""
         if self.draining:
             raise ShuttingDown(SHUTTING_DOWN_MESSAGE)
-        self._require_ready()
+        self.require_ready()
         waiting = self.queued_requests
         if waiting + len(requests) > self.config.max_queued:
             retry = self._retry_after_ms(waiting)
@@ -222,7 +200,8 @@ class Engine:
         slots = self.model.runner.max_slots if self.model else 1
         return max(100, int(1000 * self._mean_request_s * (waiting / slots + 1) / 2))
 
-    def _require_ready(self) -> LoadedModel:
+    def require_ready(self) -> LoadedModel:
+        """The loaded model, or EngineUnavailable saying why there is none."""
         if self.state != EngineState.READY or self.model is None:
             reason = f": {self.failure}" if self.failure else ""
             raise EngineUnavailable(f"the engine is {self.state}{reason}; check /health/ready")
@@ -240,7 +219,7 @@ class Engine:
                 on_decode=self._decoded,
                 prefix_cache=self.config.prefix_cache,
             )
-            self._warm_up(self.core, model)
+            self.batch_invariant = warm_up(model.runner, model.tokenizer, model.manifest.quantization)
             self.core.on_step = lambda seconds, _: self.ledger.step(seconds)
             for listener in self.ready_listeners:
                 listener(model)
@@ -317,14 +296,14 @@ class Engine:
         self.ledger.tokens(sum(isinstance(e, TokenEvent) for e in events))
         batch = []
         for event in events:
-            handle = self._handles.get(event.row)
+            handle = self._handles.get(event.key)
             if handle is None:
                 continue
             batch.append((handle, event))
             if isinstance(event, FinishEvent):
                 self._mean_request_s = 0.9 * self._mean_request_s + 0.1 * event.timings.total_s
             if isinstance(event, (FinishEvent, ErrorEvent)):
-                del self._handles[event.row]
+                del self._handles[event.key]
         _hand_over(batch)
 
     def _decoded(self, batch_size: int) -> None:
@@ -348,36 +327,3 @@ class Engine:
                 event = ErrorEvent(0, "engine_unavailable", "the engine failed; see /health/ready")
                 item.observer.finished(event, now)
                 item._deliver(event)
-
-    def _warm_up(self, core: EngineCore, model: LoadedModel) -> None:
-        """One short generation so the first user does not pay for ORT's lazy set-up; then check that this
-        build on this CPU gives a row the same logits in a batch as alone (engine/invariance.py)."""
-        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-        core.add(GenerationRequest(tuple(model.tokenizer.encode("Hello")), params, frozenset()), -1)
-        while core.has_work:
-            core.step()
-        _warm_decode_widths(model.runner)
-        ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 2)
-        self.batch_invariant = batch_invariant(model.runner, [ids[:7], ids[:13]])
-        if not self.batch_invariant:
-            log.warning("engine.not_batch_invariant", quantization=model.manifest.quantization,
-                        advice="this build's kernels compute a row differently in a batch on this CPU, so a "
-                               "request's tokens can depend on the requests beside it; the fp32 and int8 builds "
-                               "do not, or serve with --max-batch 1")
-
-
-def _warm_decode_widths(runner) -> None:
-    """Run one decode step at every width, so that no request pays for ONNX Runtime's first run at a new
-    batch shape (a cold width costs several steps' time; 16 clients arriving together met all of them)."""
-    if runner.max_slots < 2:
-        return  # one slot, one shape: the warm-up generation already ran it
-    table = runner.table
-    slots = table.free_slots()
-    for slot in slots:
-        table.claim(slot)
-    try:
-        for width in range(1, len(slots) + 1):
-            runner.decode(slots[:width], [0] * width)
-    finally:
-        for slot in slots:
-            table.release(slot, keep_contents=False)

@@ -19,22 +19,22 @@ def generate(
     runner: KVRunner,
     tokenizer: TextTokenizer,
     requests: Sequence[GenerationRequest],
-    is_cancelled: Callable[[int], bool] = lambda row: False,
+    is_cancelled: Callable[[int], bool] = lambda key: False,
     observers: Sequence[RequestObserver] | None = None,
     limits: SchedulerLimits | None = None,
     prefix_cache: bool = False,
 ) -> Iterator[Event]:
-    """Yield TokenEvents and one FinishEvent per request; event.row is the request's index.
+    """Yield TokenEvents and one FinishEvent per request; event.key is the request's index.
 
     Up to runner.max_slots requests decode together; the rest wait for a slot.
-    is_cancelled(row) is checked before every step, so a cancel takes effect
+    is_cancelled(key) is checked before every step, so a cancel takes effect
     within one step. The prefix cache is off unless asked for, so a run does
     not depend on what earlier runs left in the runner's slots.
     """
     limits = limits or SchedulerLimits(max_waiting=max(1, len(requests)))
     core = EngineCore(runner, tokenizer, limits, prefix_cache=prefix_cache)
     observers = observers or [NULL_OBSERVER] * len(requests)
-    seqs = [core.add(r, row, o) for row, (r, o) in enumerate(zip(requests, observers, strict=True))]
+    seqs = [core.add(r, key, o) for key, (r, o) in enumerate(zip(requests, observers, strict=True))]
     while core.has_work:
         for seq in seqs:
             if seq.running and is_cancelled(seq.key):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from streamgen.engine.core import KVRunner
+from streamgen.engine.executor import KVRunner
 from streamgen.engine.slot_table import MIN_PREFILL_PASS
 
 

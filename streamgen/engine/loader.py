@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamgen.engine.core import KVRunner
+from streamgen.engine.executor import KVRunner
 from streamgen.engine.device import Device
-from streamgen.engine.runner import OnnxRunner, PlainSlots
+from streamgen.engine.plain import PlainGraph, PlainSlots
 from streamgen.engine.slots import SlotConfig, SlotRunner
 from streamgen.engine.tokenizer import TextTokenizer
 from streamgen.errors import DeviceError
@@ -71,5 +71,5 @@ def load_model(directory: Path, device: Device, threads: int = 0, slots: SlotCon
     if manifest.graph == GRAPH_GQA:
         runner: KVRunner = SlotRunner(directory, device, slots, threads)
     else:
-        runner = PlainSlots(OnnxRunner(directory, device, threads))
+        runner = PlainSlots(PlainGraph(directory, device, threads))
     return LoadedModel(directory, manifest, runner, TextTokenizer.from_dir(directory))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from streamgen.errors import ValidationError
@@ -23,6 +23,11 @@ MAX_LOGIT_BIAS = 300  # entries; the OpenAI API's limit
 DEFAULT_MAX_TOKENS = 256
 
 
+def _param(default: Any, help: str, **flag: str) -> Any:
+    """A parameter, its meaning, and how a command line spells it (flag, metavar) where that differs."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick each token and when to stop.
@@ -31,21 +36,27 @@ class SamplingParams:
     temperature, top-k, top-p, min-p (the order vLLM uses).
     """
 
-    temperature: float = 0.7
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    min_p: float = 0.0  # 0 = off
-    repetition_penalty: float = 1.0  # 1 = off; applies to prompt and output tokens
-    presence_penalty: float = 0.0  # applies to output tokens (OpenAI semantics)
-    frequency_penalty: float = 0.0
-    max_tokens: int | None = None  # None: DEFAULT_MAX_TOKENS, or less when the context is shorter
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0  # with logprobs: also the most likely alternatives at each position
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before any filter
+    temperature: float = _param(0.7, "sampling temperature; 0 = greedy")
+    top_k: int = _param(0, "keep the k most likely tokens; 0 = off")
+    top_p: float = _param(1.0, "nucleus sampling: keep the smallest set with this probability mass; 1 = off")
+    min_p: float = _param(0.0, "drop tokens below min_p x the top token's probability; 0 = off")
+    repetition_penalty: float = _param(1.0, "divide logits of tokens already in prompt or output; 1 = off")
+    presence_penalty: float = _param(0.0, "subtract from logits of tokens already generated, in [-2, 2] "
+                                          "(OpenAI semantics)")
+    frequency_penalty: float = _param(0.0, "subtract per occurrence in the output, in [-2, 2]")
+    max_tokens: int | None = _param(None, f"maximum tokens to generate (default {DEFAULT_MAX_TOKENS}, or less when "
+                                          "the context window is shorter)")
+    stop: tuple[str, ...] = _param((), "stop string; repeat the flag for several; never printed", metavar="TEXT")
+    stop_token_ids: tuple[int, ...] = _param((), "extra token id that ends generation; repeat for several",
+                                             flag="--stop-token-id", metavar="ID")
+    ignore_eos: bool = _param(False, "keep generating past end-of-sequence tokens (benchmarks)")
+    seed: int | None = _param(None, "random seed; the same prompt, parameters and seed give the same tokens")
+    logprobs: bool = _param(False, "report the log-probability of each chosen token")
+    top_logprobs: int = _param(0, f"with logprobs: also the most likely alternatives at each position, "
+                                  f"0-{MAX_TOP_LOGPROBS}")
+    logit_bias: tuple[tuple[int, float], ...] = _param((), "ID=BIAS: add BIAS (-100 to 100) to token ID's logit "
+                                                           "before any filter; repeat for several (-100 bans a token)",
+                                                       metavar="ID=BIAS")
 
     @property
     def greedy(self) -> bool:

@@ -21,10 +21,11 @@ measurements behind it):
    free rows keep the most recently used conversations.
 4. Whatever the slot, if another row of the namespace, busy or free, holds a
    longer prefix, the core copies the missing part across (`best_source`).
-5. When other new prompts start in the same step, a reuse must also save more
-   than a forward pass's fixed cost: a few shared tokens (a common first
-   word) would leave the row with a past, and a row with a past prefills
-   alone instead of sharing their pass (StepCosts.reuse_pays).
+5. Whether a reuse pays at all is the scheduler's one reuse rule
+   (engine/scheduler.py, `reuse_pays`), passed in as `keep_pays`: when other
+   new prompts start in the same step, a reuse must also save more than a
+   forward pass's fixed cost, since a row with a past prefills alone instead
+   of sharing their pass.
 6. At least two prompt tokens are always run: the last one's logits give the
    first output token, and a one-token pass on top of a cache would round
    differently from a solo prefill (engine/slot_table.py, MIN_PREFILL_PASS).
@@ -32,6 +33,7 @@ measurements behind it):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,9 +63,10 @@ def reusable(prompt_len: int, common: int) -> int:
 
 
 def choose_slot(table: SlotTable, prompt: np.ndarray, namespace: str, expected_steps: int,
-                costs: StepCosts, reuse: bool = True, share_pass: bool = False) -> SlotChoice:
-    """The free slot for a new request (the table must have one). share_pass: other new prompts start this
-    step, so an empty row would share their prompt pass (rule 5)."""
+                costs: StepCosts, reuse: bool = True,
+                keep_pays: Callable[[int], bool] = lambda n: n > 0) -> SlotChoice:
+    """The free slot for a new request (the table must have one). keep_pays(n): whether keeping n of the
+    prompt's tokens in place beats running them (rule 5)."""
     free = table.free_slots()
     if not free:
         raise ValueError("no free slot")
@@ -76,7 +79,7 @@ def choose_slot(table: SlotTable, prompt: np.ndarray, namespace: str, expected_s
         keep = 0
         if table.namespace[slot] == namespace:
             keep = reusable(len(prompt), table.common_prefix(slot, prompt))
-            if not costs.reuse_pays(keep, copied=False, share_pass=share_pass):
+            if not keep_pays(keep):
                 keep = 0  # a few shared tokens: worth less than sharing a prompt pass (rule 5)
         saved = keep * per_token if keep >= MIN_REUSE_TOKENS else 0.0
         widened = max(0, slot + 1 - width) * per_row * expected_steps

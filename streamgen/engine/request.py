@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from streamgen.engine.params import DEFAULT_MAX_TOKENS, SamplingParams
+from streamgen.engine.params import DEFAULT_MAX_TOKENS, MAX_SEED, SamplingParams
 from streamgen.engine.tokenizer import ChatMessage, TextTokenizer
 from streamgen.errors import ValidationError
 
@@ -37,7 +37,7 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
-    row: int  # the key the request was added with (its index, for generate())
+    key: int  # the sequence's key: what it was added to the engine with (its index, for generate())
     index: int  # 0-based index of this token in the output
     token_id: int
     text: str  # newly streamable text; empty while bytes or a possible stop string are held back
@@ -69,7 +69,7 @@ class Timings:
 
 @dataclass(frozen=True, slots=True)
 class FinishEvent:
-    row: int
+    key: int  # the sequence's key
     finish_reason: FinishReason
     tail: str  # text held back until the end (an unfinished stop-string prefix); stream it before finishing
     text: str  # the whole output text, tail included
@@ -82,13 +82,22 @@ class FinishEvent:
 class ErrorEvent:
     """The request failed inside the engine; the final event instead of FinishEvent."""
 
-    row: int
+    key: int  # the sequence's key
     code: str  # stable error code, e.g. "internal"
     message: str  # safe to show to a client: no stack traces
     retry_after_ms: int | None = None  # for "overloaded"
 
 
 Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+def choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The n sequences of one request (OpenAI's `n`): a seeded request's choices get seed, seed + 1, ...,
+    so each is reproducible on its own."""
+    seed = request.params.seed
+    if n == 1 or seed is None:
+        return [request] * n
+    return [replace(request, params=replace(request.params, seed=(seed + i) % (MAX_SEED + 1))) for i in range(n)]
 
 
 TRUNCATE_CHOICES = ("refuse", "oldest")  # what to do when a chat does not fit the context window

@@ -1,45 +1,53 @@
-"""Who runs this step. Pure policy: it sees sequences and counts, never tensors.
+"""Who runs this step, and how: `Scheduler.schedule()` returns the step's plan as data.
 
-A step is planned in two moves, because taking a slot can change how much
-of a prompt is left to run (a prefix-cache hit):
-1. admit(): first come, first served, waiting requests take free slots and
-   join the running batch at this step boundary;
-2. plan(): every decoding sequence gets one token; the per-step token budget
-   left over goes to prompt chunks (at most `prefill_chunk` tokens of one
-   sequence per step), in admission order. A long prompt is prefilled over
-   several steps while the others keep decoding, instead of freezing them.
-   With an inter-token latency target, a step that decodes also runs only as
-   many prompt tokens as fit in the target beside the decode, by the step
-   costs measured so far (engine/costs.py), counting each sequence's chunk as
-   a forward pass of its own, fixed cost included (chunks that start empty
-   rows may then share one pass, engine/prompt_passes.py, so the count errs
-   on the safe side): streams do not stall
-   behind other users' prompts (the idea of Sarathi-Serve's stall-free batching).
-   A target below what the decode alone costs cannot be held; prompts then
-   still get a quarter of the decode's time (PROMPT_FLOOR_SHARE), and never
-   fewer than MIN_PREFILL_PASS tokens, so no prompt starves and throughput
-   does not collapse (at 16 clients, a floor of two tokens a step did). A
-   step with nothing to decode is not limited.
-   A chunk is never a single token on top of a past (see chunk_size), so a
-   prompt cut differently still gives bit-identical results.
+This is the one place that decides where a request goes and why. It reads
+the queue, the slot table and the measured step costs, and changes none of
+them: the plan it returns is executed by engine/executor.py and its outcome
+applied by the core's update (engine/core.py). A plan lists, in order:
 
-With prefix sharing on, a prompt whose next tokens another sequence is
-prefilling in this very step waits one step and then copies them (the core's
-catch-up), instead of running the same tokens twice: sixteen requests with
-one long system prompt prefill it once.
+1. **Claims.** First come, first served, waiting requests take free slots at
+   this step boundary, while the step has token budget left for their
+   prompts. With the prefix cache on, each takes the slot engine/prefix.py
+   scores best (the one holding the longest prefix of its prompt, weighed
+   against widening every decode step), keeps what that slot holds of its
+   prompt, and may first move the slot's other contents to a free row that
+   holds something less recent.
+2. **Prefix copies.** A prompt whose next tokens another row holds further,
+   busy or free, copies them from it: a KV copy costs a small fraction of
+   running them (the "catch-up").
+3. **Prompt passes.** The per-step token budget left after decoding goes to
+   prompt chunks (at most `prefill_chunk` tokens of one sequence), in
+   admission order: a long prompt runs over several steps while the others
+   keep decoding. With an inter-token latency target, a step that decodes
+   runs only the prompt work that fits beside the decode by the measured
+   costs, counting each chunk as a forward pass of its own, fixed cost
+   included (Sarathi-Serve's stall-free batching); a target below the decode
+   step's own cost still gives prompts PROMPT_FLOOR_SHARE of it, so none
+   starves. A prompt whose next tokens another chunk of this step computes
+   waits a step and then copies them, instead of running them twice. Chunks
+   that start empty rows share one forward pass while their padding costs
+   less than the pass it saves (GroupQueryAttention batches prompts only
+   without a past); every other chunk runs alone. No chunk is a single token
+   on top of a past (engine/slot_table.py, MIN_PREFILL_PASS), so a prompt cut
+   anyhow gives bit-identical results.
+4. **Decode rows.** Every sequence whose prompt is in the cache gets one token.
 
-The waiting queue is bounded; beyond it, add() refuses at once.
+The reuse rule (does taking n tokens from the cache beat computing them?) is
+`reuse_pays` below, applied to slot choice, catch-up copies and deferral
+alike. The waiting queue is bounded; beyond it, add() refuses at once.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from streamgen.engine.costs import StepCosts
-from streamgen.engine.slot_table import MIN_PREFILL_PASS, chunk_size, common_prefix
 from streamgen.engine.config import ENGINE_DEFAULTS, EngineConfig
+from streamgen.engine.costs import StepCosts
+from streamgen.engine.prefix import best_source, choose_slot
 from streamgen.engine.sequence import Sequence, SeqStatus
+from streamgen.engine.slot_table import MIN_PREFILL_PASS, SlotTable, chunk_size, common_prefix, move_row
 
 # The least share of a decoding step's time that goes to prompts when the ITL target leaves less.
 PROMPT_FLOOR_SHARE = 0.25
@@ -47,21 +55,16 @@ PROMPT_FLOOR_SHARE = 0.25
 
 @dataclass(frozen=True, slots=True)
 class SchedulerLimits:
+    """The scheduling part of EngineConfig (checked there)."""
+
     max_waiting: int = ENGINE_DEFAULTS.max_queued  # accepted requests waiting for a slot
     token_budget: int = ENGINE_DEFAULTS.token_budget  # tokens per step: one per decoding sequence, the rest prompt
     prefill_chunk: int = ENGINE_DEFAULTS.prefill_chunk  # most prompt tokens of one sequence in one step
-    share_prefixes: bool = True  # defer a prompt whose next tokens another sequence computes this step
     itl_target_ms: float | None = None  # a decoding step's time target; prompt work beside it is sized to fit
-
-    def __post_init__(self) -> None:
-        for name in ("max_waiting", "token_budget", "prefill_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> SchedulerLimits:
-        return cls(config.max_queued, config.token_budget, config.prefill_chunk, share_prefixes=config.prefix_cache,
-                   itl_target_ms=config.itl_target_ms)
+        return cls(config.max_queued, config.token_budget, config.prefill_chunk, config.itl_target_ms)
 
 
 class QueueFull(Exception):
@@ -70,15 +73,92 @@ class QueueFull(Exception):
         self.waiting = waiting
 
 
-@dataclass(slots=True)
+# ---- the plan ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SlotClaim:
+    seq: Sequence
+    slot: int
+    keep: int  # leading prompt tokens the slot already holds: reused in place
+    move_to: int | None = None  # first move the slot's other contents to this free row
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixCopy:
+    seq: Sequence
+    slot: int  # the sequence's row, which holds the prompt up to `start`
+    source: int  # the row that holds it further
+    start: int
+    upto: int  # the row holds the prompt up to here after the copy
+
+
+@dataclass(frozen=True, slots=True)
+class PromptChunk:
+    seq: Sequence
+    slot: int
+    start: int  # first prompt position it runs
+    tokens: int
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return self.seq.request.prompt_ids[self.start : self.start + self.tokens]
+
+    @property
+    def ends_prompt(self) -> bool:
+        """Its last token's logits give the sequence's first output token."""
+        return self.start + self.tokens == self.seq.prompt_len
+
+
+@dataclass(frozen=True, slots=True)
+class PromptPass:
+    """One forward pass over prompt chunks: one chunk on top of its row's past, or several that start empty rows."""
+
+    chunks: tuple[PromptChunk, ...]
+
+    @property
+    def computed_tokens(self) -> int:
+        """What the pass computes, padding included (rows are right-padded to the longest)."""
+        return len(self.chunks) * max(c.tokens for c in self.chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRow:
+    seq: Sequence
+    slot: int
+    token: int  # the last sampled token, fed at the row's next position
+
+
+@dataclass(frozen=True, slots=True)
 class StepPlan:
-    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, prompt tokens this step)
-    decode: list[Sequence] = field(default_factory=list)  # one token each
+    claims: tuple[SlotClaim, ...] = ()
+    copies: tuple[PrefixCopy, ...] = ()
+    passes: tuple[PromptPass, ...] = ()
+    decode: tuple[DecodeRow, ...] = ()
+
+    def chunks(self) -> Iterator[PromptChunk]:
+        for p in self.passes:
+            yield from p.chunks
+
+    @property
+    def sequences(self) -> int:
+        """Sequences that run something this step."""
+        return sum(len(p.chunks) for p in self.passes) + len(self.decode)
+
+
+# ---- the scheduler --------------------------------------------------------------------------------------------
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits) -> None:
+    """The queue (waiting, then running in admission order) and the policy that plans each step over it.
+
+    reuse: the prefix cache is on and the runner keeps rows. prompt_pass_tokens: most tokens (rows x longest,
+    padding included) of a pass shared by prompts that start empty rows; 0: every prompt runs alone."""
+
+    def __init__(self, limits: SchedulerLimits, reuse: bool = False, prompt_pass_tokens: int = 0) -> None:
         self.limits = limits
+        self.reuse = reuse
+        self.prompt_pass_tokens = prompt_pass_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # PREFILLING or DECODING, in admission order
 
@@ -91,66 +171,157 @@ class Scheduler:
             raise QueueFull(len(self.waiting))
         self.waiting.append(seq)
 
+    def start(self, seq: Sequence) -> None:
+        """A planned claim was made: the sequence leaves the head of the queue for the running batch."""
+        if not self.waiting or self.waiting[0] is not seq:
+            raise ValueError("sequences start in the order they wait")
+        self.running.append(self.waiting.popleft())
+
     def remove(self, seq: Sequence) -> None:
-        """A finished or aborted sequence leaves at once; its slot is the caller's to release."""
+        """A finished sequence leaves at once; its slot is the caller's to release."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def admit(self, free_slots: int) -> list[Sequence]:
-        """Waiting sequences that take a slot now, in arrival order; the caller gives each its slot."""
-        decoding = sum(1 for s in self.running if s.status == SeqStatus.DECODING)
-        admitted = []
-        # No prompt budget left this step: a slot taken now would sit idle.
-        while self.waiting and free_slots > 0 and self.limits.token_budget > decoding:
-            seq = self.waiting.popleft()
-            admitted.append(seq)
-            self.running.append(seq)
-            free_slots -= 1
-        return admitted
+    # ---- planning: reads the queue, the table and the costs; changes nothing --------------------------------
 
-    def plan(self, costs: StepCosts | None = None) -> StepPlan:
-        plan = StepPlan(decode=[s for s in self.running if s.status == SeqStatus.DECODING])
-        budget = self.limits.token_budget - len(plan.decode)
-        spare_ms = None  # with a latency target: the time left in this step for prompt passes
-        if plan.decode and self.limits.itl_target_ms and costs is not None:
-            rows = max(s.slot for s in plan.decode) + 1  # a decode step runs every row up to the highest
-            decode_ms = costs.decode(rows)
-            spare_ms = max(self.limits.itl_target_ms - decode_ms, PROMPT_FLOOR_SHARE * decode_ms)
-        for seq in self.running:
+    def schedule(self, table: SlotTable, costs: StepCosts) -> StepPlan:
+        decoding = [s for s in self.running if s.status == SeqStatus.DECODING]
+        admitted = self._admissible(table.free_count, len(decoding))
+        prefilling = [s for s in self.running if s.status == SeqStatus.PREFILLING] + admitted
+        # Prompts that would start an empty row: each of them shares a pass with the others, if there are others.
+        fresh = sum(1 for s in prefilling if s.prefilled == 0)
+        shares = self.prompt_pass_tokens > 0 and fresh > 1
+        # Where each prefilling sequence's row stands: its slot, and how much of its prompt the row holds.
+        slots = {s: s.slot for s in prefilling}
+        starts = {s: s.prefilled for s in prefilling}
+        draft = table.copy() if admitted or (self.reuse and prefilling) else table  # claims and copies go on a copy
+
+        claims = []
+        for seq in admitted:
+            claim = self._claim(draft, seq, costs, shares)
+            claims.append(claim)
+            slots[seq], starts[seq] = claim.slot, claim.keep
+        copies = []
+        for seq in prefilling if self.reuse else ():
+            start = starts[seq]
+            source, upto = best_source(draft, seq.prompt_array, seq.namespace, exclude=slots[seq])
+            if source is not None and reuse_pays(costs, upto - start, copied=True, shares=shares and start == 0):
+                draft.append(slots[seq], draft.tokens[source, start:upto].copy())
+                copies.append(PrefixCopy(seq, slots[seq], source, start, upto))
+                starts[seq] = upto
+        rows = tuple(DecodeRow(s, s.slot, s.output_ids[-1]) for s in decoding)
+        chunks = self._chunks(prefilling, slots, starts, rows, costs, shares)
+        return StepPlan(tuple(claims), tuple(copies), self._passes(chunks, costs), rows)
+
+    def _admissible(self, free_slots: int, decoding: int) -> list[Sequence]:
+        """Waiting sequences that take a slot now, in arrival order. None while decoding takes the whole token
+        budget: a slot taken now would sit idle."""
+        if self.limits.token_budget <= decoding:
+            return []
+        return list(self.waiting)[:free_slots]
+
+    def _claim(self, draft: SlotTable, seq: Sequence, costs: StepCosts, shares: bool) -> SlotClaim:
+        """The slot a new sequence takes, tried on the draft table so the next claim of this step sees it."""
+        choice = choose_slot(draft, seq.prompt_array, seq.namespace, seq.max_tokens, costs, self.reuse,
+                             keep_pays=lambda n: reuse_pays(costs, n, copied=False, shares=shares))
+        if choice.move_to is not None:
+            move_row(draft, choice.slot, choice.move_to,
+                     lambda src, dst, end: draft.append(dst, draft.tokens[src, :end].copy()))
+        draft.claim(choice.slot, seq.namespace, keep=choice.keep)
+        return SlotClaim(seq, choice.slot, choice.keep, choice.move_to)
+
+    def _chunks(self, prefilling: list[Sequence], slots: dict[Sequence, int], starts: dict[Sequence, int],
+                decode: tuple[DecodeRow, ...], costs: StepCosts, shares: bool) -> list[PromptChunk]:
+        """This step's prompt chunks, in admission order, within the token budget and the latency target."""
+        budget = self.limits.token_budget - len(decode)
+        spare_ms = self._prompt_time(decode, costs)
+        chunks: list[PromptChunk] = []
+        for seq in prefilling:
             if budget <= 0:
                 break
-            if seq.status != SeqStatus.PREFILLING:
-                continue
-            if self.limits.share_prefixes and _computed_by_another(seq, plan.prefill, costs):
+            start = starts[seq]
+            if self.reuse and _computed_by_another(seq, start, chunks, costs, shares):
                 continue
             limit = min(self.limits.prefill_chunk, budget)
             if spare_ms is not None:
-                # Each sequence's chunk is a forward pass of its own, which pays the pass's fixed cost
-                # (reading every weight) before its tokens: a second chunk runs only if it fits whole.
+                # Each chunk is a forward pass of its own, which pays the pass's fixed cost (reading every
+                # weight) before its tokens: a second chunk runs only if it fits whole.
                 fits = costs.prompt_tokens_within(spare_ms)
-                if plan.prefill and fits < MIN_PREFILL_PASS:
+                if chunks and fits < MIN_PREFILL_PASS:
                     break
                 limit = min(limit, max(MIN_PREFILL_PASS, fits))
-            n = chunk_size(seq.remaining_prompt, limit)
-            plan.prefill.append((seq, n))
+            n = chunk_size(seq.prompt_len - start, limit)
+            chunks.append(PromptChunk(seq, slots[seq], start, n))
             budget -= n
             if spare_ms is not None:
                 spare_ms -= costs.prefill(n)
-        return plan
+        return chunks
+
+    def _prompt_time(self, decode: tuple[DecodeRow, ...], costs: StepCosts) -> float | None:
+        """With a latency target and rows decoding: the milliseconds this step has for prompt passes."""
+        target = self.limits.itl_target_ms
+        if not decode or not target:
+            return None
+        decode_ms = costs.decode(max(r.slot for r in decode) + 1)  # a decode step runs every row up to the highest
+        return max(target - decode_ms, PROMPT_FLOOR_SHARE * decode_ms)
+
+    def _passes(self, chunks: list[PromptChunk], costs: StepCosts) -> tuple[PromptPass, ...]:
+        """The chunks as forward passes, in chunk order: those that start an empty row may share one."""
+        fresh = [i for i, c in enumerate(chunks) if self.prompt_pass_tokens and c.start == 0]
+        groups = shared_passes([chunks[i].tokens for i in fresh], self.prompt_pass_tokens,
+                               costs.prefill.intercept, costs.prefill.slope)
+        head = {fresh[g[0]]: g for g in groups}
+        grouped = {fresh[j] for g in groups for j in g}
+        return tuple(PromptPass(tuple(chunks[fresh[j]] for j in head[i])) if i in head else PromptPass((c,))
+                     for i, c in enumerate(chunks) if i in head or i not in grouped)
 
 
-def _computed_by_another(seq: Sequence, planned: list[tuple[Sequence, int]], costs: StepCosts | None) -> bool:
-    """Whether a sequence already planned this step computes seq's next prompt tokens, enough of them to be
-    worth a step's wait and a copy: the same tokens at the same positions, from a cache no further along."""
-    for other, n in planned:
-        start = other.prefilled
-        if other.namespace != seq.namespace or not start <= seq.prefilled < start + n:
+def reuse_pays(costs: StepCosts, n: int, copied: bool, shares: bool) -> bool:
+    """The reuse rule: whether taking n prompt tokens from the prefix cache (copied from another row, or kept
+    in place) beats computing them. shares: the row would otherwise start empty beside other new prompts and
+    share their pass; with the reuse it has a past and runs alone, so the saving must also beat a pass's
+    fixed cost."""
+    if n <= 0:
+        return False
+    if not shares:
+        return not copied or costs.copy(n) < costs.prefill(n)
+    return costs.prefill.slope * n > (costs.copy(n) if copied else 0.0) + costs.prefill.intercept
+
+
+def _computed_by_another(seq: Sequence, start: int, planned: list[PromptChunk], costs: StepCosts,
+                         shares: bool) -> bool:
+    """Whether a chunk already planned this step computes seq's next prompt tokens, enough of them to be worth
+    a step's wait and a copy: the same tokens at the same positions, from a cache no further along."""
+    for chunk in planned:
+        other = chunk.seq
+        if other.namespace != seq.namespace or not chunk.start <= start < chunk.start + chunk.tokens:
             continue
-        shared = min(common_prefix(other.prompt_array, seq.prompt_array), start + n) - seq.prefilled
-        # Both prompts new: without the wait, seq could share other's pass instead of copying from it.
-        sharing = seq.prefilled == 0 and start == 0
-        if shared > 0 and (costs is None or costs.reuse_pays(shared, share_pass=sharing)):
+        shared = min(common_prefix(other.prompt_array, seq.prompt_array), chunk.start + chunk.tokens) - start
+        if reuse_pays(costs, shared, copied=True, shares=shares and start == 0):
             return True
     return False
+
+
+def shared_passes(lengths: list[int], capacity: int, fixed_ms: float, per_token_ms: float) -> list[list[int]]:
+    """Group chunks that start empty rows (their indices into `lengths`) into passes; a group of one runs alone.
+
+    Every forward pass reads all the weights before its first token, a fixed cost that a short prompt pays
+    again and again when each runs alone. Rows of a shared pass are right-padded to its longest chunk, and
+    padding costs compute: a chunk joins a pass when its padding costs no more than the pass of its own it
+    saves, and the pass stays within `capacity` (rows x longest). Longest first, so each pass is as long as
+    its first chunk. A chunk shorter than MIN_PREFILL_PASS always runs alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    passes: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        if passes and n >= MIN_PREFILL_PASS:
+            group = passes[-1]
+            width = lengths[group[0]]
+            # Longest first: the group's head is at least n long, so at least MIN_PREFILL_PASS too.
+            if (len(group) + 1) * width <= capacity and (width - n) * per_token_ms <= fixed_ms:
+                group.append(i)
+                continue
+        passes.append([i])
+    return passes

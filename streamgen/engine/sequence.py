@@ -1,8 +1,10 @@
-"""One request's life inside the engine: state, sampler, detokenizer, output.
+"""One request's life inside the engine: its status, sampler, detokenizer and output.
 
-A Sequence moves WAITING -> PREFILLING -> DECODING -> FINISHED. It turns each
-sampled token into events (a TokenEvent, and a FinishEvent when a stop
-condition is met) and tells its observer about every phase.
+A Sequence moves forward through SeqStatus and never back. The core's update
+(engine/core.py) is the only caller of the methods that move it; each method
+here changes this sequence's own fields and nothing else: no slot, no queue.
+How a sequence ended is its status, and FINISH_REASONS is the one table from
+a final status to the finish reason every transport reports.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from streamgen.engine.observer import NULL_OBSERVER, RequestObserver
 from streamgen.engine.params import MAX_SEED
 from streamgen.engine.request import (
     ErrorEvent,
-    Event,
     FinishEvent,
     FinishReason,
     GenerationRequest,
@@ -31,12 +32,29 @@ from streamgen.engine.tokenizer import TextTokenizer
 
 
 class SeqStatus(IntEnum):
-    """Ordered: a sequence only ever moves forward."""
+    """Ordered: a sequence only ever moves forward, and every status from FINISHED_STOPPED on is final."""
 
     WAITING = 0  # accepted, no slot yet
-    PREFILLING = 1  # has a slot; prompt partly in the cache
-    DECODING = 2  # prompt in the cache; one token per step
-    FINISHED = 3
+    PREFILLING = 1  # has a slot; its prompt is partly in the cache
+    DECODING = 2  # its prompt is in the cache; one token per step
+    FINISHED_STOPPED = 3  # an end-of-sequence token, a stop token or a stop string
+    FINISHED_LENGTH = 4  # max_tokens, or the context window
+    FINISHED_CANCELLED = 5  # the caller cancelled, or went away
+    FINISHED_ERROR = 6  # the engine failed this request (an ErrorEvent, not a FinishEvent)
+
+    @property
+    def finished(self) -> bool:
+        return self >= SeqStatus.FINISHED_STOPPED
+
+
+FINISH_REASONS: dict[SeqStatus, FinishReason] = {
+    SeqStatus.FINISHED_STOPPED: FinishReason.STOP,
+    SeqStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    SeqStatus.FINISHED_CANCELLED: FinishReason.CANCELLED,
+    SeqStatus.FINISHED_ERROR: FinishReason.ERROR,
+}
+
+INTERNAL_ERROR = ("internal", "generating this request failed; the server log has the details")
 
 
 class Sequence:
@@ -48,7 +66,7 @@ class Sequence:
         context_length: int,
         observer: RequestObserver = NULL_OBSERVER,
     ) -> None:
-        self.key = key  # the caller's handle for events (a row, or a submission number)
+        self.key = key  # the caller's handle for this sequence's events
         self.request = request
         self.observer = observer
         params = request.params
@@ -62,7 +80,6 @@ class Sequence:
         self.prefilled = 0  # prompt tokens already in the cache
         self.cached_tokens = 0  # of those, how many were reused from the prefix cache instead of run
         self.output_ids: list[int] = []
-        self.finish_reason: FinishReason | None = None
         self.arrival = request.arrival if request.arrival is not None else time.perf_counter()
         self.started: float | None = None  # left the queue
         self.prefill_s = 0.0
@@ -83,7 +100,13 @@ class Sequence:
 
     @property
     def running(self) -> bool:
-        return self.status < SeqStatus.FINISHED
+        return not self.status.finished
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return FINISH_REASONS.get(self.status)
+
+    # ---- moves, called by the core's update only --------------------------------
 
     def admitted(self, slot: int, now: float, cached: int = 0) -> None:
         """Took a slot that already holds the first `cached` prompt tokens."""
@@ -99,11 +122,17 @@ class Sequence:
             self.cached_tokens += upto - self.prefilled
             self.prefilled = upto
 
-    def accept(self, token_id: int, logprob: float | None, now: float,
-               top_logprobs: tuple[tuple[int, float], ...] | None = None) -> list[Event]:
-        """Take a sampled token: stream it, then decide whether the sequence is done."""
-        if token_id in self.request.stop_token_ids:
-            return [self.finish(FinishReason.STOP, now)]
+    def prompt_ran(self, tokens: int, seconds: float) -> None:
+        """A forward pass put `tokens` more of the prompt in the cache; the last of them makes it a decoder."""
+        self.prefilled += tokens
+        self.prefill_s += seconds
+        if self.remaining_prompt == 0:
+            self.status = SeqStatus.DECODING
+
+    def append(self, token_id: int, logprob: float | None,
+               top_logprobs: tuple[tuple[int, float], ...] | None) -> tuple[TokenEvent, bool]:
+        """Take a sampled token that is not a stop token: returns its event, and whether a stop string now
+        ends the text."""
         self.output_ids.append(token_id)
         self.sampler.observe(token_id)
         detok_start = time.perf_counter()
@@ -115,16 +144,27 @@ class Sequence:
         self.observer.detokenize(index, detok_start, done)
         event = TokenEvent(self.key, index, token_id, step.delta, logprob, top_logprobs)
         self.observer.token(event, done)
-        if step.stopped:
-            return [event, self.finish(FinishReason.STOP, done, flush=False)]
-        if len(self.output_ids) >= self.max_tokens:
-            return [event, self.finish(FinishReason.LENGTH, done)]
-        return [event]
+        return event, step.stopped
 
-    def finish(self, reason: FinishReason, now: float, flush: bool = True) -> FinishEvent:
-        self.status = SeqStatus.FINISHED
-        self.finish_reason = reason
-        # Held-back text is released unless a stop string is what held it.
+    @property
+    def at_length(self) -> bool:
+        return len(self.output_ids) >= self.max_tokens
+
+    def finish(self, status: SeqStatus, now: float, flush: bool = True,
+               error: tuple[str, str] = INTERNAL_ERROR) -> FinishEvent | ErrorEvent:
+        """End the sequence with a final status; returns its final event. Held-back text is released unless a
+        stop string is what held it (flush=False). FINISHED_ERROR gives an ErrorEvent with `error`'s code and
+        message, which a client may see (no internals)."""
+        if not status.finished:
+            raise ValueError(f"{status.name} is not a final status")
+        self.status = status
+        if status == SeqStatus.FINISHED_ERROR:
+            event: FinishEvent | ErrorEvent = ErrorEvent(self.key, *error)
+            try:
+                self.observer.finished(event, now)
+            except Exception:  # noqa: BLE001 - telemetry must not turn one failure into two
+                pass
+            return event
         tail = self.detok.flush() if flush else ""
         n = len(self.output_ids)
         started = self.started if self.started is not None else now
@@ -132,7 +172,7 @@ class Sequence:
         decode_rate = (n - 1) / (now - first) if n > 1 and now > first else 0.0
         event = FinishEvent(
             self.key,
-            reason,
+            FINISH_REASONS[status],
             tail,
             self.detok.text,
             Usage(self.prompt_len, n, self.cached_tokens, self.compute_s),
@@ -141,16 +181,4 @@ class Sequence:
             self.sampler.seed,
         )
         self.observer.finished(event, now)
-        return event
-
-    def fail(self, now: float, code: str = "internal",
-             message: str = "generating this request failed; the server log has the details") -> ErrorEvent:
-        """End the request with an error the client may see (no internals in the message)."""
-        self.status = SeqStatus.FINISHED
-        self.finish_reason = FinishReason.ERROR
-        event = ErrorEvent(self.key, code, message)
-        try:
-            self.observer.finished(event, now)
-        except Exception:  # noqa: BLE001 - telemetry must not turn one failure into two
-            pass
         return event

@@ -13,7 +13,7 @@ prefix cache needs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -35,6 +35,15 @@ class SlotTable:
     @property
     def size(self) -> int:
         return len(self.lengths)
+
+    def copy(self) -> SlotTable:
+        """An independent copy: the scheduler tries its claims and copies on one (engine/scheduler.py)."""
+        other = SlotTable.__new__(SlotTable)
+        other.max_context, other._clock = self.max_context, self._clock
+        other.tokens, other.lengths = self.tokens.copy(), self.lengths.copy()
+        other.busy, other.last_used = self.busy.copy(), self.last_used.copy()
+        other.namespace = list(self.namespace)
+        return other
 
     def free_slots(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(~self.busy)]
@@ -89,6 +98,17 @@ class SlotTable:
     def common_prefix(self, slot: int, prompt: np.ndarray) -> int:
         """How many leading tokens of prompt (int32 [P]) the row holds."""
         return common_prefix(self.tokens[slot, : self.lengths[slot]], prompt)
+
+
+def move_row(table: SlotTable, src: int, dst: int, copy: Callable[[int, int, int], None]) -> None:
+    """Move a free row's contents to another free row, which takes over its age (so src can be taken).
+    copy(src, dst, end) copies positions [0, end) and records them in the table: the runner's copy_prefix
+    when the step runs, a bare table append when the scheduler tries the move on its copy of the table."""
+    held, age = int(table.lengths[src]), int(table.last_used[src])
+    table.claim(dst, table.namespace[src])
+    copy(src, dst, held)
+    table.release(dst)
+    table.last_used[dst] = age
 
 
 # GroupQueryAttention runs a one-token pass on top of a past through its

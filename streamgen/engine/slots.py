@@ -138,10 +138,6 @@ class SlotRunner:
 
     # ---- slots: claimed and released through the table; these two are the plain case ----
 
-    @property
-    def free_slots(self) -> int:
-        return self.table.free_count
-
     def allocate(self) -> int | None:
         """The lowest free slot, emptied; None when all are taken."""
         free = self.table.free_slots()

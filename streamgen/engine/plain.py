@@ -1,13 +1,17 @@
-"""ONNX Runtime session over Optimum's text-generation-with-past graph.
+"""The plain-graph fallback: Optimum's text-generation-with-past graph, one request at a time.
 
-The only module that runs the model. It keeps the KV cache on the device:
-each step binds the previous step's `present.*` OrtValues as this step's
-`past_key_values.*` through IOBinding, so the cache never passes through
-numpy or the host. Only the logits come back, and the exported graph is
-edited at pull time to produce them for the last position only.
+Models whose attention the GroupQueryAttention export cannot take (and
+`--graph plain` builds) are served from this graph, whose cache grows by
+concatenation: a request cannot join or leave a running batch, so the engine
+gets a single slot (PlainSlots) and no prefix cache. engine/slots.py is the
+runner every GQA build uses.
 
-The runner takes a batch. Rows are left-padded to a common length and the
-attention mask marks the padding, so each row sees only its own tokens.
+PlainGraph keeps the KV cache on the device: each step binds the previous
+step's `present.*` OrtValues as this step's `past_key_values.*` through
+IOBinding, so the cache never passes through numpy or the host. Only the
+logits come back, for the last position only (the export is edited at pull
+time). It takes a batch of prompts (benchmarks and tests use that): rows are
+left-padded to a common length and the attention mask marks the padding.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class KVState:
         return self.attention_mask.shape[0]
 
 
-class OnnxRunner:
+class PlainGraph:
     def __init__(self, model_dir: Path, device: Device, threads: int = 0) -> None:
         self.device = device
         self.info = ModelInfo.from_config(model_dir / "config.json")
@@ -114,16 +118,12 @@ class PlainSlots:
     supports_reuse = False
     prompt_pass_tokens = 0  # one slot: prompts never share a pass
 
-    def __init__(self, runner: OnnxRunner) -> None:
+    def __init__(self, runner: PlainGraph) -> None:
         self.runner = runner
         self.info = runner.info
         self.device = runner.device
         self.table = SlotTable(1, runner.info.context_length)
         self._state: KVState | None = None
-
-    @property
-    def free_slots(self) -> int:
-        return self.table.free_count
 
     def allocate(self) -> int | None:
         if not self.table.free_count:
