@@ -37,14 +37,13 @@ QUESTION = "What is the capital of France?"
 
 
 def settings_table() -> str:
-    from streamgen.config import Settings, default_text, env_name, flag_name
-    from streamgen.config import _HELP as HELP
+    from streamgen.config import Settings, default_text, env_name, flag_name, help_of
 
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for f in fields(Settings):
         default = default_text(f.name)
         rows.append(f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | {default if default is not None else 'unset'} "
-                    f"| {HELP[f.name].replace('|', '/')} |")
+                    f"| {help_of(f.name).replace('|', '/')} |")
     return "\n".join(rows)
 
 

@@ -28,11 +28,11 @@ from streamgen.batch.files import DigestSet, Output, RawLine, count_lines, read_
 from streamgen.batch.lines import LineError, parse_body, parse_envelope
 from streamgen.batch.options import BatchOptions
 from streamgen.batch.progress import Progress, Summary, Tally
-from streamgen.batch.runner import BatchRunner, Window, _Job
+from streamgen.batch.loop import BatchLoop, Window, _Job
 from streamgen.engine.config import EngineConfig
 from streamgen.engine.loader import load_model
 from streamgen.engine.params import SamplingParams
-from streamgen.engine.request import GenerationRequest
+from streamgen.engine.request import GenerationRequest, choices
 from streamgen.errors import ConfigError, ValidationError
 from streamgen.server.openai_schema import completion_spec
 from streamgen.telemetry.setup import Telemetry
@@ -149,7 +149,7 @@ def test_a_file_that_is_not_a_batch_output_is_not_resumed(tmp_path: Path) -> Non
 def _job(prompt_ids: tuple[int, ...], max_tokens: int, n: int = 1) -> _Job:
     parsed = completion_spec({"prompt": "x", "n": n})
     request = GenerationRequest(prompt_ids, SamplingParams(max_tokens=max_tokens), frozenset())
-    return _Job(None, parsed, request, None)
+    return _Job(None, parsed, choices(request, n), None)
 
 
 def test_the_window_groups_shared_prefixes_then_drains_longest_first() -> None:
@@ -377,7 +377,7 @@ def test_every_request_span_links_to_the_batch_span(tiny_model_dir, tmp_path: Pa
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = _input(source, 5, 3)
     out, done = Output.resume(output)
-    summary = BatchRunner(model, EngineConfig(), telemetry, out, done).run(read_lines(str(source)))
+    summary = BatchLoop(model, EngineConfig(), telemetry, out, done).run(read_lines(str(source)))
     out.close()
     assert summary.tally.written == 5 and not summary.interrupted
     spans = exporter.get_finished_spans()
@@ -405,7 +405,7 @@ def test_a_stop_between_lines_is_an_interruption(tiny_model_dir, tmp_path: Path)
             lines_read.append(raw.number)
             yield raw
 
-    summary = BatchRunner(model, EngineConfig(), Telemetry.from_env(env={}), out, done).run(lines(), stop)
+    summary = BatchLoop(model, EngineConfig(), Telemetry.from_env(env={}), out, done).run(lines(), stop)
     out.close()
     assert summary.interrupted and summary.tally.written == summary.tally.failed == 10
     assert "interrupted" in summary.line()

@@ -89,7 +89,8 @@ def _check_level(row: dict) -> None:
     assert row["output_tokens"] == row["requested_tokens"], "ignore_eos: every request ran to its max_tokens"
     assert row["tokens_per_s"] > 0 and all(r > 0 for r in row["round_tokens_per_s"])
     for figures in (row["ttft_ms"], row["itl_ms"]):
-        assert 0 < figures["p50"] <= figures["p95"] <= figures["p99"], figures
+        # Tokens can arrive within the same millisecond: a gap of 0 ms is a measurement, not an error.
+        assert 0 <= figures["p50"] <= figures["p95"] <= figures["p99"], figures
 
 
 # ---- the command on the tiny model -------------------------------------------------------------------------

@@ -22,8 +22,8 @@ def test_generated_tables_match_the_code(path: Path, name: str) -> None:
 
 def _codes_in_source() -> set[str]:
     """Every literal error code the package raises: code="...", code = "...", a `code` parameter's default,
-    Refusal(status, "code", ...), ErrorEvent(key, "code", ...), RequestRefused("code", ...),
-    error_message(id, "code", ...)."""
+    Refusal(status, "code", ...), ErrorEvent(key, "code", ...), ErrorMessage(id, "code", ...),
+    RequestRefused("code", ...)."""
     codes = set()
     for path in SOURCE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -37,11 +37,8 @@ def _codes_in_source() -> set[str]:
                 defaults = list(node.defaults) + list(node.kw_defaults)
                 codes.update(d.value for a, d in zip(named, defaults)
                              if a.arg == "code" and isinstance(d, ast.Constant) and isinstance(d.value, str))
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr ==
-                  "error_message" and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)):
-                codes.add(node.args[1].value)
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-                position = {"Refusal": 1, "ErrorEvent": 1, "RequestRefused": 0}.get(node.func.id)
+                position = {"Refusal": 1, "ErrorEvent": 1, "ErrorMessage": 1, "RequestRefused": 0}.get(node.func.id)
                 if position is not None and len(node.args) > position and isinstance(node.args[position], ast.Constant):
                     codes.add(node.args[position].value)
     return codes

@@ -18,7 +18,6 @@ Output, one line per input line, in the order requests finish (the Batch API's o
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,9 +27,8 @@ from streamgen.batch.files import RawLine
 from streamgen.engine.request import FinishEvent
 from streamgen.errors import ValidationError
 from streamgen.server import openai_schema as api
-from streamgen.server.openai import _reject_constant, _whole_choice  # the HTTP route's own JSON rules and choices
 from streamgen.server.openai_schema import ApiRequest
-from streamgen.server.spec import require_unicode
+from streamgen.server.spec import parse_json, require_unicode
 
 ROUTES: dict[str, Callable[[Any], ApiRequest]] = {api.CHAT_PATH: api.chat_spec,
                                                    api.COMPLETIONS_PATH: api.completion_spec}
@@ -61,9 +59,9 @@ def parse_envelope(raw: RawLine) -> Entry:
     if raw.data is None:
         raise LineError("payload_too_large", "the line is longer than 1 MiB")
     try:
-        obj = json.loads(raw.data, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise LineError("invalid_json", f"the line is not valid JSON: {str(exc)[:120]}") from None
+        obj = parse_json(raw.data, "the line")
+    except ValidationError as exc:
+        raise LineError(exc.code, exc.message) from None
     if not isinstance(obj, Mapping):
         raise LineError("invalid_request", f"the line must be a JSON object, got {type(obj).__name__}")
     custom_id = obj.get("custom_id")
@@ -120,5 +118,5 @@ def refusal_line(custom_id: str, request_id: str, code: str, message: str, param
 def answer_body(parsed: ApiRequest, model: str, prompt_tokens: int, finals: list[FinishEvent],
                 logprobs: list[list[dict[str, Any]]], price_per_hour: float | None) -> dict[str, Any]:
     """The HTTP API's whole response: a chat.completion or text_completion, usage (and cost) included."""
-    choices = [_whole_choice(parsed, i, final, logprobs[i]) for i, final in enumerate(finals)]
+    choices = [api.whole_choice(parsed, i, final, logprobs[i]) for i, final in enumerate(finals)]
     return api.response(parsed, model, choices, api.usage(prompt_tokens, finals, price_per_hour))

@@ -1,6 +1,6 @@
 """The batch loop: read ahead a bounded window, keep every slot busy, write each answer as it finishes.
 
-    line -> envelope -> body (the HTTP API's checks) -> tokenize (prepare_request) -> window -> engine -> line
+    line -> envelope -> body (the HTTP API's checks) -> admit (the server's admission path) -> window -> engine -> line
 
 The EngineCore runs in this thread, as in engine/generate.py: no server, no event loop.
 
@@ -32,6 +32,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from opentelemetry.trace import Link
+
 from streamgen.batch.files import DigestSet, Done, Output, RawLine, count_lines, read_lines
 from streamgen.batch.options import BatchOptions
 from streamgen.batch.lines import (Entry, LineError, answer_body, error_line, parse_body, parse_envelope,
@@ -39,16 +41,15 @@ from streamgen.batch.lines import (Entry, LineError, answer_body, error_line, pa
 from streamgen.batch.progress import Progress, Summary, Tally, make_progress
 from streamgen.engine.config import EngineConfig
 from streamgen.engine.core import EngineCore
-from streamgen.engine.generate import generate
 from streamgen.engine.loader import LoadedModel
-from streamgen.engine.params import SamplingParams
-from streamgen.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, prepare_request
+from streamgen.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from streamgen.engine.scheduler import SchedulerLimits
 from streamgen.engine.sequence import Sequence
+from streamgen.engine.warmup import warm_up
 from streamgen.errors import ValidationError
 from streamgen.server import openai_schema as api
 from streamgen.server.openai_schema import ApiRequest, Tokens
-from streamgen.server.service import _choices  # n sequences of one prompt, seeded as the server seeds them
+from streamgen.server.service import RequestRefused, admit
 from streamgen.server.spec import MAX_CHOICES
 from streamgen.telemetry.request import RequestTelemetry
 from streamgen.telemetry.setup import Telemetry
@@ -59,7 +60,7 @@ class _Job:
 
     entry: Entry
     parsed: ApiRequest
-    request: GenerationRequest
+    choices: list[GenerationRequest]  # its n sequences
     tel: RequestTelemetry
     finals: dict[int, FinishEvent] = field(default_factory=dict)
     logprobs: list[list[dict[str, Any]]] = field(default_factory=list)  # per choice, when asked for
@@ -69,6 +70,10 @@ class _Job:
     @property
     def n(self) -> int:
         return self.parsed.spec.n
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.choices[0]
 
     @property
     def work(self) -> int:
@@ -113,7 +118,7 @@ class Window:
         return 0  # arrival: the counter decides
 
 
-class BatchRunner:
+class BatchLoop:
     def __init__(self, model: LoadedModel, config: EngineConfig, telemetry: Telemetry, output: Output,
                  done: Done | None = None, options: BatchOptions = BatchOptions(),
                  progress: Progress | None = None) -> None:
@@ -141,7 +146,9 @@ class BatchRunner:
 
     def run(self, lines: Iterable[RawLine], should_stop: Callable[[], bool] = lambda: False) -> Summary:
         """Answer every line (or stop when asked); returns the summary of this run."""
-        self._warm_up()
+        # As the server does before it is ready: ONNX Runtime's lazy set-up is charged to no request, nor
+        # counted in the run's busy time.
+        warm_up(self.model.runner, self.model.tokenizer, self.model.manifest.quantization)
         start = time.perf_counter()
         batch_span = self.telemetry.tracer.start_span("batch", attributes={
             "gen_ai.request.model": self.model.name, "streamgen.batch.order": self.options.order})
@@ -167,14 +174,6 @@ class BatchRunner:
             batch_span.end()
         return Summary(replace(self.tally), self.output.path, time.perf_counter() - start, self.core.busy_s,
                        self.options.price_per_hour, interrupted)
-
-    def _warm_up(self) -> None:
-        """One short generation first, as the server does before it is ready: ONNX Runtime's lazy set-up is
-        not charged to the first request, nor counted in the run's busy time."""
-        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-        request = GenerationRequest(tuple(self.model.tokenizer.encode("Hello")), params, frozenset())
-        for _ in generate(self.model.runner, self.model.tokenizer, [request]):
-            pass
 
     # ---- from the file to the window ----------------------------------------------
 
@@ -224,26 +223,18 @@ class BatchRunner:
         self._write(error_line(number, custom_id, code, message))
 
     def _prepare(self, entry: Entry, parsed: ApiRequest) -> _Job | None:
-        """Tokenize and check against the model, as the server's RequestService.start does."""
-        spec = parsed.spec
-        tel = self.telemetry.start_request(spec.id, spec.operation, None, spec.n)
-        if tel.recording:
-            tel.span.add_link(self._batch_context, {"streamgen.batch.custom_id": entry.custom_id})
+        """Admit the request through the server's own admission path; a refusal is written at once."""
+        link = Link(self._batch_context, {"streamgen.batch.custom_id": entry.custom_id})
         try:
-            with tel.tokenize():
-                request = prepare_request(
-                    self.model.tokenizer, self.model.context_length, spec.params, prompt=spec.prompt,
-                    messages=spec.messages, request_id=spec.id, max_prompt_tokens=self.config.max_prompt_tokens,
-                    max_new_tokens=self.config.max_new_tokens, truncate=spec.truncate)
-        except ValidationError as exc:
-            tel.rejected(exc.code, exc.message, exc.param)
-            param, message = parsed.client_param(exc.param, exc.message)
-            self._write(refusal_line(entry.custom_id, spec.id, exc.code, message, param))
+            admitted = admit(parsed.spec, self.model, self.config, self.telemetry, link=link)
+        except RequestRefused as refused:
+            param, message = parsed.client_param(refused.param, refused.message)
+            self._write(refusal_line(entry.custom_id, parsed.spec.id, refused.code, message, param))
             return None
-        tel.accepted(request.params, len(request.prompt_ids), spec.last_user_text(), spec.user)
         # Queue time (the request's `queue` span) counts from here: the window is its queue.
-        return _Job(entry, parsed, replace(request, arrival=time.perf_counter()), tel,
-                    logprobs=[[] for _ in range(spec.n)])
+        arrival = time.perf_counter()
+        return _Job(entry, parsed, [replace(r, arrival=arrival) for r in admitted.choices], admitted.telemetry,
+                    logprobs=[[] for _ in range(parsed.spec.n)])
 
     # ---- from the window to the engine, and back ---------------------------------------
 
@@ -251,19 +242,19 @@ class BatchRunner:
         scheduler = self.core.scheduler
         while self.window and len(scheduler.running) + len(scheduler.waiting) < self.slots:
             job = self.window.pop()
-            for choice, request in enumerate(_choices(job.request, job.n)):
+            for choice, request in enumerate(job.choices):
                 key = next(self._keys)
                 job.seqs.append(self.core.add(request, key, job.tel.observer(choice)))
                 self._live[key] = (job, choice)
 
     def _route(self, events: list[Event]) -> None:
         for event in events:
-            job, choice = self._live[event.row]
+            job, choice = self._live[event.key]
             if isinstance(event, TokenEvent):
                 if event.logprob is not None:
                     job.logprobs[choice].append(api.chat_logprobs(event, self.tokens))
                 continue
-            del self._live[event.row]
+            del self._live[event.key]
             if job.failed:
                 continue
             if isinstance(event, ErrorEvent):
@@ -290,7 +281,7 @@ class BatchRunner:
         job.failed = True
         for seq in job.seqs:
             for cancelled in self.core.cancel(seq):
-                self._live.pop(cancelled.row, None)
+                self._live.pop(cancelled.key, None)
         self._write(refusal_line(job.entry.custom_id, job.parsed.response_id, event.code, event.message))
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -321,7 +312,7 @@ def run_file(input_path: str, output_path: Path, model: LoadedModel, config: Eng
     output, done = Output.resume(output_path)
     progress = make_progress(count_lines(input_path), done.lines, progress_stream) if progress_stream else None
     try:
-        runner = BatchRunner(model, config, telemetry, output, done, options, progress)
+        runner = BatchLoop(model, config, telemetry, output, done, options, progress)
         summary = runner.run(read_lines(input_path), should_stop)
     finally:
         if progress is not None:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from streamgen.batch.options import ORDERS, BatchOptions
-from streamgen.batch.runner import run_file
+from streamgen.batch.loop import run_file
 from streamgen.bench.clients import Streamed, websocket_request
 from streamgen.bench.common import ServeProcess, serve_args
 from streamgen.bench.load import OUTPUT_TOKENS, _prompts, cost_per_million

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,12 +19,11 @@ from starlette.websockets import WebSocket
 from streamgen.config import Settings, api_keys
 from streamgen.engine.engine import SHUTTING_DOWN_MESSAGE, Engine, EngineState
 from streamgen.engine.loader import LoadedModel
-from streamgen.errors import ConfigError
 from streamgen.server.openai import openai_routes
 from streamgen.server.openai_schema import error_body
 from streamgen.server.protocol import PROTOCOL_VERSION
 from streamgen.server.security import AccessPolicy, RateLimiter, Refusal
-from streamgen.server.service import Caller, RequestService
+from streamgen.server.service import RequestService
 from streamgen.server.shutdown import Drain
 from streamgen.server.ws import Connection
 from streamgen.telemetry.logs import get_logger
@@ -44,17 +42,33 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
     telemetry = telemetry or Telemetry.from_env(env={})
     telemetry.price_per_hour = settings.price_per_hour
     policy = AccessPolicy(api_keys(settings), settings.allowed_origins)
-    limiter = RateLimiter(settings.rate_limit)
-    service = RequestService(engine, telemetry, limiter, settings.price_per_hour)
+    service = RequestService(engine, telemetry, RateLimiter(settings.rate_limit), settings.price_per_hour)
     drain = Drain(engine, service, settings.shutdown_grace)
-
-    def current_stats() -> dict[str, int]:
-        return {"active_requests": engine.active_requests, "queued_requests": engine.queued_requests,
-                "open_connections": len(drain.connections)}
-
-    telemetry.metrics.observe(current_stats)
+    telemetry.metrics.observe(lambda: _load(engine, drain))
     engine.batch_listeners.append(lambda size: telemetry.metrics.batch_size.record(size))
     engine.ready_listeners.append(lambda model: setattr(telemetry, "model_name", model.name))
+    app = Starlette(
+        routes=[
+            Route("/", _index),
+            *_health_routes(engine, drain),
+            *_info_routes(settings, engine, telemetry, drain),
+            WebSocketRoute(WS_PATH, _websocket_endpoint(settings, policy, service, drain)),
+            *openai_routes(service, policy, settings.max_message_bytes),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        lifespan=_lifespan(settings, engine, telemetry),
+        middleware=[Middleware(_RequireKey, policy=policy)],
+    )
+    app.state.drain = drain
+    return app
+
+
+async def _index(request: Request) -> FileResponse:
+    return FileResponse(STATIC / "index.html")
+
+
+def _lifespan(settings: Settings, engine: Engine, telemetry: Telemetry):
+    """Start the engine with the app (it loads and warms up in its own thread); stop both with it."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -67,9 +81,16 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
             await asyncio.to_thread(engine.stop)
             await asyncio.to_thread(telemetry.shutdown)
 
-    async def index(request: Request) -> FileResponse:
-        return FileResponse(STATIC / "index.html")
+    return lifespan
 
+
+def _load(engine: Engine, drain: Drain) -> dict[str, int]:
+    """What the server holds now: /v1/stats and the metrics' gauges."""
+    return {"active_requests": engine.active_requests, "queued_requests": engine.queued_requests,
+            "open_connections": len(drain.connections)}
+
+
+def _health_routes(engine: Engine, drain: Drain) -> list[Route]:
     async def live(request: Request) -> JSONResponse:
         return JSONResponse({"status": "live"})
 
@@ -81,6 +102,10 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
             body["error"] = engine.failure
         return JSONResponse(body, status_code=200 if engine.state == EngineState.READY else 503)
 
+    return [Route("/health/live", live), Route("/health/ready", ready)]
+
+
+def _info_routes(settings: Settings, engine: Engine, telemetry: Telemetry, drain: Drain) -> list[Route]:
     async def models(request: Request) -> JSONResponse:
         model = engine.model
         if model is None:
@@ -89,20 +114,12 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
         return JSONResponse({
             "object": "list",
             "data": [{
-                "id": model.manifest.model,
-                "object": "model",
-                "created": model.created,
-                "owned_by": "streamgen",
-                "context_length": model.context_length,
-                "device": str(model.runner.device),
-                "provider": model.provider,
-                "quantization": model.manifest.quantization,
-                "precision": model.manifest.precision,
-                "kv_cache": model.manifest.kv_cache,
-                "graph": model.manifest.graph,
-                "max_batch": model.runner.max_slots,
-                "batch_invariant": engine.batch_invariant,
-                "kv_cache_bytes": model.kv_bytes,
+                "id": model.manifest.model, "object": "model", "created": model.created, "owned_by": "streamgen",
+                "context_length": model.context_length, "device": str(model.runner.device),
+                "provider": model.provider, "quantization": model.manifest.quantization,
+                "precision": model.manifest.precision, "kv_cache": model.manifest.kv_cache,
+                "graph": model.manifest.graph, "max_batch": model.runner.max_slots,
+                "batch_invariant": engine.batch_invariant, "kv_cache_bytes": model.kv_bytes,
             }],
             "websocket": {"path": WS_PATH, "protocol_version": PROTOCOL_VERSION},
             "ui": {"jaeger_url": settings.jaeger_url},
@@ -117,25 +134,30 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
         if settings.price_per_hour is not None:
             cost = window.cost_per_million_tokens(settings.price_per_hour)
             last_minute["cost_per_million_output_tokens_usd"] = None if cost is None else round(cost, 4)
-        return JSONResponse({"state": str(engine.state), **current_stats(), "max_batch_size_seen": engine.max_batch_seen,
-                             "last_minute": last_minute, "memory": memory_mib(engine.model)})
+        return JSONResponse({"state": str(engine.state), **_load(engine, drain),
+                             "max_batch_size_seen": engine.max_batch_seen, "last_minute": last_minute,
+                             "memory": memory_mib(engine.model)})
 
     async def metrics(request: Request) -> Response:
         return Response(telemetry.metrics.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
 
+    return [Route("/v1/models", models), Route("/v1/stats", stats), Route("/metrics", metrics)]
+
+
+def _websocket_endpoint(settings: Settings, policy: AccessPolicy, service: RequestService, drain: Drain):
     async def websocket(ws: WebSocket) -> None:
-        refusal = policy.check_websocket(ws.headers, ws.scope.get("subprotocols", []))
+        offered = ws.scope.get("subprotocols", [])
+        refusal = policy.check_websocket(ws.headers, offered)
         if refusal is None and drain.started:
             refusal = Refusal(503, "shutting_down", SHUTTING_DOWN_MESSAGE)
         if refusal is None and len(drain.connections) >= settings.max_connections:
             refusal = Refusal(503, "too_many_connections",
                               f"the server holds its maximum of {settings.max_connections} connections; retry later")
         if refusal is not None:
-            telemetry.rejected_early(None, refusal.code, refusal.message, None)
+            service.refuse(refusal.code, refusal.message)
             await _deny(ws, refusal)
             return
-        caller = _caller(policy.key_id(ws.headers, ws.scope.get("subprotocols", [])), ws.client,
-                         ws.headers.get("traceparent"))
+        caller = policy.caller(ws.headers, ws.client.host if ws.client else None, offered)
         connection = Connection(ws, service, settings, caller)
         drain.connections.add(connection)
         try:
@@ -143,23 +165,7 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
         finally:
             drain.connections.discard(connection)
 
-    app = Starlette(
-        routes=[
-            Route("/", index),
-            Route("/health/live", live),
-            Route("/health/ready", ready),
-            Route("/v1/models", models),
-            Route("/v1/stats", stats),
-            Route("/metrics", metrics),
-            WebSocketRoute(WS_PATH, websocket),
-            *openai_routes(service, policy, settings.max_message_bytes),
-            Mount("/static", StaticFiles(directory=STATIC), name="static"),
-        ],
-        lifespan=lifespan,
-        middleware=[Middleware(_RequireKey, policy=policy)],
-    )
-    app.state.drain = drain
-    return app
+    return websocket
 
 
 # The browser client's files (/, /static) carry no data and must load before
@@ -193,27 +199,6 @@ async def _deny(ws: WebSocket, refusal: Refusal) -> None:
             JSONResponse({"error": {"code": refusal.code, "message": refusal.message}}, status_code=refusal.status))
     else:
         await ws.close(code=1008 if refusal.status in (401, 403) else 1013, reason=refusal.message[:120])
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Refuse at once, before any model is pulled or loaded, when another process holds host:port."""
-    if port == 0:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is fine
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); stop what uses that port, or "
-                              "choose another with --port") from None
-
-
-def _caller(key: str | None, client, traceparent: str | None) -> Caller:
-    """Rate limits count per API key when keys are in use, else per peer address; each key's requests
-    reuse only the KV cache its own requests left (docs/security.md)."""
-    identity = f"key:{key}" if key else "addr:" + (client.host if client else "unknown")
-    return Caller(identity, key or "", traceparent)
 
 
 def memory_mib(model: LoadedModel | None) -> dict[str, float | None]:

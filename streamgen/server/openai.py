@@ -25,7 +25,8 @@ from streamgen.errors import ValidationError
 from streamgen.server import openai_schema as api
 from streamgen.server.openai_schema import ApiRequest, Tokens
 from streamgen.server.security import AccessPolicy
-from streamgen.server.service import Caller, Generation, RequestRefused, RequestService
+from streamgen.server.service import Generation, RequestRefused, RequestService
+from streamgen.server.spec import parse_json
 
 _SSE_PING_S = 15  # keeps idle proxies from closing a stream that waits in the queue
 
@@ -41,10 +42,9 @@ def openai_routes(service: RequestService, policy: AccessPolicy, max_body_bytes:
         try:
             parsed = parse(await _read_json(request, max_body_bytes))
         except ValidationError as exc:
-            return error_response(exc.code, exc.message, exc.param)
-        key = policy.key_id(request.headers)
-        caller = Caller(f"key:{key}" if key else "addr:" + (request.client.host if request.client else "unknown"),
-                        key or "", request.headers.get("traceparent"))
+            refused = service.refuse(exc.code, exc.message, exc.param)
+            return error_response(refused.code, refused.message, refused.param)
+        caller = policy.caller(request.headers, request.client.host if request.client else None)
         try:
             generation = service.start(parsed.spec, caller)
         except RequestRefused as refused:
@@ -83,14 +83,7 @@ async def _read_json(request: Request, limit: int) -> Any:
         body += part
         if len(body) > limit:
             raise ValidationError(f"the request body is larger than {limit} bytes", code="payload_too_large")
-    try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise ValidationError(f"the request body is not valid JSON: {str(exc)[:120]}", code="invalid_json") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+    return parse_json(bytes(body))
 
 
 # ---- one JSON response ------------------------------------------------------------
@@ -112,7 +105,7 @@ async def _whole(request: Request, parsed: ApiRequest, generation: Generation, t
                 raise _Failed(event)
     finally:
         watcher.cancel()
-    choices = [_whole_choice(parsed, i, finals[i], logprobs[i]) for i in range(generation.choices)]
+    choices = [api.whole_choice(parsed, i, finals[i], logprobs[i]) for i in range(generation.choices)]
     return api.response(parsed, generation.started.model, choices,
                         api.usage(generation.started.prompt_tokens, list(finals.values()), price))
 
@@ -127,27 +120,6 @@ async def _cancel_on_disconnect(request: Request, generation: Generation) -> Non
     while (await request.receive())["type"] != "http.disconnect":
         pass
     generation.cancel()
-
-
-def _whole_choice(parsed: ApiRequest, index: int, final: FinishEvent, logprobs: list[dict[str, Any]]
-                  ) -> dict[str, Any]:
-    reason = api.finish_reason(final)
-    if parsed.kind == "chat":
-        return {"index": index, "message": {"role": "assistant", "content": final.text},
-                "logprobs": {"content": logprobs} if parsed.spec.params.logprobs else None, "finish_reason": reason}
-    return {"index": index, "text": final.text, "logprobs": _legacy_logprobs(logprobs, final.text)
-            if parsed.spec.params.logprobs else None, "finish_reason": reason}
-
-
-def _legacy_logprobs(entries: list[dict[str, Any]], text: str) -> dict[str, Any]:
-    """The completions API's older shape: parallel lists, alternatives as {token: logprob}."""
-    offsets, at = [], 0
-    for e in entries:
-        offsets.append(at)
-        at += len(e["token"])
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
-            "text_offset": offsets}
 
 
 # ---- a stream ------------------------------------------------------------------
@@ -192,5 +164,5 @@ def _delta(chat: bool, choice: int, text: str, logprob: dict[str, Any] | None) -
     if chat:
         return {"index": choice, "delta": {"content": text},
                 "logprobs": {"content": [logprob]} if logprob else None, "finish_reason": None}
-    legacy = _legacy_logprobs([logprob], text) if logprob else None
+    legacy = api.legacy_logprobs([logprob], text) if logprob else None
     return {"index": choice, "text": text, "logprobs": legacy, "finish_reason": None}

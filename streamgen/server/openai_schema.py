@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamgen.engine.params import SamplingParams
-from streamgen.engine.request import FinishEvent, TokenEvent
+from streamgen.engine.request import FinishEvent, FinishReason, TokenEvent
 from streamgen.errors import ERROR_CODES, ValidationError
 from streamgen.server.spec import RequestSpec, parse_messages, parse_n, parse_prompt, parse_truncate
 
@@ -224,9 +224,42 @@ def usage(prompt_tokens: int, finals: list[FinishEvent], price_per_hour: float |
     return body
 
 
+# The engine's finish reasons as the API names them (docs/openai.md, "Finish reasons"). An engine error is
+# never a finish reason: the request answers with an error object instead (a status, or an `error` event
+# in a stream). A cancelled choice keeps its own name, as vLLM's "abort" does, rather than pass for a
+# natural stop: the client that cancelled by leaving never reads it, but batch output lines, logs and the
+# other choices' readers do.
+FINISH_REASONS: dict[FinishReason, str] = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.CANCELLED: "cancelled",
+}
+
+
 def finish_reason(event: FinishEvent) -> str:
-    # A cancelled request has no client left to read this; "stop" keeps the value within the API's set.
-    return "length" if event.finish_reason == "length" else "stop"
+    return FINISH_REASONS[event.finish_reason]
+
+
+def whole_choice(parsed: ApiRequest, index: int, final: FinishEvent, logprobs: list[dict[str, Any]]
+                 ) -> dict[str, Any]:
+    """One choice of a whole (non-streamed) response, chat or legacy completion."""
+    reason = finish_reason(final)
+    if parsed.kind == "chat":
+        return {"index": index, "message": {"role": "assistant", "content": final.text},
+                "logprobs": {"content": logprobs} if parsed.spec.params.logprobs else None, "finish_reason": reason}
+    return {"index": index, "text": final.text, "logprobs": legacy_logprobs(logprobs, final.text)
+            if parsed.spec.params.logprobs else None, "finish_reason": reason}
+
+
+def legacy_logprobs(entries: list[dict[str, Any]], text: str) -> dict[str, Any]:
+    """The completions API's older shape: parallel lists, alternatives as {token: logprob}."""
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
 def chunk(request: ApiRequest, model: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -7,7 +7,6 @@ read. See docs/protocol.md.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
 from streamgen.errors import ValidationError
 from streamgen.server.service import Started
-from streamgen.server.spec import RequestSpec, parse_messages, parse_prompt, parse_truncate
+from streamgen.server.spec import RequestSpec, parse_json, parse_messages, parse_prompt, parse_truncate
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
@@ -56,15 +55,11 @@ class Ping:
 ClientMessage = Generate | Cancel | Ping
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_client_message(text: str) -> ClientMessage:
     try:
-        raw = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"the message is not valid JSON: {str(exc)[:120]}", code="invalid_json") from None
+        raw = parse_json(text, "the message")
+    except ValidationError as exc:
+        raise ProtocolError(exc.message, code=exc.code) from None
     if not isinstance(raw, dict):
         raise ProtocolError(f"a message must be a JSON object, got {type(raw).__name__}", code="invalid_message")
     kind = raw.get("type")
@@ -121,64 +116,97 @@ def _only(raw: Mapping[str, Any], allowed: set[str], request_id: str | None) -> 
                             request_id=request_id)
 
 
-# ---- server -> client ---------------------------------------------------------
+# ---- server -> client: typed messages ----------------------------------------------------------------------
 
 
-def start_message(started: Started) -> dict[str, Any]:
-    msg: dict[str, Any] = {"type": "start", "id": started.request_id, "prompt_tokens": started.prompt_tokens}
-    if started.trace_id:
-        msg["trace_id"] = started.trace_id
-    if started.truncated_messages is not None:
-        msg["truncated_messages"] = started.truncated_messages
-    return msg
+@dataclass(frozen=True, slots=True)
+class StartMessage:
+    started: Started
+
+    def payload(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"type": "start", "id": self.started.request_id,
+                               "prompt_tokens": self.started.prompt_tokens}
+        if self.started.trace_id:
+            msg["trace_id"] = self.started.trace_id
+        if self.started.truncated_messages is not None:
+            msg["truncated_messages"] = self.started.truncated_messages
+        return msg
 
 
-def token_message(request_id: str, event: TokenEvent) -> dict[str, Any]:
-    msg: dict[str, Any] = {"type": "token", "id": request_id, "index": event.index, "token_id": event.token_id,
-                           "text": event.text}
-    if event.logprob is not None:
-        msg["logprob"] = round(event.logprob, 6)
-    if event.top_logprobs is not None:
-        msg["top_logprobs"] = [{"token_id": t, "logprob": round(lp, 6)} for t, lp in event.top_logprobs]
-    return msg
+@dataclass(frozen=True, slots=True)
+class TokenMessage:
+    request_id: str
+    event: TokenEvent
+
+    def payload(self) -> dict[str, Any]:
+        event = self.event
+        msg: dict[str, Any] = {"type": "token", "id": self.request_id, "index": event.index,
+                               "token_id": event.token_id, "text": event.text}
+        if event.logprob is not None:
+            msg["logprob"] = round(event.logprob, 6)
+        if event.top_logprobs is not None:
+            msg["top_logprobs"] = [{"token_id": t, "logprob": round(lp, 6)} for t, lp in event.top_logprobs]
+        return msg
 
 
-def done_message(request_id: str, event: FinishEvent, price_per_hour: float | None = None) -> dict[str, Any]:
-    t = event.timings
-    msg = {
-        "type": "done",
-        "id": request_id,
-        "finish_reason": str(event.finish_reason),
-        "tail": event.tail,
-        "text": event.text,
-        "usage": {"prompt_tokens": event.usage.prompt_tokens, "completion_tokens": event.usage.completion_tokens,
-                  "cached_tokens": event.usage.cached_tokens},
-        "timings": {
-            "queue_ms": round(t.queue_s * 1000, 2),
-            "time_to_first_token_ms": round(t.time_to_first_token_s * 1000, 2),
-            "prefill_ms": round(t.prefill_s * 1000, 2),
-            "prefill_tokens": t.prefill_tokens,
-            "decode_tokens_per_s": round(t.decode_tokens_per_s, 2),
-            "total_ms": round(t.total_s * 1000, 2),
-        },
-        "seed": event.seed,
-    }
-    if (cost := event.usage.cost_usd(price_per_hour)) is not None:
-        msg["usage"]["cost_usd"] = round(cost, 9)
-    return msg
+@dataclass(frozen=True, slots=True)
+class DoneMessage:
+    request_id: str
+    event: FinishEvent
+    price_per_hour: float | None = None
+
+    def payload(self) -> dict[str, Any]:
+        event, t = self.event, self.event.timings
+        usage: dict[str, Any] = {"prompt_tokens": event.usage.prompt_tokens,
+                                 "completion_tokens": event.usage.completion_tokens,
+                                 "cached_tokens": event.usage.cached_tokens}
+        if (cost := event.usage.cost_usd(self.price_per_hour)) is not None:
+            usage["cost_usd"] = round(cost, 9)
+        return {
+            "type": "done",
+            "id": self.request_id,
+            "finish_reason": str(event.finish_reason),
+            "tail": event.tail,
+            "text": event.text,
+            "usage": usage,
+            "timings": {
+                "queue_ms": round(t.queue_s * 1000, 2),
+                "time_to_first_token_ms": round(t.time_to_first_token_s * 1000, 2),
+                "prefill_ms": round(t.prefill_s * 1000, 2),
+                "prefill_tokens": t.prefill_tokens,
+                "decode_tokens_per_s": round(t.decode_tokens_per_s, 2),
+                "total_ms": round(t.total_s * 1000, 2),
+            },
+            "seed": event.seed,
+        }
 
 
-def error_message(request_id: str | None, code: str, message: str, param: str | None = None,
-                  **extra: Any) -> dict[str, Any]:
-    msg: dict[str, Any] = {"type": "error", "id": request_id, "code": code, "message": message, "param": param}
-    msg.update(extra)
-    return msg
+@dataclass(frozen=True, slots=True)
+class ErrorMessage:
+    request_id: str | None
+    code: str
+    message: str
+    param: str | None = None
+    retry_after_ms: int | None = None
+
+    @classmethod
+    def of_event(cls, request_id: str, event: ErrorEvent) -> ErrorMessage:
+        return cls(request_id, event.code, event.message, retry_after_ms=event.retry_after_ms)
+
+    def payload(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"type": "error", "id": self.request_id, "code": self.code, "message": self.message,
+                               "param": self.param}
+        if self.retry_after_ms is not None:
+            msg["retry_after_ms"] = self.retry_after_ms
+        return msg
 
 
-def engine_error_message(request_id: str, event: ErrorEvent) -> dict[str, Any]:
-    extra = {"retry_after_ms": event.retry_after_ms} if event.retry_after_ms is not None else {}
-    return error_message(request_id, event.code, event.message, **extra)
+@dataclass(frozen=True, slots=True)
+class PongMessage:
+    ping_id: str | None
+
+    def payload(self) -> dict[str, Any]:
+        return {"type": "pong", "id": self.ping_id} if self.ping_id else {"type": "pong"}
 
 
-def pong_message(ping_id: str | None) -> dict[str, Any]:
-    return {"type": "pong", "id": ping_id} if ping_id else {"type": "pong"}
+ServerMessage = StartMessage | TokenMessage | DoneMessage | ErrorMessage | PongMessage

@@ -33,6 +33,15 @@ _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
 @dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request, as the transport knows them."""
+
+    client: str  # rate-limit identity: "key:<digest>" or "addr:<ip>"
+    namespace: str = ""  # prefix-cache isolation: the API key's digest, "" when the server is open
+    traceparent: str | None = None  # the connection's or HTTP request's trace context, if the spec has none
+
+
+@dataclass(frozen=True, slots=True)
 class Refusal:
     status: int  # HTTP status of the refused handshake or request
     code: str
@@ -45,10 +54,6 @@ class AccessPolicy:
             api_keys = [api_keys]
         self._keys = [k.encode() for k in api_keys or ()]
         self._origins = {o.strip().rstrip("/") for o in allowed_origins.split(",") if o.strip()}
-
-    @property
-    def requires_key(self) -> bool:
-        return bool(self._keys)
 
     def check_http(self, headers: Headers) -> Refusal | None:
         if not self._keys or self.key_id(headers) is not None:
@@ -64,6 +69,14 @@ class AccessPolicy:
         if not self._keys or self.key_id(headers, offered) is not None:
             return None
         return _missing_or_wrong(next((c for c in _candidates(headers, offered) if c), None))
+
+    def caller(self, headers: Headers, peer: str | None, offered: Sequence[str] = ()) -> Caller:
+        """The one rule for who a request is: rate limits count per API key when keys are in use, else per
+        address (the peer, as the server resolved it from a trusted proxy's X-Forwarded-For); each key's
+        requests reuse only the KV cache its own requests left (docs/security.md)."""
+        key = self.key_id(headers, offered)
+        identity = f"key:{key}" if key else f"addr:{peer or 'unknown'}"
+        return Caller(identity, key or "", headers.get("traceparent"))
 
     def key_id(self, headers: Headers, offered: Sequence[str] = ()) -> str | None:
         """A short digest naming the valid key the caller sent, or None (no key required, or none valid)."""

@@ -9,6 +9,7 @@ is checked later, once, by the engine's prepare_request.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,18 @@ class RequestSpec:
             return self.prompt
         users = [m.content for m in self.messages or () if m.role == "user"]
         return users[-1] if users else ""
+
+
+def parse_json(text: str | bytes, what: str = "the request body") -> Any:
+    """Untrusted JSON, strictly: NaN and Infinity are not JSON, and nesting too deep to parse is refused."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ValidationError(f"{what} is not valid JSON: {str(exc)[:120]}", code="invalid_json") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def require_unicode(text: str, what: str, param: str | None = None) -> None:

@@ -1,10 +1,17 @@
 """One WebSocket connection: a reader loop, a writer loop, a task per request.
 
 The reader parses each frame and dispatches it at once, so a `ping` or a
-`cancel` is handled while generations stream. Every outgoing message goes
-through one queue to one writer, so messages of concurrent requests never
-interleave mid-frame. When the client goes away, every request it had in
-flight is cancelled; the engine drops them within one step.
+`cancel` is handled while generations stream. Every outgoing message is a
+typed value (server/protocol.py) that goes through one bounded queue to one
+writer, so messages of concurrent requests never interleave mid-frame. When
+the client goes away, every request it had in flight is cancelled; the
+engine drops them within one step.
+
+A client that stops reading: the network buffers fill, the writer waits,
+and messages pile up in the queue. When `--max-unsent-messages` are waiting,
+the connection is closed with 1008 (policy violation) and its requests are
+cancelled at once, so a stalled client holds no slots and no memory that
+grows with its requests (docs/protocol.md, "Slow readers").
 """
 
 from __future__ import annotations
@@ -13,22 +20,43 @@ import asyncio
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
+import structlog
 from starlette.websockets import WebSocket, WebSocketState
 
 from streamgen.config import Settings
 from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
-from streamgen.server import protocol
-from streamgen.server.protocol import Cancel, Generate, Ping, ProtocolError
-from streamgen.server.security import SUBPROTOCOL
-from streamgen.server.service import Caller, Generation, RequestRefused, RequestService
+from streamgen.server.protocol import (
+    Cancel,
+    DoneMessage,
+    ErrorMessage,
+    Generate,
+    Ping,
+    PongMessage,
+    ProtocolError,
+    ServerMessage,
+    StartMessage,
+    TokenMessage,
+    parse_client_message,
+)
+from streamgen.server.security import SUBPROTOCOL, Caller
+from streamgen.server.service import Generation, RequestRefused, RequestService
 
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
 CLOSE_NORMAL = 1000
-_CLOSE = object()  # writer sentinel: flush, then close the socket
+CLOSE_POLICY = 1008
 _RECENT = 256  # finished request ids remembered per connection
+
+log = structlog.get_logger("streamgen.server")
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the socket after every message queued before it has been sent."""
+
+    code: int
+    reason: str
 
 
 @dataclass(slots=True)
@@ -45,10 +73,12 @@ class Connection:
         # A traceparent on the handshake parents every request of the connection
         # that does not bring its own (the caller carries it).
         self.caller = caller
-        self._out: asyncio.Queue[Any] = asyncio.Queue()
+        self._out: asyncio.Queue[ServerMessage | Close] = asyncio.Queue(maxsize=settings.max_unsent_messages)
+        self._writer: asyncio.Task | None = None
+        self._closing = False
         self._inflight: dict[str, _InFlight] = {}
         # A cancel can cross the request's final message on the wire; cancelling a
-        # request that has just finished is then a no-op, not an error.
+        # request that has just finished is then a no-op: its final message is the answer.
         self._recently_finished: OrderedDict[str, None] = OrderedDict()
 
     @property
@@ -57,20 +87,30 @@ class Connection:
 
     def close(self, code: int, reason: str) -> None:
         """Close after every message already queued has been sent."""
-        self._out.put_nowait((_CLOSE, code, reason))
+        self._send(Close(code, reason))
 
     async def serve(self) -> None:
         offered = self.ws.scope.get("subprotocols", [])
         await self.ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
-        writer = asyncio.create_task(self._write_loop())
+        self._writer = asyncio.create_task(self._write_loop())
         try:
             await self._read_loop()
         finally:
-            for item in self._inflight.values():
-                item.generation.cancel()  # the engine stops them within one step
-                item.task.cancel()
-            self._out.put_nowait(None)
-            await asyncio.gather(writer, *(i.task for i in self._inflight.values()), return_exceptions=True)
+            self._cancel_all()
+            self._stop_writer()
+            await asyncio.gather(self._writer, *(i.task for i in self._inflight.values()), return_exceptions=True)
+
+    def _stop_writer(self) -> None:
+        """The client is gone: the writer stops at its next message (it sends nothing to a closed socket)."""
+        try:
+            self._out.put_nowait(Close(CLOSE_GOING_AWAY, "client gone"))
+        except asyncio.QueueFull:
+            self._writer.cancel()  # a stalled writer: nothing it holds will be read
+
+    def _cancel_all(self) -> None:
+        for item in self._inflight.values():
+            item.generation.cancel()  # the engine stops them within one step
+            item.task.cancel()
 
     # ---- reading -------------------------------------------------------------
 
@@ -88,21 +128,24 @@ class Connection:
                 return
             text = message.get("text")
             if text is None:
-                self._send(protocol.error_message(
-                    None, "binary_not_supported", "binary frames are not supported; send JSON text frames"))
+                self._refuse(None, code="binary_not_supported",
+                             message="binary frames are not supported; send JSON text frames")
                 continue
             if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
                 await self.ws.close(CLOSE_TOO_BIG, f"message larger than {limit} bytes")
                 return
             try:
-                self._dispatch(protocol.parse_client_message(text))
+                self._dispatch(parse_client_message(text))
             except ProtocolError as exc:
-                self.service.telemetry.rejected_early(exc.request_id, exc.code, exc.message, exc.param)
-                self._send(protocol.error_message(exc.request_id, exc.code, exc.message, exc.param))
+                self._refuse(exc.request_id, exc.code, exc.message, exc.param)
+
+    def _refuse(self, request_id: str | None, code: str, message: str, param: str | None = None) -> None:
+        refused = self.service.refuse(code, message, param, request_id)
+        self._send(ErrorMessage(request_id, refused.code, refused.message, refused.param))
 
     def _dispatch(self, msg: Generate | Cancel | Ping) -> None:
         if isinstance(msg, Ping):
-            self._send(protocol.pong_message(msg.id))
+            self._send(PongMessage(msg.id))
         elif isinstance(msg, Cancel):
             item = self._inflight.get(msg.id)
             if item is None and msg.id in self._recently_finished:
@@ -125,10 +168,9 @@ class Connection:
         try:
             generation = self.service.start(msg.spec, self.caller)
         except RequestRefused as refused:
-            extra = {"retry_after_ms": refused.retry_after_ms} if refused.retry_after_ms is not None else {}
-            self._send(protocol.error_message(msg.id, refused.code, refused.message, refused.param, **extra))
+            self._send(ErrorMessage(msg.id, refused.code, refused.message, refused.param, refused.retry_after_ms))
             return
-        self._send(protocol.start_message(generation.started))
+        self._send(StartMessage(generation.started))
         task = asyncio.create_task(self._stream(msg.id, generation))
         self._inflight[msg.id] = _InFlight(generation, task)
 
@@ -138,28 +180,53 @@ class Connection:
         try:
             async for _, event in generation.events():
                 if isinstance(event, TokenEvent):
-                    self._send(protocol.token_message(request_id, event))
+                    self._send(TokenMessage(request_id, event))
                 elif isinstance(event, FinishEvent):
-                    self._send(protocol.done_message(request_id, event, self.service.price_per_hour))
+                    self._send(DoneMessage(request_id, event, self.service.price_per_hour))
                 elif isinstance(event, ErrorEvent):
-                    self._send(protocol.engine_error_message(request_id, event))
+                    self._send(ErrorMessage.of_event(request_id, event))
         finally:
             self._inflight.pop(request_id, None)
             self._recently_finished[request_id] = None
             while len(self._recently_finished) > _RECENT:
                 self._recently_finished.popitem(last=False)
 
-    def _send(self, message: dict[str, Any]) -> None:
-        self._out.put_nowait(message)
+    def _send(self, message: ServerMessage | Close) -> None:
+        if self._closing:
+            return
+        if isinstance(message, Close):
+            self._closing = True
+        try:
+            self._out.put_nowait(message)
+        except asyncio.QueueFull:
+            self._stalled()
+
+    def _stalled(self) -> None:
+        """The client has left max_unsent_messages unread: close it now, and free what it holds."""
+        self._closing = True
+        log.warning("connection.slow_reader", unsent=self._out.qsize(), requests=len(self._inflight),
+                    client=self.caller.client)
+        self._cancel_all()
+        if self._writer is not None:
+            self._writer.cancel()  # it waits on a send the client will not read
+        reason = f"{self._out.qsize()} messages unread; the client must read what it asked for"
+        asyncio.get_running_loop().create_task(self._close_now(CLOSE_POLICY, reason))
+
+    async def _close_now(self, code: int, reason: str) -> None:
+        try:
+            await self.ws.close(code, reason)
+        except Exception:  # noqa: BLE001 - the peer is gone or the socket already closing
+            pass
 
     async def _write_loop(self) -> None:
-        while (message := await self._out.get()) is not None:
+        while True:
+            message = await self._out.get()
             if self.ws.client_state != WebSocketState.CONNECTED:
                 return
             try:
-                if isinstance(message, tuple) and message[0] is _CLOSE:
-                    await self.ws.close(message[1], message[2])
+                if isinstance(message, Close):
+                    await self.ws.close(message.code, message.reason)
                     return
-                await self.ws.send_text(json.dumps(message, ensure_ascii=False))
+                await self.ws.send_text(json.dumps(message.payload(), ensure_ascii=False))
             except Exception:  # noqa: BLE001 - the peer is gone; the reader sees the disconnect
                 return
