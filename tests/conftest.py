@@ -41,7 +41,7 @@ CPU = Device("cpu")
 
 REAL_FIXTURES = {"real_cache", "real_model_dir", "real_default_dir", "real_plain_dir", "real_model", "real_server"}
 TINY_FIXTURES = {"tiny_hf_dir", "tiny_cache", "tiny_model_dir", "tiny_plain_dir", "tiny_model", "keyed_server",
-                 "tiny_build_dir"}
+                 "tiny_build_dir", "tiny_server"}
 # The export toolchain: what the unit tier must run without.
 TOOLCHAIN = ("torch", "transformers", "optimum", "onnx", "gguf", "accelerate")
 
@@ -207,14 +207,27 @@ API_KEY = "test-api-key_0123456789"
 
 
 @pytest.fixture(scope="session")
-def keyed_server(tiny_model_dir: Path, tiny_cache: CacheLayout, tiny_hf_dir: Path) -> Iterator[ServerProcess]:
-    """The tiny model behind an API key."""
-    server = ServerProcess(tiny_cache.home, "--model", str(tiny_hf_dir), "--quantize", "none", "--api-key", API_KEY)
-    try:
+def tiny_server(tiny_model_dir: Path, tiny_cache: CacheLayout, tiny_hf_dir: Path) -> Iterator:
+    """Start `streamgen serve` on the tiny model with extra flags, ready: tiny_server("--api-key", KEY). A server
+    is stopped when the `with` block around it ends, or at the end of the session."""
+    started: list[ServerProcess] = []
+
+    def start(*extra: str, env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(tiny_cache.home, "--model", str(tiny_hf_dir), "--quantize", "none", *extra, env=env)
+        started.append(server)
         server.wait_ready()
-        yield server
-    finally:
+        return server
+
+    yield start
+    for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tiny_server) -> Iterator[ServerProcess]:
+    """The tiny model behind an API key."""
+    with tiny_server("--api-key", API_KEY) as server:
+        yield server
 
 
 FINISHED = "['stop', 'length'].includes(document.getElementById('finish').textContent)"

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
 
 from streamgen.engine.generate import generate
 from streamgen.engine.request import GenerationRequest, TokenEvent
 from streamgen.models.progress import StageProgress
+
+T = TypeVar("T")
 
 
 def generate_frame(rid: str, prompt: str | None = "Hello world", *, messages: list[dict] | None = None,
@@ -57,12 +63,37 @@ def check_stream(msgs: list[dict]) -> dict:
     return done
 
 
+def wait_until(condition: Callable[[], T], timeout: float = 10, what: str = "the condition",
+               interval: float = 0.02) -> T:
+    """Poll condition() until it returns something truthy, and return that; fail the test naming `what` when
+    `timeout` seconds pass first. The one way a test waits for something that happens on its own time."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:g} s")
+        time.sleep(interval)
+    return value
+
+
+async def await_until(condition: Callable[[], Awaitable[T]], timeout: float = 10, what: str = "the condition",
+                      interval: float = 0.02) -> T:
+    """wait_until for a coroutine condition, from async code."""
+    deadline = time.monotonic() + timeout
+    while not (value := await condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:g} s")
+        await asyncio.sleep(interval)
+    return value
+
+
+def idle(stats: dict) -> bool:
+    """A server's /v1/stats says nothing runs or waits."""
+    return not (stats["active_requests"] or stats["queued_requests"])
+
+
 def wait_ready(client, timeout: float = 30) -> None:
     """Until the app behind a Starlette test client says it is ready."""
-    deadline = time.monotonic() + timeout
-    while client.get("/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, "engine never became ready"
-        time.sleep(0.05)
+    wait_until(lambda: client.get("/health/ready").status_code == 200, timeout, "the engine becoming ready", 0.05)
 
 
 def quiet() -> StageProgress:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from streamgen.bench import peers
+from streamgen.bench import llama_server as llama
+from streamgen.bench.peers import measure, workload
 from streamgen.bench.clients import Streamed
 from streamgen.errors import ConfigError
 
@@ -102,7 +103,7 @@ def test_peers_bench_end_to_end_without_llama_server(tiny_hf_dir, tiny_model_dir
     what the server reported, and the arrive-together share measured against the engine in-process."""
     from streamgen.cli import main
 
-    monkeypatch.delenv(peers.LLAMA_SERVER_ENV, raising=False)
+    monkeypatch.delenv(llama.LLAMA_SERVER_ENV, raising=False)
     out, png = tmp_path / "peers.json", tmp_path / "peers.png"
     assert main(["bench", "peers", "--model", str(tiny_hf_dir), "--home", str(tiny_cache.home),
                  "--levels", "1,2", "--duration", "2", "--rounds", "1", "--prompt-tokens", "5,20,40",
@@ -182,22 +183,22 @@ def test_peers_bench_with_a_stand_in_llama_server_over_sse(tiny_hf_dir, tiny_mod
 
 
 def test_llama_server_command_line() -> None:
-    cmd = peers.llama_server_command(Path("/opt/llama-server"), Path("/tmp/m.gguf"), 4321, context=32768,
+    cmd = llama.llama_server_command(Path("/opt/llama-server"), Path("/tmp/m.gguf"), 4321, context=32768,
                                      parallel=16, threads=2)
     assert cmd == ["/opt/llama-server", "-m", "/tmp/m.gguf", "-c", "32768", "-np", "16", "-t", "2",
                    "--host", "127.0.0.1", "--port", "4321"]
-    auto = peers.llama_server_command(Path("ls"), Path("m.gguf"), 1, context=2048, parallel=1, threads=0)
+    auto = llama.llama_server_command(Path("ls"), Path("m.gguf"), 1, context=2048, parallel=1, threads=0)
     assert "-t" not in auto, "threads 0 leaves the choice to llama-server"
 
 
 def test_request_bodies() -> None:
-    body = peers.llama_body("Hello there", 64, cache_prompt=False)
+    body = workload.llama_body("Hello there", 64, cache_prompt=False)
     assert body == {"model": "bench", "messages": [{"role": "user", "content": "Hello there"}], "temperature": 0,
                     "max_tokens": 64, "ignore_eos": True, "cache_prompt": False}
-    assert peers.llama_body("x", 32, cache_prompt=True)["cache_prompt"] is True
-    ours = peers.streamgen_body("Hello there", 64)
+    assert workload.llama_body("x", 32, cache_prompt=True)["cache_prompt"] is True
+    ours = workload.streamgen_body("Hello there", 64)
     assert {k: v for k, v in body.items() if k != "cache_prompt"} == ours, "the same request to both servers"
-    frame = peers.streamgen_frame("c0-1", "Hello there", 64)
+    frame = workload.streamgen_frame("c0-1", "Hello there", 64)
     assert frame == {"type": "generate", "id": "c0-1", "messages": ours["messages"],
                      "params": {"temperature": 0, "max_tokens": 64, "ignore_eos": True}}
 
@@ -209,25 +210,25 @@ def test_llama_server_from_the_flag_or_the_environment(tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.write_text("#!/bin/sh\n")
     other.chmod(0o755)
-    assert peers.resolve_llama_server(None, {}) is None
-    assert peers.resolve_llama_server(None, {peers.LLAMA_SERVER_ENV: ""}) is None
-    assert peers.resolve_llama_server(None, {peers.LLAMA_SERVER_ENV: str(exe)}) == exe
-    assert peers.resolve_llama_server(str(other), {peers.LLAMA_SERVER_ENV: str(exe)}) == other, "the flag wins"
+    assert llama.resolve_llama_server(None, {}) is None
+    assert llama.resolve_llama_server(None, {llama.LLAMA_SERVER_ENV: ""}) is None
+    assert llama.resolve_llama_server(None, {llama.LLAMA_SERVER_ENV: str(exe)}) == exe
+    assert llama.resolve_llama_server(str(other), {llama.LLAMA_SERVER_ENV: str(exe)}) == other, "the flag wins"
     plain = tmp_path / "not-executable"
     plain.write_text("")
-    for flag, env in ((str(plain), {}), (None, {peers.LLAMA_SERVER_ENV: str(tmp_path / "missing")})):
+    for flag, env in ((str(plain), {}), (None, {llama.LLAMA_SERVER_ENV: str(tmp_path / "missing")})):
         with pytest.raises(ConfigError, match="not an executable file"):
-            peers.resolve_llama_server(flag, env)
+            llama.resolve_llama_server(flag, env)
 
 
 def test_the_stand_in_server_through_the_driver(fake_llama, tmp_path: Path) -> None:
     """LlamaServer waits through the 503s of a loading model, the SSE client reads the stream with its usage,
     and stop() ends the process."""
     binary, record = fake_llama
-    server = peers.LlamaServer(binary, tmp_path / "m.gguf", context=4096, parallel=2, threads=1)
+    server = llama.LlamaServer(binary, tmp_path / "m.gguf", context=4096, parallel=2, threads=1)
     try:
         server.wait_ready(timeout=30)
-        target = peers.llama_target(server, cache_prompt=True)
+        target = workload.llama_target(server, cache_prompt=True)
         result = asyncio.run(target.send("r1", "Hello", 5))
     finally:
         server.stop()
@@ -235,7 +236,7 @@ def test_the_stand_in_server_through_the_driver(fake_llama, tmp_path: Path) -> N
     assert result.ok and result.tokens == 5 and result.reported_tokens == 5 and result.ttft_s > 0
     body = _records(record)[1]["body"]
     assert body["cache_prompt"] is True and body["max_tokens"] == 5
-    assert peers.llama_server_version(binary) == "1234 (fake)"
+    assert llama.llama_server_version(binary) == "1234 (fake)"
 
 
 def _streamed(sent: float, stamps: list[float], reported: int | None, ok: bool = True) -> Streamed:
@@ -244,46 +245,46 @@ def _streamed(sent: float, stamps: list[float], reported: int | None, ok: bool =
 
 
 def test_summarize_pools_the_rounds() -> None:
-    a = peers.LevelRun("streamgen", 2, 0, [peers.Sent(3, _streamed(0.0, [0.1, 0.2, 0.3], 3)),
-                                           peers.Sent(4, _streamed(0.0, [], None, ok=False))], wall_s=1.0)
-    b = peers.LevelRun("streamgen", 2, 1, [peers.Sent(2, _streamed(0.0, [0.2, 0.5], 2))], wall_s=2.0)
-    row = peers.summarize([a, b])
+    a = measure.LevelRun("streamgen", 2, 0, [measure.Sent(3, _streamed(0.0, [0.1, 0.2, 0.3], 3)),
+                                           measure.Sent(4, _streamed(0.0, [], None, ok=False))], wall_s=1.0)
+    b = measure.LevelRun("streamgen", 2, 1, [measure.Sent(2, _streamed(0.0, [0.2, 0.5], 2))], wall_s=2.0)
+    row = measure.summarize([a, b])
     assert (row.requests, row.failed, row.output_tokens, row.arrivals, row.requested_tokens) == (3, 1, 5, 5, 5)
     assert row.tokens_per_s == round(5 / 3, 1) and row.round_tokens_per_s == [3.0, 1.0]
     assert row.ttft_ms["p50"] == 150.0 and row.itl_ms["p50"] == 100.0
     assert len(row.errors) == 1
     # A server that reports no usage is counted by what arrived.
-    assert peers.output_tokens(_streamed(0.0, [0.1, 0.2], None)) == 2
+    assert measure.output_tokens(_streamed(0.0, [0.1, 0.2], None)) == 2
 
 
-def _level(server: str, clients: int, tok_s: float, ttft50: float, itl95: float) -> peers.LevelResult:
+def _level(server: str, clients: int, tok_s: float, ttft50: float, itl95: float) -> measure.LevelResult:
     figures = {"p50": ttft50, "p95": ttft50, "p99": ttft50}
-    return peers.LevelResult(server, clients, 1, 0, 1, 1, 1, tok_s, [tok_s], figures,
+    return measure.LevelResult(server, clients, 1, 0, 1, 1, 1, tok_s, [tok_s], figures,
                              {"p50": itl95, "p95": itl95, "p99": itl95}, [])
 
 
 def test_ratios_against_the_targets() -> None:
     results = [_level("streamgen", 1, 90, 70, 13), _level("llama-server", 1, 60, 200, 13.5),
                _level("streamgen", 16, 196, 400, 230), _level("llama-server", 16, 80, 3700, 125)]
-    got = {(x.concurrency, x.measure): x for x in peers.ratios(results)}
+    got = {(x.concurrency, x.measure): x for x in measure.ratios(results)}
     assert list(got) == [(16, "tokens_per_s"), (16, "ttft_p50"), (16, "itl_p95"), (1, "tokens_per_s")]
     assert got[16, "tokens_per_s"].ratio == 2.45 and got[16, "tokens_per_s"].met
     assert got[16, "ttft_p50"].met and got[16, "ttft_p50"].target == "<= 0.5x"
     assert got[16, "itl_p95"].ratio == 1.84 and not got[16, "itl_p95"].met
     assert got[1, "tokens_per_s"].met
-    assert peers.ratios(results[:2]) == [got[1, "tokens_per_s"]], "only levels both servers ran"
+    assert measure.ratios(results[:2]) == [got[1, "tokens_per_s"]], "only levels both servers ran"
 
 
 def test_burst_rate_runs_from_the_first_send_to_the_last_arrival() -> None:
     burst = [_streamed(10.0, [10.5, 11.0], 2), _streamed(10.2, [10.6, 12.0], 4), _streamed(10.1, [], None, False)]
-    assert peers.burst_rate(burst) == pytest.approx(6 / 2.0)
-    assert peers.burst_rate([_streamed(0.0, [], None, False)]) == 0.0
+    assert measure.burst_rate(burst) == pytest.approx(6 / 2.0)
+    assert measure.burst_rate([_streamed(0.0, [], None, False)]) == 0.0
 
 
 def test_prompts_grow_to_their_token_counts() -> None:
     words = [f"w{i}" for i in range(500)]
     encode = lambda text: text.split() * 2  # noqa: E731 - two tokens a word
-    prompts = peers.sized_prompts(encode, [10, 40, 101], words)
+    prompts = workload.sized_prompts(encode, [10, 40, 101], words)
     assert [len(encode(p)) for p in prompts] == [10, 40, 102]
     assert len({p.split()[0] for p in prompts}) == 3, "each from its own offset"
 
@@ -299,6 +300,6 @@ def test_the_default_gguf_comes_from_the_cached_wheel(tmp_path: Path) -> None:
     home = tmp_path / "home"
     (home / "downloads").mkdir(parents=True)
     (home / "downloads" / wheel.name).symlink_to(wheel)
-    gguf = peers.default_gguf(str(home), tmp_path)
+    gguf = llama.default_gguf(str(home), tmp_path)
     assert gguf == tmp_path / Path(DEFAULT_WHEEL.member).name and gguf.read_bytes()[:4] == b"GGUF"
 

@@ -11,13 +11,11 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
 
 from conftest import API_KEY, ARTIFACTS, FINISHED, ServerProcess, ask, load_chat, open_chat
-from streamgen.model_files import CacheLayout
 
 pytestmark = pytest.mark.integration
 
@@ -49,14 +47,10 @@ def _artifacts() -> None:
 
 
 @pytest.fixture(scope="module")
-def jaeger_server(tiny_model_dir: Path, tiny_hf_dir: Path, tiny_cache: CacheLayout) -> Iterator[ServerProcess]:
+def jaeger_server(tiny_server) -> Iterator[ServerProcess]:
     """The tiny model, with a Jaeger UI configured for the page's trace links."""
-    server = ServerProcess(tiny_cache.home, "--model", str(tiny_hf_dir), "--quantize", "none", "--jaeger-url", JAEGER)
-    try:
-        server.wait_ready()
+    with tiny_server("--jaeger-url", JAEGER) as server:
         yield server
-    finally:
-        server.stop()
 
 
 class Frames:

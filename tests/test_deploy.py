@@ -27,7 +27,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,6 +37,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from websockets.sync.client import connect as ws_connect
+from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -57,14 +57,7 @@ WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     """Poll until predicate() is truthy; fail with `what` past the deadline (a guard, not a figure)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g} s")
-        time.sleep(0.05)
+    return wait_until(predicate, timeout, what, interval=0.05)
 
 
 def _haproxy_binary() -> str:

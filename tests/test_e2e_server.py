@@ -15,7 +15,7 @@ from streamgen.engine.request import prepare_request
 from streamgen.engine.tokenizer import ChatMessage
 
 from conftest import CPU
-from helpers import generate_frame, solo_tokens
+from helpers import generate_frame, idle, solo_tokens, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -70,10 +70,7 @@ def test_disconnect_mid_stream_frees_the_request(real_server) -> None:
         ws.transport.abort()  # no close handshake: the client just vanishes
 
     asyncio.run(leave_early())
-    deadline = time.monotonic() + 5
-    while (stats := real_server.stats())["active_requests"] or stats["queued_requests"]:
-        assert time.monotonic() < deadline, f"the abandoned request kept running: {stats}"
-        time.sleep(0.02)
+    wait_until(lambda: idle(real_server.stats()), 5, "the abandoned request ending")
 
 
 def test_ping_is_answered_promptly_during_a_long_generation(real_server) -> None:
@@ -84,21 +81,18 @@ def test_ping_is_answered_promptly_during_a_long_generation(real_server) -> None
             while seen < 5:
                 if json.loads(await ws.recv())["type"] == "token":
                     seen += 1
-            sent = time.monotonic()
             await ws.send(json.dumps({"type": "ping", "id": "p"}))
             tokens_before_pong = 0
             while (msg := json.loads(await ws.recv()))["type"] != "pong":
                 tokens_before_pong += msg["type"] == "token"
-            rtt = time.monotonic() - sent
             remaining = 0
             while (msg := json.loads(await ws.recv()))["type"] != "done":
                 remaining += 1
-            return rtt, tokens_before_pong, remaining
+            return tokens_before_pong, remaining
 
-    rtt, before, remaining = asyncio.run(run())
-    # The generation has ~145 tokens left (several seconds); the pong comes
-    # back within a step or two instead of after them.
-    assert rtt < 0.5, f"pong took {rtt:.3f}s"
+    before, remaining = asyncio.run(run())
+    # The generation has ~145 tokens left; the pong comes back within a step or two instead of after them
+    # (counted in tokens, not seconds, so a faster or slower machine reads the same).
     assert before <= 10 and remaining > 100
 
 

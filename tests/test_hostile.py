@@ -6,28 +6,27 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
+import socket
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import websockets
+import websockets.sync.client
 
 from conftest import API_KEY, ServerProcess
+from helpers import await_until, idle, wait_until
 
 CORPUS = json.loads((Path(__file__).parent / "hostile_corpus.json").read_text())["cases"]
 
 
-def _tiny_server(tiny_cache, tiny_hf_dir, *extra: str) -> ServerProcess:
-    server = ServerProcess(tiny_cache.home, "--model", str(tiny_hf_dir), "--quantize", "none", *extra)
-    server.wait_ready()
-    return server
-
-
 @pytest.fixture(scope="module")
-def hostile_server(tiny_model_dir, tiny_cache, tiny_hf_dir) -> Iterator[ServerProcess]:
-    server = _tiny_server(tiny_cache, tiny_hf_dir, "--max-message-bytes", "8192")
+def hostile_server(tiny_server) -> Iterator[ServerProcess]:
+    server = tiny_server("--max-message-bytes", "8192")
     yield server
     server.stop()
 
@@ -100,8 +99,8 @@ def _rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def test_load_with_faults_loses_nothing_and_returns_memory(tiny_model_dir, tiny_cache, tiny_hf_dir) -> None:
-    server = _tiny_server(tiny_cache, tiny_hf_dir, "--max-batch", "16", "--max-queued", "512")
+def test_load_with_faults_loses_nothing_and_returns_memory(tiny_server) -> None:
+    server = tiny_server("--max-batch", "16", "--max-queued", "512")
     rng = random.Random(7)
     plan = [rng.choice(["normal", "normal", "disconnect", "cancel"]) for _ in range(200)]
 
@@ -141,10 +140,7 @@ def test_load_with_faults_loses_nothing_and_returns_memory(tiny_model_dir, tiny_
         time.sleep(0.5)
         baseline = _rss_kib(server.proc.pid)
         results = asyncio.run(run(plan))
-        deadline = time.monotonic() + 10
-        while (stats := server.stats())["active_requests"] or stats["queued_requests"]:
-            assert time.monotonic() < deadline, stats
-            time.sleep(0.05)
+        wait_until(lambda: idle(server.stats()), 10, "every request ending")
         time.sleep(0.5)
         after = _rss_kib(server.proc.pid)
     finally:
@@ -164,9 +160,8 @@ def test_load_with_faults_loses_nothing_and_returns_memory(tiny_model_dir, tiny_
     assert after <= baseline * 1.10, f"RSS {after} KiB after the run vs {baseline} KiB after warm-up"
 
 
-def test_queue_full_refusals_carry_retry_after_and_retrying_then_succeeds(tiny_model_dir, tiny_cache,
-                                                                         tiny_hf_dir) -> None:
-    server = _tiny_server(tiny_cache, tiny_hf_dir, "--max-batch", "1", "--max-queued", "1")
+def test_queue_full_refusals_carry_retry_after_and_retrying_then_succeeds(tiny_server) -> None:
+    server = tiny_server("--max-batch", "1", "--max-queued", "1")
 
     def gen(rid: str, max_tokens: int) -> str:
         return json.dumps({"type": "generate", "id": rid, "prompt": "Hello",
@@ -201,9 +196,8 @@ def test_queue_full_refusals_carry_retry_after_and_retrying_then_succeeds(tiny_m
 
 
 @pytest.mark.parametrize("grace", [0, 5])
-def test_sigterm_finishes_or_ends_every_stream_and_closes_with_1001(tiny_model_dir, tiny_cache, tiny_hf_dir,
-                                                                    grace: int) -> None:
-    server = _tiny_server(tiny_cache, tiny_hf_dir, "--shutdown-grace", str(grace), "--max-batch", "4")
+def test_sigterm_finishes_or_ends_every_stream_and_closes_with_1001(tiny_server, grace: int) -> None:
+    server = tiny_server("--shutdown-grace", str(grace), "--max-batch", "4")
 
     async def stream(rid: str, max_tokens: int, ready: asyncio.Event) -> tuple[list[dict], int | None]:
         async with websockets.connect(server.ws_url) as ws:
@@ -267,3 +261,44 @@ def test_real_server_refuses_missing_wrong_keys_and_foreign_origins(keyed_server
         )
 
     assert asyncio.run(run()) == (401, 401, 403, 101, 101)
+
+
+def test_a_client_that_stops_reading_is_closed_with_1008_and_its_requests_cancelled(tiny_server) -> None:
+    """The slow-reader policy (docs/protocol.md): the client asks for far more than the network buffers hold and
+    reads nothing; once --max-unsent-messages wait, its requests are cancelled (the engine is free again, long
+    before they would have finished) and, when it reads at last, the close code says why."""
+    server = tiny_server("--max-unsent-messages", "16", "--max-requests-per-connection", "8")
+    requests, max_tokens = 8, 200
+
+    async def run() -> tuple[int, int]:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's sends back up
+        # max_queue=1: the client library stops reading the socket while its one queued message is unread.
+        async with websockets.connect(server.ws_url, sock=sock, max_queue=1, max_size=None) as ws:
+            for i in range(requests):
+                await ws.send(json.dumps({"type": "generate", "id": f"r{i}", "prompt": "Hello", "params": {
+                    "max_tokens": max_tokens, "ignore_eos": True, "logprobs": True, "top_logprobs": 20}}))
+            await await_until(lambda: asyncio.to_thread(lambda: _cancelled(server) >= requests), 30,
+                              "the unread requests being cancelled")
+            tokens = 0
+            try:
+                while True:
+                    tokens += json.loads(await ws.recv())["type"] == "token"
+            except websockets.ConnectionClosed as closed:
+                return closed.rcvd.code if closed.rcvd else -1, tokens
+
+    code, tokens = asyncio.run(run())
+    assert code == 1008, "closed for not reading, with the policy's code"
+    assert tokens < requests * max_tokens, "the requests were stopped, not run to their end"
+    assert idle(server.stats())
+    with websockets.sync.client.connect(server.ws_url) as other:  # the server serves everyone else
+        other.send(json.dumps({"type": "generate", "id": "x", "prompt": "Hello", "params": {"max_tokens": 3}}))
+        while json.loads(other.recv())["type"] not in ("done", "error"):
+            pass
+
+
+def _cancelled(server) -> float:
+    """streamgen.requests{finish_reason=cancelled} from /metrics."""
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    found = re.search(r'^streamgen_requests_total\{[^}]*finish_reason="cancelled"[^}]*\} (\S+)$', text, flags=re.M)
+    return float(found.group(1)) if found else 0.0

@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import signal
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -16,20 +15,15 @@ import pytest
 import websockets
 
 from conftest import ServerProcess
+from helpers import idle, wait_until
 
 MODEL = "any-name"  # whatever a request names, the loaded model answers and the response names it
 CHAT = [{"role": "user", "content": "The quick brown fox"}]
 
 
-def _tiny(tiny_cache, tiny_hf_dir, *extra: str) -> ServerProcess:
-    server = ServerProcess(tiny_cache.home, "--model", str(tiny_hf_dir), "--quantize", "none", *extra)
-    server.wait_ready()
-    return server
-
-
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tiny_cache, tiny_hf_dir) -> Iterator[ServerProcess]:
-    s = _tiny(tiny_cache, tiny_hf_dir, "--max-message-bytes", "16384")
+def server(tiny_server) -> Iterator[ServerProcess]:
+    s = tiny_server("--max-message-bytes", "16384")
     yield s
     s.stop()
 
@@ -222,10 +216,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_request(server) -> None:
         lines = r.iter_lines()
         while not next(lines).startswith("data: {"):
             pass
-    deadline = time.monotonic() + 5
-    while (stats := server.stats())["active_requests"] or stats["queued_requests"]:
-        assert time.monotonic() < deadline, f"the abandoned stream kept running: {stats}"
-        time.sleep(0.02)
+    wait_until(lambda: idle(server.stats()), 5, "the abandoned stream ending")
     assert _cancelled_total(server) == before + 1, "the request ended as cancelled, not by running to its end"
 
 
@@ -235,10 +226,7 @@ def test_a_client_that_disconnects_before_a_whole_response_frees_its_request(rea
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 400, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(real_server.url + "/v1/chat/completions", json=body, timeout=0.5)
-    deadline = time.monotonic() + 5
-    while real_server.stats()["active_requests"]:
-        assert time.monotonic() < deadline, "the abandoned request kept running"
-        time.sleep(0.02)
+    wait_until(lambda: not real_server.stats()["active_requests"], 5, "the abandoned request ending")
 
 
 def test_greedy_text_over_http_equals_the_websocket(server, client) -> None:
@@ -255,10 +243,10 @@ def test_greedy_text_over_http_equals_the_websocket(server, client) -> None:
     assert http == asyncio.run(ws_text())
 
 
-def test_429_is_retried_by_the_sdk_itself(tiny_model_dir, tiny_cache, tiny_hf_dir) -> None:
+def test_429_is_retried_by_the_sdk_itself(tiny_server) -> None:
     # 60 a minute: the bucket holds 60 and refills one a second, so the request right after the refusal is
     # refused too (a refill every 100 ms let a slow moment slip one through) and the SDK's retry waits ~1 s.
-    limited = _tiny(tiny_cache, tiny_hf_dir, "--rate-limit", "60")
+    limited = tiny_server("--rate-limit", "60")
     statuses: list[int] = []
     opened: list[openai.OpenAI] = []
     try:
@@ -288,8 +276,8 @@ def test_429_is_retried_by_the_sdk_itself(tiny_model_dir, tiny_cache, tiny_hf_di
         limited.stop()
 
 
-def test_sigterm_drains_http_streams(tiny_model_dir, tiny_cache, tiny_hf_dir) -> None:
-    draining = _tiny(tiny_cache, tiny_hf_dir, "--shutdown-grace", "5")
+def test_sigterm_drains_http_streams(tiny_server) -> None:
+    draining = tiny_server("--shutdown-grace", "5")
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 150, "ignore_eos": True, "stream": True}
     try:
         with httpx.Client(timeout=20) as h, h.stream("POST", draining.url + "/v1/chat/completions", json=body) as r:

@@ -5,13 +5,13 @@ its trace id with every phase, and its JSON log lines carry the same ids."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import ARTIFACTS, ServerProcess, ask, open_chat
+from helpers import wait_until
 from otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.integration
@@ -47,12 +47,7 @@ def traced_server(real_default_dir: Path, receiver: OtlpReceiver) -> Iterator[Se
 
 
 def _wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, timeout, what, interval=0.1)
 
 
 def test_browser_request_is_found_by_trace_id_with_every_phase(browser, traced_server, receiver) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from streamgen.engine.slots import SlotConfig
 from streamgen.server.app import create_app
 
 from conftest import CPU
-from helpers import BreakableRunner, check_stream, collect, generate_frame, next_for, wait_ready
+from helpers import BreakableRunner, check_stream, collect, generate_frame, next_for, wait_ready, wait_until
 
 LONG = {"temperature": 0, "max_tokens": 200, "ignore_eos": True}
 
@@ -46,7 +45,7 @@ def test_generate_streams_start_tokens_done(client: TestClient) -> None:
     assert done["finish_reason"] == "length"
     assert all(m["logprob"] <= 0 for m in msgs if m["type"] == "token")
     t = done["timings"]
-    assert t["total_ms"] >= t["time_to_first_token_ms"] >= t["prefill_ms"] > 0
+    assert t["total_ms"] >= t["time_to_first_token_ms"] >= t["prefill_ms"] >= 0  # rounded: 0 on a fast machine
     assert t["decode_tokens_per_s"] > 0
 
 
@@ -123,10 +122,7 @@ def test_disconnect_aborts_the_clients_requests(client: TestClient) -> None:
         ws.send_text(generate_frame("d2", **LONG))
         while ws.receive_json()["type"] != "token":
             pass
-    deadline = time.monotonic() + 5
-    while client.get("/v1/stats").json()["active_requests"]:
-        assert time.monotonic() < deadline, "abandoned requests kept running"
-        time.sleep(0.01)
+    wait_until(lambda: not client.get("/v1/stats").json()["active_requests"], 5, "the abandoned requests ending")
 
 
 ERROR_CASES = [
@@ -261,10 +257,8 @@ def test_ready_is_503_while_loading_and_after_a_failure(tiny_model_dir: Path) ->
         raise RuntimeError("model file is corrupt")
 
     with TestClient(create_app(Settings(), Engine(broken_load))) as c:
-        deadline = time.monotonic() + 5
-        while (r := c.get("/health/ready")).json()["status"] == "loading":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        r = wait_until(lambda: (r := c.get("/health/ready")).json()["status"] != "loading" and r, 5,
+                       "the failed load being reported")
         assert r.status_code == 503 and r.json()["status"] == "failed" and "corrupt" in r.json()["error"]
 
 

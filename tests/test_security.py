@@ -157,7 +157,7 @@ def test_idle_connection_is_closed(make_client) -> None:
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()
         assert closed.value.code == 1000 and "idle" in closed.value.reason
-        assert 0.8 < time.monotonic() - start < 5
+        assert time.monotonic() - start >= 0.9, "not closed before the idle timeout"
 
 
 def test_each_key_reuses_only_its_own_cache(make_client) -> None:

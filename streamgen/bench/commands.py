@@ -25,7 +25,7 @@ BENCHES = {
     "cache": "streamgen.bench.cache:run_cache_bench",
     "tracing": "streamgen.bench.tracing:run_tracing_bench",
     "variants": "streamgen.bench.variants:run_variants_bench",
-    "peers": "streamgen.bench.peers:run_peers_bench",
+    "peers": "streamgen.bench.peers.command:run_peers_bench",
     "memory": "streamgen.bench.memory:run_memory_bench",
     "gpu": "streamgen.bench.gpu:run_gpu_bench",
 }

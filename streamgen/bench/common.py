@@ -71,6 +71,12 @@ class ServeProcess:
     def _details(self) -> str:
         return ""  # subclasses that keep the output add it here
 
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         """Terminate it (if it still runs) and wait for it."""
         if self.proc.poll() is None:

@@ -176,7 +176,7 @@ def _hf_dir(args) -> Path | None:
         return None
     import tempfile
 
-    from streamgen.bench.peers import default_gguf
+    from streamgen.bench.llama_server import default_gguf
     from streamgen.models.export import convert_gguf
 
     tmp = Path(tempfile.mkdtemp(prefix="streamgen-gpu-hf-"))

@@ -33,17 +33,8 @@ from typing import Any
 
 from streamgen.bench.clients import Streamed, sse_request, websocket_request
 from streamgen.bench.common import LoggedServe
-from streamgen.bench.peers import (
-    LLAMA,
-    LlamaServer,
-    default_gguf,
-    llama_body,
-    llama_server_version,
-    prompt_words,
-    resolve_llama_server,
-    sized_prompts,
-    streamgen_frame,
-)
+from streamgen.bench.llama_server import LlamaServer, default_gguf, llama_server_version, resolve_llama_server
+from streamgen.bench.peers.workload import LLAMA, llama_body, prompt_words, sized_prompts, streamgen_frame
 from streamgen.errors import ConfigError
 from streamgen.model_files import DEFAULT_MODEL, Build
 
