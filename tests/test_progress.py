@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from streamgen.models.export import EXPECTED_LOGS, QUANTIZER_LOGGER, expected_messages_quiet
+from streamgen.models.export import EXPECTED_LOGS, QUANTIZER_LOGGER, VALIDATION_LOGGER, expected_messages_quiet
 from streamgen.models.progress import EVENT_PREFIX, EVENTS_ENV, StageProgress, StageRelay
 
 
@@ -130,3 +130,22 @@ def test_expected_messages_of_the_export_tools_are_left_out_and_others_show(
         config.warning("`torch_dtype` is deprecated! Use `dtype` instead!")
     assert len(caplog.records) == 2, "the filters are gone after the build"
     assert all(why for _, _, why in EXPECTED_LOGS), "each says why it is harmless"
+
+
+def test_optimums_validation_report_becomes_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    convert = logging.getLogger(VALIDATION_LOGGER)
+    rows = [("logits", 2.0e-05), ("present.0.key", 0.00027179718017578125), ("present.0.value", 3.1e-05)]
+    report = ("The ONNX export succeeded with the warning: The maximum absolute difference between the output of the "
+              "reference model and the ONNX exported model is not within the set tolerance 1e-05:\n"
+              + "\n".join(f"- {name}: max diff = {diff}" for name, diff in rows)
+              + ".\n The exported model was saved at: /tmp/model")
+    with caplog.at_level(logging.INFO), expected_messages_quiet():
+        for _, diff in rows:
+            convert.error(f"\t\t-[x] values not close enough, max diff: {diff} (atol: 1e-05)")
+        convert.warning(report)
+        convert.error("\t\t-[x] shape (1, 2) doesn't match (1, 3)")
+        convert.warning("The ONNX export succeeded with the warning: %s", "something else")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Optimum's validation: 3 outputs differ from the source model by up to 0.00027, above its tolerance 1e-05",
+        "\t\t-[x] shape (1, 2) doesn't match (1, 3)",
+        "The ONNX export succeeded with the warning: something else"]
