@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from streamgen.bench.quality import load_texts, run_quality
+from streamgen.bench.quality import (Question, load_questions, load_texts, run_quality, run_sampling, sampling_grid,
+                                     table_rows)
 from streamgen.models.pull import pull
 
 from helpers import quiet
@@ -41,7 +42,7 @@ def test_variants_benchmark_builds_and_measures_against_the_default(tiny_hf_dir,
     assert list(rows) == ["fp32", "int8 block 32", "int4"], "the baseline (the default build) first, then the rest"
     for r in rows.values():
         assert r["batch1_tok_s"] > 0 and r["batch16_tok_s"] > 0
-        assert 0 < r["attention_share"] < 1 and 0 <= r["answers_kept"] <= r["answers_total"] == 42
+        assert 0 < r["attention_share"] < 1 and 0 <= r["answers_kept"] <= r["answers_total"] == len(load_questions())
         assert r["mean_kl"] >= 0 and 0 < r["top1_agreement"] <= 1
         assert isinstance(r["batch_invariant"], bool)
     assert rows["fp32"]["matmul_share"] == 0 and rows["fp32"]["mean_kl"] == 0, "fp32 has no MatMulNBits"
@@ -53,3 +54,37 @@ def test_variants_benchmark_builds_and_measures_against_the_default(tiny_hf_dir,
     assert rows["int8 block 32"]["mean_kl"] < rows["int4"]["mean_kl"]
     assert main(["bench", "variants", "--model", str(tiny_hf_dir), "--home", str(tiny_cache.home),
                  "--variants", "int9"]) == 2
+
+
+def test_an_answer_is_judged_by_its_facts_its_wrong_words_and_its_table() -> None:
+    questions = {q.prompt: q for q in load_questions()}
+    france = questions["What is the capital of France?"]
+    assert france.kept_by("The capital of France is Paris.")
+    # Both name Paris, neither answers: the reply that made the default temperature look bad, and another.
+    assert not france.kept_by("Citéro-Rouge du Mans (French: Paris) is the capital of France, a city of art.")
+    assert not france.kept_by("L'Étoile, the capital of France is Paris, France.")
+    assert not questions["How many days are there in a week?"].kept_by("There are 1297 of them.")
+
+    table = next(q for q in questions.values() if q.table_rows)
+    good = "| Country | Capital |\n| --- | --- |\n| China | Beijing |\n| India | New Delhi |\n"
+    assert table_rows(good) == 2 and table.kept_by("Here it is:\n\n" + good + "\nThese are three.")
+    assert not table.kept_by("| Country | Capital |\n| --- | --- |\n| China | Beijing |")  # one row
+    assert not table.kept_by("|" * 300)  # the degenerate reply
+    assert not table.kept_by(good + "| | |\n" * 60), "mostly pipes"
+    assert not table.kept_by("1. China: Beijing\n2. India: New Delhi\n3. Japan: Tokyo")  # a list is no table
+    assert table.max_tokens > Question("x", ()).max_tokens, "room to see a table go wrong"
+
+
+def test_sampling_grid_runs_greedy_once() -> None:
+    assert sampling_grid([0, 0.5], [1.0, 0.9], [0]) == [(0, 1.0, 0), (0.5, 1.0, 0), (0.5, 0.9, 0)]
+
+
+def test_sampling_sweep_on_the_tiny_model(tiny_model_dir) -> None:
+    """The sweep's bookkeeping: greedy runs once and its replies never vary; seeds make sampled replies differ."""
+    questions = [Question("What is the capital of France?", (("Paris",),), max_tokens=8),
+                 Question("Name a colour.", (), max_tokens=8)]
+    rows = run_sampling(tiny_model_dir, [(0.0, 1.0, 0), (1.5, 1.0, 0)], seeds=3, questions=questions, log=lambda _: None)
+    greedy, hot = rows
+    assert greedy.seeds == 1 and greedy.varied == 0 and greedy.kept == greedy.worst
+    assert hot.seeds == 3 and 0 <= hot.worst <= hot.kept <= 1 and hot.varied > 0
+    assert hot.kept == 0.5 and hot.lost == {"What is the capital of France?": 3}, "the second has no facts to miss"

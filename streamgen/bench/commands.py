@@ -55,6 +55,15 @@ def add_bench_commands(sub, add_log_level) -> None:
                "variant and the fp32 one; prints perplexity, top-1 agreement with fp32 and mean KL "
                "divergence from fp32.", quantize=variants)
     bq.add_argument("--graph", choices=GRAPHS, default="auto", help=help_of("graph"))
+    bq.add_argument("--sampling", action="store_true",
+                    help="instead: the questions of streamgen/bench/questions.json on the default (fp32) build at "
+                         "each sampling setting of the grid below, each with seeds 0..N-1; the share answered right "
+                         "per setting")
+    bq.add_argument("--temperatures", default="0,0.3,0.5,0.7",
+                    help="with --sampling: comma-separated temperatures (default 0,0.3,0.5,0.7)")
+    bq.add_argument("--top-ps", default="1.0,0.9", help="with --sampling: comma-separated top-p values (default 1.0,0.9)")
+    bq.add_argument("--top-ks", default="0", help="with --sampling: comma-separated top-k values, 0 = off (default 0)")
+    bq.add_argument("--seeds", type=int, default=5, help="with --sampling: seeds per setting, 0..N-1 (default 5)")
     bv = bench(bsub, "variants", "the builds and variants the default was chosen over, against fp32",
                "Measures each variant against the fp32 build, which pull makes by default: the shipped "
                "builds (fp16, int8 KV, int8, int4, source) as pull makes them, and variants built in a "
