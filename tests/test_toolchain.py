@@ -155,6 +155,7 @@ def test_pip_install_as_the_makefile_runs_it_fails_in_a_few_lines() -> None:
     assert len(lines) < 10, lines
 
 
+@pytest.mark.tiny  # it needs the export tools in this environment, which the unit tier hides
 def test_this_environment_has_the_tools_so_pulls_run_here(tmp_path: Path) -> None:
     found = toolchain.find(tmp_path)
     assert found == toolchain.Toolchain(Path(sys.executable), here=True)
