@@ -192,6 +192,12 @@ def test_answer_shows_where_its_time_went(browser, real_server) -> None:
     assert grow["prefill"] == pytest.approx(timings["prefill_ms"])
     assert grow["decode"] == pytest.approx(timings["total_ms"] - timings["time_to_first_token_ms"])
     assert "total" in answer.locator(".timing .bar").get_attribute("aria-label")
+    # Each segment says what its phase is, and so does the legend under the figures.
+    titles = answer.locator(".timing .bar .segment").evaluate_all("s => s.map(e => e.title)")
+    assert all(re.fullmatch(r"\w+ [\d.]+ m?s: .{12,}", t) for t in titles), titles
+    legend = answer.locator(".timing details.legend")
+    assert legend.locator("summary").inner_text() == "What the phases mean"
+    assert [t.strip() for t in legend.locator("dt").all_text_contents()] == [name for name, _ in segments]
     assert f"seed {done['seed']}" in answer.locator(".meta").inner_text()
     answer.screenshot(path=str(ARTIFACTS / "browser-timing.png"))
     page.close()
@@ -407,10 +413,25 @@ def test_phone_width_layout_fits(browser, real_server) -> None:
     page = open_chat(browser, real_server.url, **PHONE)
     long_line = "x = [" + ", ".join(str(i) for i in range(200)) + "]"
     stored = conversation("c1", "wide", ("show a long line", f"```python\n{long_line}\n```"))
-    # The settings are folded away at this width: max_tokens comes from the stored settings.
+    # The settings are a closed dialog at this width: max_tokens comes from the stored settings.
     restore(page, real_server.url, [stored], "c1", settings={"max_tokens": "24"})
     ask(page, "Repeat this word: " + "w" * 300)
-    assert page.evaluate("document.querySelector('#settings details').open") is False
+    assert not page.locator("#settings").is_visible()
+    placeholder = page.locator("#prompt").get_attribute("placeholder")
+    assert placeholder.startswith("Ask something") and not re.search("Enter|Shift|Escape", placeholder), \
+        "no keyboard hints on a phone"
+
+    # The header is one line: its children side by side, as high as the tallest of them plus its padding.
+    page.wait_for_selector("#build")
+    rows = page.evaluate("""() => [...document.querySelectorAll('header > *')]
+        .filter((el) => el.offsetParent !== null)
+        .map((el) => { const r = el.getBoundingClientRect(); return [el.id || el.tagName, r.top, r.bottom]; })""")
+    header = page.locator("header").bounding_box()
+    tallest = max(bottom - top for _, top, bottom in rows)
+    assert header["height"] <= tallest + 20, (header, rows)
+    middles = [(top + bottom) / 2 for _, top, bottom in rows]
+    assert max(middles) - min(middles) <= 4, f"the header wrapped: {rows}"
+    assert {"sidebar-toggle", "H1", "model", "settings-toggle", "status"} <= {name for name, _, _ in rows}
 
     assert page.evaluate("document.documentElement.scrollWidth") <= 390, "the page scrolls sideways on a phone"
     for sel in ("#prompt", "#send", "#stop", "#chat", ".msg.user >> nth=-1"):
@@ -420,6 +441,36 @@ def test_phone_width_layout_fits(browser, real_server) -> None:
     code = page.locator("pre code").first
     assert code.evaluate("c => c.scrollWidth > c.clientWidth"), "a long code line scrolls inside its block"
     page.screenshot(path=str(ARTIFACTS / "browser-phone.png"))
+
+    # The settings open as a dialog over the chat, which stays where it is.
+    chat_before = page.locator("#chat").bounding_box()
+    toggle = page.get_by_role("button", name="Settings", exact=True)
+    assert toggle.get_attribute("aria-expanded") == "false"
+    toggle.click()
+    dialog = page.get_by_role("dialog", name="Settings")
+    expect(dialog).to_be_visible()
+    assert dialog.get_attribute("aria-modal") == "true" and toggle.get_attribute("aria-expanded") == "true"
+    assert page.locator("#chat").bounding_box() == chat_before, "opening the settings moved the chat"
+    panel = dialog.bounding_box()
+    assert panel["y"] < chat_before["y"] + chat_before["height"] and panel["y"] + panel["height"] > chat_before["y"]
+    on_top = page.evaluate("([x, y]) => document.elementFromPoint(x, y).closest('#settings') !== null",
+                           [chat_before["x"] + chat_before["width"] / 2, chat_before["y"] + 40])
+    assert on_top, "the settings are drawn over the chat"
+    assert page.evaluate("document.activeElement.closest('#settings') !== null"), "focus moves into the dialog"
+    assert page.locator("#max_tokens").input_value() == "24"
+    page.screenshot(path=str(ARTIFACTS / "browser-phone-settings.png"))
+    for _ in range(12):  # Tab goes round the dialog's controls
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.closest('#settings') !== null")
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+    assert page.evaluate("document.activeElement.id") == "settings-toggle", "focus goes back to the button"
+    assert toggle.get_attribute("aria-expanded") == "false"
+    assert page.locator("#finish").inner_text() != "cancelled", "Escape closed the dialog and stopped nothing"
+    toggle.click()
+    page.get_by_role("button", name="Close settings").click()
+    expect(dialog).to_be_hidden()
+    assert page.locator("#chat").bounding_box() == chat_before
 
     # The conversation list is a drawer here.
     assert not page.locator("#new-chat").is_visible()
@@ -461,6 +512,7 @@ def test_dark_mode_follows_the_system(browser, real_server) -> None:
 
 def test_keyboard_enter_sends_shift_enter_breaks_escape_stops(browser, real_server) -> None:
     page, frames = watched_chat(browser, real_server.url)
+    assert "Shift+Enter" in page.locator("#prompt").get_attribute("placeholder"), "hints where there is a keyboard"
     page.focus("#prompt")
     page.keyboard.type("Write a long story")
     page.keyboard.press("Shift+Enter")
@@ -539,3 +591,81 @@ def test_browser_client_works_with_a_key(browser, keyed_server) -> None:
     assert int(page.locator("#tokens").inner_text()) > 0
     page.screenshot(path=str(ARTIFACTS / "browser-with-key.png"))
     page.close()
+
+
+def test_timing_legend_explains_other_and_the_stats_line_survives_a_reload(browser, real_server) -> None:
+    """The "other" segment and its legend, drawn from a stored answer's timings; the page-wide line shows them."""
+    page = open_chat(browser, real_server.url, **DESKTOP)
+    stored = conversation("c1", "timed", ("What is the capital of France?", "The capital of France is Paris."))
+    stored["messages"][1]["meta"] = {
+        "finish": "stop", "tokens": 7, "seed": 5,
+        "usage": {"prompt_tokens": 37, "completion_tokens": 7},
+        "timings": {"queue_ms": 2, "prefill_ms": 40, "time_to_first_token_ms": 50, "decode_tokens_per_s": 30.04,
+                    "total_ms": 250},
+    }
+    older = conversation("c0", "older", ("Hi", "Hello!"), updated=0)
+    restore(page, real_server.url, [older, stored], "c0")  # the newest answer is in the conversation not open
+    assert [page.locator(f"#{i}").inner_text() for i in ("ttft", "tps", "tokens", "finish")] == \
+        ["50 ms", "30.0", "7", "stop"], "the line shows the latest answer after a reload"
+
+    page.get_by_role("button", name="timed", exact=True).click()
+    answer = page.locator(".msg.assistant")
+    other = answer.locator(".segment.other")
+    assert other.evaluate("e => Number(e.style.flexGrow)") == 8  # 50 - 2 - 40 ms
+    title = other.get_attribute("title")
+    assert title.startswith("other 8.0 ms: ") and "first token" in title and "other requests" in title
+    legend = answer.locator("details.legend")
+    legend.locator("summary").click()
+    assert texts(answer, ".legend dt") == ["queue", "prefill", "other", "decode"]
+    explained = dict(zip(texts(answer, ".legend dt"), texts(answer, ".legend dd")))
+    assert "turning it into text" in explained["other"] and "network" in legend.locator("p").inner_text()
+    answer.screenshot(path=str(ARTIFACTS / "browser-timing-legend.png"))
+
+    # A real answer's figures are there again after a reload.
+    page.click("#new-chat")
+    ask(page, "Hi", max_tokens=5)
+    shown = [page.locator(f"#{i}").inner_text() for i in ("ttft", "tps", "tokens", "finish")]
+    page.reload()
+    page.wait_for_selector("#status[data-state=open]")
+    assert [page.locator(f"#{i}").inner_text() for i in ("ttft", "tps", "tokens", "finish")] == shown
+    page.close()
+
+
+def test_header_names_the_build_in_words(browser, real_server) -> None:
+    page = open_chat(browser, real_server.url, **DESKTOP)
+    build = page.locator("#build")
+    expect(build).to_have_text("fp32")  # the default build: not quantized, fp32 throughout
+    assert "not quantized" in build.get_attribute("title") and "streamgen pull --quantize none" in build.get_attribute("title")
+    assert " none " not in page.locator("#model").inner_text()
+    cases = page.evaluate("""async () => {
+        const { describeBuild } = await import('/static/build.js');
+        return [
+            {quantization: 'int8', precision: 'fp32', kv_cache: 'auto'},
+            {quantization: 'int8', precision: 'fp32', kv_cache: 'int8'},
+            {quantization: 'none', precision: 'fp16', kv_cache: 'auto'},
+            {quantization: 'int4', precision: 'fp16', kv_cache: 'auto'},
+            {quantization: 'source', precision: 'fp32', kv_cache: 'auto'},
+        ].map((b) => describeBuild(b).label);
+    }""")
+    assert cases == ["int8 weights", "int8 weights · int8 KV", "fp16", "int4 weights · fp16", "GGUF-level weights"]
+    page.close()
+
+
+def test_page_defaults_are_the_servers() -> None:
+    """The page's sliders start at SamplingParams' defaults, which the API uses too."""
+    from pathlib import Path
+
+    from streamgen.engine.params import DEFAULT_MAX_TOKENS, SamplingParams
+
+    html = (Path(__file__).resolve().parent.parent / "streamgen/server/static/index.html").read_text()
+
+    def initial(field: str) -> float:
+        return float(re.search(rf'<input id="{field}"[^>]*value="([^"]+)"', html).group(1))
+
+    defaults = SamplingParams()
+    assert initial("temperature") == defaults.temperature
+    assert initial("top_p") == defaults.top_p
+    assert initial("top_k") == defaults.top_k
+    assert initial("max_tokens") == DEFAULT_MAX_TOKENS
+    for field in ("temperature", "top_p"):
+        assert float(re.search(rf'<output id="{field}-value"[^>]*>([^<]+)<', html).group(1)) == initial(field)

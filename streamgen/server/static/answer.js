@@ -7,13 +7,20 @@
 // simply not shown.
 import { element } from "./dom.js";
 
-// What each phase is, for the tooltip of its legend entry and bar segment.
+// What each phase is, for the tooltips of its bar segment and figure and for
+// the legend. All four are the server's own clock (the `done` message's
+// timings), from the request's arrival at the server to its last token: the
+// network and this page's work are in none of them. "other" is what remains of
+// the time to first token after queue and prefill (timingView below).
 const PHASES = {
-  queue: "waiting for the engine to take the request",
-  prefill: "running the prompt through the model",
-  other: "tokenizing, sampling the first token and sending it",
-  decode: "generating the rest of the answer",
+  queue: "waiting for a free slot in the engine",
+  prefill: "the forward passes that ran this prompt (the part not reused from the cache)",
+  other: "the rest of the time to first token: picking the first token, turning it into text, and the work " +
+    "the same engine steps did for other requests",
+  decode: "from the first token to the last: the rest of the answer",
 };
+const MEASURED = "Measured by the server, from the request's arrival to its last token; " +
+  "the network and this page's work are in none of the phases.";
 
 /** The footer's elements for one answer's meta (possibly none yet). */
 export function answerFooter(meta, jaegerUrl) {
@@ -64,7 +71,7 @@ function timingView(t, usage) {
     { name: "decode", ms: decodeMs, figure: `${ms(decodeMs)} · ${rate(t.decode_tokens_per_s)}` },
   ];
   const view = element("div", "timing");
-  view.append(timingBar(phases, t.total_ms), figures(phases, t, usage));
+  view.append(timingBar(phases, t.total_ms), figures(phases, t, usage), legend(phases));
   return view;
 }
 
@@ -88,6 +95,20 @@ function timingBar(phases, totalMs) {
     bar.append(segment);
   }
   return bar;
+}
+
+// The tooltips' text where no pointer can show a tooltip (touch screens): folded under the figures.
+function legend(phases) {
+  const details = element("details", "legend");
+  details.append(element("summary", "", "What the phases mean"));
+  const list = element("dl");
+  for (const phase of phases) {
+    const term = element("dt", "", phase.name);
+    term.prepend(element("span", `swatch ${phase.name}`));
+    list.append(term, element("dd", "", PHASES[phase.name]));
+  }
+  details.append(list, element("p", "", MEASURED));
+  return details;
 }
 
 function figures(phases, t, usage) {

@@ -1,8 +1,10 @@
 // streamgen's browser client: the page's state, and what each user action and
 // server message does to it. WebSocket protocol v1 (docs/protocol.md). No
 // build step: ES modules and vendored libraries, served as they are.
+import { describeBuild } from "./build.js";
 import { copyText } from "./clipboard.js";
 import { Connection } from "./connection.js";
+import { element, NO_KEYBOARD_HINTS, PHONE } from "./dom.js";
 import * as store from "./store.js";
 import {
   flash, isSendKey, onChatAction, onConversationAction, renderAnswerFooter, renderConversation,
@@ -13,6 +15,8 @@ const $ = (id) => document.getElementById(id);
 const WS_URL = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/ws`;
 const SETTINGS = ["system", "temperature", "top_p", "top_k", "max_tokens", "seed"];
 const TITLE_CHARS = 60;
+const PLACEHOLDER = "Ask something…";
+const KEYBOARD_HINTS = " (Enter sends, Shift+Enter new line, Escape stops)";
 
 const state = {
   conversations: store.loadConversations(),
@@ -268,10 +272,21 @@ function showLiveStats(request) {
 
 // The server's own figures replace the page's estimates once they arrive.
 function showFinalStats(meta) {
+  const t = meta.timings;
+  $("tokens").textContent = String(meta.tokens ?? 0);
   $("finish").textContent = meta.finish;
-  if (!meta.timings) return;
-  $("tps").textContent = meta.timings.decode_tokens_per_s.toFixed(1);
-  $("ttft").textContent = `${Math.round(meta.timings.time_to_first_token_ms)} ms`;
+  if (Number.isFinite(t?.decode_tokens_per_s)) $("tps").textContent = t.decode_tokens_per_s.toFixed(1);
+  if (Number.isFinite(t?.time_to_first_token_ms)) $("ttft").textContent = `${Math.round(t.time_to_first_token_ms)} ms`;
+}
+
+// After a reload the line shows the figures of the latest answer the page kept
+// (each answer's meta holds them), rather than dashes.
+function showStoredStats() {
+  const newestFirst = [...state.conversations].sort((a, b) => b.updated - a.updated);
+  for (const conversation of newestFirst) {
+    const answer = conversation.messages.findLast((m) => m.role === "assistant" && m.meta?.finish);
+    if (answer) return showFinalStats(answer.meta);
+  }
 }
 
 function showNotice(text) {
@@ -310,8 +325,63 @@ function closeSidebar() {
 }
 
 function onEscape() {
-  if (sidebarOpen()) closeSidebar();
+  if (settingsOpen()) closeSettings();
+  else if (sidebarOpen()) closeSidebar();
   else stop();
+}
+
+// ---- the settings on phones: a dialog over the chat ------------------------------------
+
+function settingsOpen() {
+  return document.body.classList.contains("settings-open");
+}
+
+function showSettings(open) {
+  document.body.classList.toggle("settings-open", open);
+  $("settings-toggle").setAttribute("aria-expanded", String(open));
+  if (open) {
+    $("settings").querySelector("details").open = true;
+    $("settings-close").focus();
+  }
+}
+
+function closeSettings() {
+  showSettings(false);
+  $("settings-toggle").focus();
+}
+
+// A modal dialog on phones, a column beside the chat on wider screens.
+function placeSettings() {
+  const aside = $("settings");
+  if (PHONE.matches) {
+    aside.setAttribute("role", "dialog");
+    aside.setAttribute("aria-modal", "true");
+  } else {
+    aside.removeAttribute("role");
+    aside.removeAttribute("aria-modal");
+    if (settingsOpen()) showSettings(false);
+  }
+}
+
+// Tab and Shift+Tab go round the open dialog's controls instead of leaving it.
+function keepFocusInSettings(ev) {
+  if (ev.key !== "Tab" || !settingsOpen() || !PHONE.matches) return;
+  const controls = [...$("settings").querySelectorAll("button, summary, input, textarea")]
+    .filter((el) => el.offsetParent !== null);
+  const first = controls[0];
+  const last = controls.at(-1);
+  if (ev.shiftKey && document.activeElement === first) {
+    ev.preventDefault();
+    last.focus();
+  } else if (!ev.shiftKey && document.activeElement === last) {
+    ev.preventDefault();
+    first.focus();
+  }
+}
+
+// Keyboard hints only where there is a keyboard to speak of.
+function showPlaceholder() {
+  $("prompt").placeholder = PLACEHOLDER + (NO_KEYBOARD_HINTS.matches ? "" : KEYBOARD_HINTS);
 }
 
 // ---- settings, API key, model info -------------------------------------------------
@@ -355,8 +425,14 @@ async function loadModelInfo() {
     }
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     const body = await res.json();
-    const { id, quantization, device, context_length: context } = body.data[0];
-    $("model").textContent = `${id} · ${quantization} · ${device} · context ${context}`;
+    const entry = body.data[0];
+    const { label, title } = describeBuild(entry);
+    const build = element("span", "build", label);
+    build.id = "build";
+    build.title = title;
+    const rest = ` · ${entry.device} · context ${entry.context_length}`;
+    $("model").replaceChildren(`${entry.id} · `, build, rest);
+    $("model").title = `${entry.id} · ${label}${rest}`;  // the whole line, where a phone cuts it short
     state.jaegerUrl = body.ui?.jaeger_url ?? null;
     if (state.jaegerUrl) render();  // answers already on screen get their trace links
   } catch {
@@ -380,15 +456,23 @@ function bindControls() {
   $("key-form").addEventListener("submit", saveKey);
   $("settings").addEventListener("input", saveSettings);
   $("reset-settings").addEventListener("click", resetSettings);
+  $("settings-toggle").addEventListener("click", () => (settingsOpen() ? closeSettings() : showSettings(true)));
+  $("settings-close").addEventListener("click", closeSettings);
   document.addEventListener("keydown", (ev) => {
     if (ev.key === "Escape") onEscape();
+    keepFocusInSettings(ev);
   });
-  // On a narrow screen a tap outside the open list closes it. (The path, not
-  // the target: a delete button is gone from the page once its click is handled.)
+  // On a narrow screen a tap outside the open list or settings closes them. (The
+  // path, not the target: a delete button is gone from the page once its click is handled.)
   document.addEventListener("click", (ev) => {
-    if (sidebarOpen() && !ev.composedPath().some((el) => el.id === "sidebar" || el.id === "sidebar-toggle")) {
-      showSidebar(false);
-    }
+    const inside = (...ids) => ev.composedPath().some((el) => ids.includes(el.id));
+    if (sidebarOpen() && !inside("sidebar", "sidebar-toggle")) showSidebar(false);
+    if (settingsOpen() && !inside("settings", "settings-toggle")) showSettings(false);
+  });
+  PHONE.addEventListener("change", placeSettings);
+  NO_KEYBOARD_HINTS.addEventListener("change", () => {
+    showPlaceholder();
+    render();  // the empty conversation's hint
   });
   onConversationAction({
     open: (id) => openConversation(state.conversations.find((c) => c.id === id)),
@@ -410,9 +494,10 @@ function main() {
   markInterrupted();
   const saved = state.conversations.find((c) => c.id === store.loadActiveId());
   openConversation(saved ?? store.newConversation());
+  showStoredStats();
+  showPlaceholder();
+  placeSettings();
   bindControls();
-  // On a phone the settings start folded so that the chat has the screen.
-  if (window.matchMedia("(max-width: 700px)").matches) document.querySelector("#settings details").open = false;
   loadModelInfo();
   connection.open(state.apiKey);
 }

@@ -2,7 +2,7 @@
 // open one. It draws what it is given and reports clicks to the handlers
 // app.js binds; what it remembers lives in the DOM.
 import { answerFooter } from "./answer.js";
-import { element } from "./dom.js";
+import { element, NO_KEYBOARD_HINTS } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
 
 const chat = document.getElementById("chat");
@@ -116,9 +116,8 @@ function answerActions(regenerable) {
 }
 
 function emptyHint() {
-  return element("p", "empty",
-    "Ask something. Answers render Markdown with highlighted code. " +
-    "Enter sends, Shift+Enter starts a new line, Escape stops an answer.");
+  const keys = NO_KEYBOARD_HINTS.matches ? "" : " Enter sends, Shift+Enter starts a new line, Escape stops an answer.";
+  return element("p", "empty", `Ask something. Answers render Markdown with highlighted code.${keys}`);
 }
 
 // ---- editing the last user turn --------------------------------------------------
