@@ -47,7 +47,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "shutting_down": ErrorCode("the server is draining after SIGTERM", 503, "request"),
     "internal": ErrorCode("the engine failed while running this request (details in the server log)", 500,
                           "request"),
-    "unsupported": ErrorCode("a field the server cannot honour (tools, audio, images, structured output)", 400,
+    "invalid_constraint": ErrorCode("a response format, structured output or tools that cannot be used: a schema, "
+                                    "regex or grammar that does not compile, is larger than "
+                                    "`--max-constraint-bytes` or needs more work than `--grammar-fuel` allows, "
+                                    "allows no output, or a bad tools or tool_choice field", 400, "request"),
+    "unsupported": ErrorCode("a field the server cannot honour (audio, images, the legacy functions, echo)", 400,
                              "http"),
     "payload_too_large": ErrorCode("the body is larger than `--max-message-bytes`", 413, "http"),
     "unauthorized": ErrorCode("the API key is missing or wrong", 401, "handshake"),

@@ -125,8 +125,8 @@ def test_invalid_parameters_raise_bad_request_naming_the_field(client) -> None:
     assert err.value.status_code == 400 and body["param"] == "top_p" and "(0, 1]" in body["message"]
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=CHAT,
-                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert err.value.body["param"] == "tools" and err.value.body["code"] == "unsupported"
+                                       tools=[{"type": "function", "function": {"name": "f g", "parameters": {}}}])
+    assert err.value.body["param"] == "tools[0]" and err.value.body["code"] == "invalid_constraint"
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=10_000)
     assert err.value.body["param"] == "max_completion_tokens"
@@ -151,8 +151,8 @@ HOSTILE = [
     ("n too large", b'{"messages": [{"role": "user", "content": "x"}], "n": 99}', 400, "invalid_parameter", "n"),
     ("stream not bool", b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400,
      "invalid_parameter", "stream"),
-    ("json schema output", b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": '
-     b'"json_schema"}}', 400, "unsupported", "response_format"),
+    ("json schema without a schema", b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": '
+     b'"json_schema"}}', 400, "invalid_constraint", "response_format"),
     ("audio", b'{"messages": [{"role": "user", "content": "x"}], "audio": {"voice": "x"}}', 400, "unsupported",
      "audio"),
     ("huge body", b'{"messages": [{"role": "user", "content": "' + b"x" * 20000 + b'"}]}', 413,

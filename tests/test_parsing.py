@@ -35,7 +35,7 @@ def test_the_websocket_wants_exactly_role_and_content_the_api_ignores_extra_keys
     assert parse_messages(named, exact_keys=False) == (ChatMessage("user", "Hi"),)
     assert parse_messages([{"role": "developer", "content": "Be brief"}], exact_keys=False,
                           roles={"developer": "system"}) == (ChatMessage("system", "Be brief"),)
-    assert "must be one of system, user, assistant, got 'developer'" in _refused(
+    assert "must be one of system, user, assistant, tool, got 'developer'" in _refused(
         parse_messages, [{"role": "developer", "content": "x"}]).message
 
 
@@ -82,8 +82,12 @@ def test_a_completion_body_maps_the_older_logprobs_count() -> None:
 
 
 @pytest.mark.parametrize("body,param,code", [
-    ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools", "unsupported"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format", "unsupported"),
+    ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools[0]", "invalid_constraint"),
+    ({"messages": CHAT, "response_format": {"type": "xml"}}, "response_format", "invalid_constraint"),
+    ({"messages": CHAT, "functions": [{"name": "f"}]}, "functions", "unsupported"),
+    ({"messages": CHAT, "tool_choice": "required"}, "tool_choice", "invalid_constraint"),
+    ({"messages": CHAT, "structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs",
+     "invalid_constraint"),
     ({"messages": CHAT, "modalities": ["text", "audio"]}, "modalities", "unsupported"),
     ({"messages": CHAT, "top_p": 0}, "top_p", "invalid_parameter"),
     ({"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens", "invalid_parameter"),

@@ -47,6 +47,7 @@ class EngineCore:
         self._on_decode = on_decode  # told each decode step's batch size
         self.busy_s = 0.0  # time spent in steps (the rest of the wall time the machine was idle)
         self.on_step: Callable[[float, int], None] | None = None  # told each step's seconds and sequences
+        self.on_masks: Callable[[float], None] | None = None  # told the seconds a step's grammar masks took
 
     @property
     def costs(self) -> StepCosts:
@@ -98,6 +99,8 @@ class EngineCore:
             if self._on_decode is not None:
                 self._on_decode(len(plan.decode))
         self._charge(plan, out.ended - out.started)
+        if out.mask_s is not None and self.on_masks is not None:
+            self.on_masks(out.mask_s)
         events: list[Event] = [self._finish(seq, SeqStatus.FINISHED_ERROR) for seq in out.failed]
         if out.sampling is not None:
             start, end = out.sampling

@@ -130,6 +130,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="streamgen-engine", daemon=True)
         self._ready = threading.Event()
         self.batch_listeners: list[Callable[[int], None]] = []  # told each decode step's batch size
+        self.mask_listeners: list[Callable[[float], None]] = []  # told each constrained step's mask seconds
         # Told the loaded model before the engine reports ready, so that whatever
         # they set up is in place for the first request /health/ready lets in.
         self.ready_listeners: list[Callable[[LoadedModel], None]] = []
@@ -221,6 +222,7 @@ class Engine:
             )
             self.batch_invariant = warm_up(model.runner, model.tokenizer, model.manifest.quantization)
             self.core.on_step = lambda seconds, _: self.ledger.step(seconds)
+            self.core.on_masks = lambda seconds: [listener(seconds) for listener in self.mask_listeners]
             for listener in self.ready_listeners:
                 listener(model)
             self.model = model

@@ -19,6 +19,7 @@ import numpy as np
 import structlog
 
 from streamgen.engine.costs import StepCosts
+from streamgen.engine.grammar import MaskFiller, allowed_tokens
 from streamgen.engine.sampling import sample
 from streamgen.engine.scheduler import PromptPass, StepPlan
 from streamgen.engine.sequence import Sequence
@@ -60,6 +61,7 @@ class StepOutput:
     sampling: tuple[float, float] | None = None
     sampled: list[Sampled] = field(default_factory=list)  # rows that got a token, in the order they ran
     failed: list[Sequence] = field(default_factory=list)  # rows whose sampling raised: they alone fail
+    mask_s: float | None = None  # filling the constrained rows' masks (beside the forward pass); None: none
     ended: float = 0.0
 
 
@@ -67,9 +69,11 @@ class StepExecutor:
     def __init__(self, runner: KVRunner, costs: StepCosts) -> None:
         self.runner = runner
         self.costs = costs
+        self._masks: MaskFiller | None = None  # made on the first constrained step
 
     def execute(self, plan: StepPlan) -> StepOutput:
         out = StepOutput(time.perf_counter())
+        masks = self._start_masks(plan.sampled())
         self._place(plan)
         ready: list[Sequence] = []
         rows: list[np.ndarray] = []
@@ -91,12 +95,29 @@ class StepExecutor:
             self.costs.decode.observe(max(slots) + 1, (end - start) * 1000)
             out.decode = (start, end)
             ready += [r.seq for r in plan.decode]
+        allowed = None
+        if masks is not None:
+            bitmask = masks.wait()
+            out.mask_s = masks.seconds
+            allowed = [allowed_tokens(bitmask[i], self.runner.info.vocab_size) if s.matcher is not None else None
+                       for i, s in enumerate(ready)]
         if ready:
             start = time.perf_counter()
-            self._sample(ready, np.concatenate(rows), out)
+            self._sample(ready, np.concatenate(rows), allowed, out)
             out.sampling = (start, time.perf_counter())
         out.ended = time.perf_counter()
         return out
+
+    def _start_masks(self, sampled: list[Sequence]) -> MaskFiller | None:
+        """Begin filling the masks of the rows that will be sampled under a constraint; None when there are none
+        (unconstrained steps pay nothing)."""
+        constrained = [(s.matcher, i) for i, s in enumerate(sampled) if s.matcher is not None]
+        if not constrained:
+            return None
+        if self._masks is None:
+            self._masks = MaskFiller()
+        self._masks.start(constrained, len(sampled), self.runner.info.vocab_size)
+        return self._masks
 
     def _place(self, plan: StepPlan) -> None:
         """Claims (after any move they need), then prefix copies, each timed into the copy cost."""
@@ -122,21 +143,23 @@ class StepExecutor:
             return self.runner.prefill(chunk.slot, chunk.ids)[None, :]
         return self.runner.prefill_fresh([c.slot for c in p.chunks], [c.ids for c in p.chunks])
 
-    def _sample(self, ready: list[Sequence], logits: np.ndarray, out: StepOutput) -> None:
+    def _sample(self, ready: list[Sequence], logits: np.ndarray, allowed: list[np.ndarray | None] | None,
+                out: StepOutput) -> None:
         """One batched draw; if it raises, each row alone, so only the rows at fault fail."""
         try:
-            picked = sample(logits, [s.sampler for s in ready])
+            picked = sample(logits, [s.sampler for s in ready], allowed)
         except Exception:  # noqa: BLE001 - find the row at fault, fail it alone, keep the others
             keep = []
             for i, seq in enumerate(ready):
                 try:
-                    sample(logits[i : i + 1], [seq.sampler])
+                    sample(logits[i : i + 1], [seq.sampler], None if allowed is None else [allowed[i]])
                     keep.append(i)
                 except Exception:  # noqa: BLE001
                     log.exception("request.row_failed", request_id=seq.request.request_id, key=seq.key)
                     out.failed.append(seq)
             ready, logits = [ready[i] for i in keep], logits[keep]
-            picked = sample(logits, [s.sampler for s in ready])
+            allowed = None if allowed is None else [allowed[i] for i in keep]
+            picked = sample(logits, [s.sampler for s in ready], allowed)
         for seq, token_id, logprob, top in zip(ready, picked.token_ids, picked.logprobs, picked.top_logprobs):
             wanted = seq.request.params.logprobs
             out.sampled.append(Sampled(seq, int(token_id), float(logprob) if wanted else None, top))

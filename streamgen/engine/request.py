@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from streamgen.engine.grammar import CompiledGrammar, ConstraintSpec, GrammarLimits
 from streamgen.engine.params import DEFAULT_MAX_TOKENS, MAX_SEED, SamplingParams
 from streamgen.engine.tokenizer import ChatMessage, TextTokenizer
+from streamgen.engine.tools import Tool
 from streamgen.errors import ValidationError
 
 
@@ -33,6 +35,7 @@ class GenerationRequest:
     arrival: float | None = None  # time.perf_counter() when accepted; queue time counts from here
     namespace: str = ""  # whose KV cache this request may reuse (the API key's digest; "" when open)
     dropped_messages: int = 0  # oldest chat messages left out to fit the context (truncate="oldest")
+    constraint: CompiledGrammar | None = None  # the output is held to this grammar (engine/grammar.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,9 @@ def prepare_request(
     max_new_tokens: int | None = None,
     truncate: str = "refuse",
     namespace: str = "",
+    constraint: ConstraintSpec | None = None,
+    grammar_limits: GrammarLimits = GrammarLimits(),
+    tools: Sequence[Tool] = (),
 ) -> GenerationRequest:
     """Tokenize and check a request against the model's limits and the server's.
 
@@ -140,12 +146,12 @@ def prepare_request(
     if prompt is not None:
         ids = tokenizer.encode(prompt)
     else:
-        ids = tokenizer.encode(tokenizer.render_chat(messages))
+        ids = tokenizer.encode(tokenizer.render_chat(messages, tools=tools))
         if truncate == "oldest":
             while len(ids) > min(prompt_limit, context_length - wanted) and (shorter := _drop_oldest(messages)):
                 dropped += len(messages) - len(shorter)
                 messages = shorter
-                ids = tokenizer.encode(tokenizer.render_chat(messages))
+                ids = tokenizer.encode(tokenizer.render_chat(messages, tools=tools))
     if not ids:
         raise ValidationError("the prompt encodes to no tokens", param="prompt", code="invalid_request")
     if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
@@ -178,12 +184,14 @@ def prepare_request(
                 param=name,
             )
     stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else tokenizer.stop_token_ids)
-    return GenerationRequest(tuple(ids), params, stops, request_id, namespace=namespace, dropped_messages=dropped)
+    compiled = None if constraint is None else tokenizer.grammars.compile(constraint, grammar_limits)
+    return GenerationRequest(tuple(ids), params, stops, request_id, namespace=namespace, dropped_messages=dropped,
+                             constraint=compiled)
 
 
 def _drop_oldest(messages: Sequence[ChatMessage]) -> tuple[ChatMessage, ...] | None:
-    """The chat without its oldest non-system turn (a message, and any assistant replies left at the
-    front), or None when only the last message is left to drop."""
+    """The chat without its oldest non-system turn (a message, and any assistant replies and tool results left
+    at the front), or None when only the last message is left to drop."""
     lead = 0
     while lead < len(messages) and messages[lead].role == "system":
         lead += 1
@@ -191,6 +199,6 @@ def _drop_oldest(messages: Sequence[ChatMessage]) -> tuple[ChatMessage, ...] | N
     if len(rest) <= 1:
         return None
     rest = rest[1:]
-    while len(rest) > 1 and rest[0].role == "assistant":
+    while len(rest) > 1 and rest[0].role in ("assistant", "tool"):
         rest = rest[1:]
     return (*system, *rest)

@@ -76,8 +76,11 @@ class SampleOutput:
     top_logprobs: list[Alternatives | None]  # per row: the most likely tokens, when the row asked for them
 
 
-def sample(logits: np.ndarray, rows: Sequence[RowSampler]) -> SampleOutput:
-    """Pick one token per row. logits: [B, V] float32, one RowSampler per row."""
+def sample(logits: np.ndarray, rows: Sequence[RowSampler],
+           allowed: Sequence[np.ndarray | None] | None = None) -> SampleOutput:
+    """Pick one token per row. logits: [B, V] float32, one RowSampler per row. allowed: per row, None or the
+    tokens a constraint allows (bool [V]); applied before any other filter. Logprobs stay the raw
+    distribution's."""
     batch = logits.shape[0]
     if batch != len(rows):
         raise ValueError(f"logits has {batch} rows but {len(rows)} samplers were given")
@@ -86,7 +89,10 @@ def sample(logits: np.ndarray, rows: Sequence[RowSampler]) -> SampleOutput:
     top: list[Alternatives | None] = [None] * batch
     for i, row in enumerate(rows):
         raw = logits[i]
-        token = _sample_row(row.apply_penalties(raw), row)
+        mask = allowed[i] if allowed is not None else None
+        if mask is not None and not mask.any():
+            raise ValueError("the constraint allows no token here")
+        token = _sample_row(row.apply_penalties(raw if mask is None else np.where(mask, raw, -np.inf)), row)
         token_ids[i] = token
         if row.params.logprobs:
             norm = _logsumexp(raw)

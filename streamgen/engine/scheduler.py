@@ -140,6 +140,11 @@ class StepPlan:
         for p in self.passes:
             yield from p.chunks
 
+    def sampled(self) -> list[Sequence]:
+        """The sequences that get a token this step, in the order their logits come: those whose prompt a pass
+        finishes, pass by pass, then the decode rows."""
+        return [c.seq for c in self.chunks() if c.ends_prompt] + [r.seq for r in self.decode]
+
     @property
     def sequences(self) -> int:
         """Sequences that run something this step."""

@@ -75,6 +75,9 @@ class Sequence:
         self.detok = IncrementalDetokenizer(tokenizer.decode, request.prompt_ids, params.stop)
         self.max_tokens = min(params.max_tokens, context_length - len(request.prompt_ids))
         self.prompt_array = np.asarray(request.prompt_ids, dtype=np.int32)  # what the prefix cache compares
+        # A constrained request's grammar state: advanced with every token, released when the sequence ends.
+        self._grammars = tokenizer.grammars if request.constraint is not None else None
+        self.matcher = self._grammars.matcher(request.constraint) if self._grammars is not None else None
         self.status = SeqStatus.WAITING
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens already in the cache
@@ -131,8 +134,10 @@ class Sequence:
 
     def append(self, token_id: int, logprob: float | None,
                top_logprobs: tuple[tuple[int, float], ...] | None) -> tuple[TokenEvent, bool]:
-        """Take a sampled token that is not a stop token: returns its event, and whether a stop string now
-        ends the text."""
+        """Take a sampled token that is not a stop token: returns its event, and whether the text is now done
+        (a stop string ends it, or the grammar allows nothing more)."""
+        if self.matcher is not None and not self.matcher.consume_token(token_id):
+            raise RuntimeError(f"the grammar refused token {token_id}: {self.matcher.get_error()[:200]}")
         self.output_ids.append(token_id)
         self.sampler.observe(token_id)
         detok_start = time.perf_counter()
@@ -144,7 +149,7 @@ class Sequence:
         self.observer.detokenize(index, detok_start, done)
         event = TokenEvent(self.key, index, token_id, step.delta, logprob, top_logprobs)
         self.observer.token(event, done)
-        return event, step.stopped
+        return event, step.stopped or (self.matcher is not None and self.matcher.is_stopped())
 
     @property
     def at_length(self) -> bool:
@@ -158,6 +163,9 @@ class Sequence:
         if not status.finished:
             raise ValueError(f"{status.name} is not a final status")
         self.status = status
+        if self.matcher is not None:
+            self._grammars.release(self.matcher)
+            self.matcher = None
         if status == SeqStatus.FINISHED_ERROR:
             event: FinishEvent | ErrorEvent = ErrorEvent(self.key, *error)
             try:

@@ -7,6 +7,7 @@ the serving path needs neither transformers nor torch.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from streamgen.engine.grammar import Grammars
+from streamgen.engine.tools import Tool, ToolCall, call_text, result_text, system_prompt
 from streamgen.errors import ValidationError
 
 # End-of-turn markers used by common chat templates. The GGUF-converted
@@ -26,6 +29,8 @@ _END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
 
 class TextTokenizer:
@@ -37,6 +42,8 @@ class TextTokenizer:
         self._special = set(tokenizer.get_added_tokens_decoder())
         # Byte-level BPE (GPT-2 style) spells each byte as one printable character.
         self._byte_of = _BYTE_OF if type(tokenizer.decoder).__name__ == "ByteLevel" else None
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
         self._template = None
         if chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -50,6 +57,15 @@ class TextTokenizer:
         template = template_file.read_text() if template_file.exists() else None
         stop_ids = _stop_token_ids(model_dir, tok, template)
         return cls(tok, template, stop_ids)
+
+    @property
+    def grammars(self) -> Grammars:
+        """Constrained decoding for this tokenizer (engine/grammar.py), built on first use: it reads the whole
+        vocabulary once, which takes a few hundred milliseconds that unconstrained serving never pays."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self._tok.to_str(), self.vocab_size, self.stop_token_ids)
+        return self._grammars
 
     def encode(self, text: str) -> list[int]:
         # Special tokens written in the text (e.g. <|im_start|> from the
@@ -73,22 +89,68 @@ class TextTokenizer:
             return self.decode([token_id]).encode("utf-8")
         return bytes(self._byte_of[c] for c in token if c in self._byte_of)
 
-    def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        """The chat template renders tools itself (Qwen's and Hermes's do); otherwise they go in a system turn."""
+        return bool(self.chat_template) and "tools" in self.chat_template and "tool_call" in self.chat_template
+
+    def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
+                    tools: Sequence[Tool] = ()) -> str:
         if self._template is None:
             raise ValidationError(
                 "this model has no chat template; send a plain prompt", param="messages", code="invalid_request"
             )
+        extra = {}
+        if self.renders_tools:
+            turns = [_native(m) for m in messages]
+            if tools:
+                extra["tools"] = [t.as_openai() for t in tools]
+        else:
+            turns = [_generic(m) for m in messages]
+            if tools:
+                turns = _with_system(turns, system_prompt(tools))
         try:
             return self._template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=turns,
                 add_generation_prompt=add_generation_prompt,
                 bos_token="",
                 eos_token="",
+                **extra,
             )
         except TemplateError as exc:
             raise ValidationError(
                 f"the chat template rejected these messages: {exc}", param="messages", code="invalid_request"
             ) from exc
+
+
+def _native(m: ChatMessage) -> dict:
+    """A message as templates that know tools read it: OpenAI's shape, a call's arguments as an object."""
+    turn: dict = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        turn["tool_calls"] = [{"id": c.id, "type": "function",
+                               "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                              for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        turn["tool_call_id"] = m.tool_call_id
+    return turn
+
+
+def _generic(m: ChatMessage) -> dict:
+    """A message for a template that knows no tools: calls written out in the model's format, a result as a
+    user turn."""
+    if m.role == "tool":
+        return {"role": "user", "content": result_text(m.content)}
+    content = m.content
+    if m.tool_calls:
+        content = (content + "\n" if content else "") + call_text(m.tool_calls)
+    return {"role": m.role, "content": content}
+
+
+def _with_system(turns: list[dict], text: str) -> list[dict]:
+    """The tools' description as the system turn (after the request's own system text, if any)."""
+    if turns and turns[0]["role"] == "system":
+        return [{"role": "system", "content": turns[0]["content"] + "\n\n" + text}, *turns[1:]]
+    return [{"role": "system", "content": text}, *turns]
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -46,6 +46,7 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
     drain = Drain(engine, service, settings.shutdown_grace)
     telemetry.metrics.observe(lambda: _load(engine, drain))
     engine.batch_listeners.append(lambda size: telemetry.metrics.batch_size.record(size))
+    engine.mask_listeners.append(lambda seconds: telemetry.metrics.mask_time.record(seconds))
     engine.ready_listeners.append(lambda model: setattr(telemetry, "model_name", model.name))
     app = Starlette(
         routes=[

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from streamgen.engine.tools import CallParser, CallPiece, TextPiece
 from streamgen.errors import ValidationError
 from streamgen.server import openai_schema as api
 from streamgen.server.openai_schema import ApiRequest, Tokens
@@ -140,17 +141,29 @@ async def _stream(parsed: ApiRequest, generation: Generation, tokens: Tokens,
         for i in range(generation.choices):
             yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
+    # With tools, each choice's text is read back into calls as it comes (engine/tools.py): answer text goes out
+    # as content, calls as tool_calls deltas that join into exactly the whole response's calls.
+    calls = [CallParser() for _ in range(generation.choices)] if parsed.spec.tool_choice is not None else None
     async for choice, ev in generation.events():
         if isinstance(ev, TokenEvent):
+            if calls is not None:
+                for piece in calls[choice].feed(ev.text):
+                    yield event([_piece(choice, piece)])
+                continue
             if not ev.text and ev.logprob is None:
                 continue  # held back (part of a character, or of a possible stop string)
             entry = api.chat_logprobs(ev, tokens)
             yield event([_delta(chat, choice, ev.text, entry)])
         elif isinstance(ev, FinishEvent):
             finals.append(ev)
-            if ev.tail:
+            reason = api.finish_reason(ev)
+            if calls is not None:
+                for piece in calls[choice].feed(ev.tail) + calls[choice].finish():
+                    yield event([_piece(choice, piece)])
+                reason = "tool_calls" if calls[choice].calls else reason
+            elif ev.tail:
                 yield event([_delta(chat, choice, ev.tail, None)])
-            done = {"index": choice, "finish_reason": api.finish_reason(ev), "logprobs": None}
+            done = {"index": choice, "finish_reason": reason, "logprobs": None}
             yield event([{**done, "delta": {}} if chat else {**done, "text": ""}])
         else:
             yield {"data": json.dumps(api.error_body(ev.code, ev.message))}
@@ -158,6 +171,12 @@ async def _stream(parsed: ApiRequest, generation: Generation, tokens: Tokens,
     if parsed.include_usage:
         yield event([], usage=api.usage(generation.started.prompt_tokens, finals, price))
     yield {"data": "[DONE]"}
+
+
+def _piece(choice: int, piece: TextPiece | CallPiece) -> dict[str, Any]:
+    """A chat chunk's choice for a piece of a tool-using answer: content, or part of a call."""
+    delta = {"content": piece.text} if isinstance(piece, TextPiece) else {"tool_calls": [api.tool_call_delta(piece)]}
+    return {"index": choice, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
 def _delta(chat: bool, choice: int, text: str, logprob: dict[str, Any] | None) -> dict[str, Any]:

@@ -8,9 +8,10 @@
   the chunks of a stream. The HTTP routes (server/openai.py) and batch files
   (`streamgen batch`) both use them.
 
-Fields the server cannot honour at all (tools, audio, images, structured
-output) are refused with a 400 that names the field; fields it does not know
-are ignored, as the API's own servers do with new optional fields.
+Structured output and tools (server/structured.py) are honoured; fields the
+server cannot honour at all (audio, images, the legacy `functions`) are
+refused with a 400 that names the field; fields it does not know are
+ignored, as the API's own servers do with new optional fields.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from typing import Any
 
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, FinishReason, TokenEvent
+from streamgen.engine.tools import CallParser, CallPiece, ToolCall
 from streamgen.errors import ERROR_CODES, ValidationError
+from streamgen.server.structured import Structured, parse_structured
 from streamgen.server.spec import RequestSpec, parse_messages, parse_n, parse_prompt, parse_truncate
 
 CHAT_PATH = "/v1/chat/completions"
@@ -34,10 +37,8 @@ _SAMPLING = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "s
              "top_k", "min_p", "repetition_penalty", "ignore_eos")
 # Fields whose presence asks for something this server does not do.
 _REFUSED = {
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
+    "functions": "the legacy functions field is not supported; send tools",
+    "function_call": "the legacy function_call field is not supported; send tool_choice",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
     "web_search_options": "web search is not supported",
@@ -71,7 +72,6 @@ class ApiRequest:
 def chat_spec(body: Any) -> ApiRequest:
     body = _object(body)
     _refuse_unsupported(body)
-    _require_text_format(body)
     if "messages" not in body:
         raise ValidationError("messages is required", param="messages", code="invalid_request")
     messages = parse_messages(body["messages"], exact_keys=False, roles=_ROLE_ALIASES)
@@ -81,7 +81,8 @@ def chat_spec(body: Any) -> ApiRequest:
     if _given(body, "top_logprobs"):
         raw["top_logprobs"] = body["top_logprobs"]
     params = _params(raw, body)
-    return _request(body, "chat", "chatcmpl", prompt=None, messages=messages, params=params)
+    return _request(body, "chat", "chatcmpl", prompt=None, messages=messages, params=params,
+                    structured=parse_structured(body))
 
 
 def completion_spec(body: Any) -> ApiRequest:
@@ -105,7 +106,13 @@ def completion_spec(body: Any) -> ApiRequest:
             raise ValidationError(f"logprobs must be an integer in [0, 5], got {str(count)[:40]}", param="logprobs")
         raw["logprobs"], raw["top_logprobs"] = True, count
     params = _params(raw, body)
-    return _request(body, "completion", "cmpl", prompt=parse_prompt(prompt), messages=None, params=params)
+    for name in ("tools", "tool_choice"):
+        if _given(body, name) and body[name] not in ([], "none"):
+            raise ValidationError(f"{name}: tools are for chat; send them to {CHAT_PATH}", param=name,
+                                  code="unsupported")
+    structured = parse_structured({k: v for k, v in body.items() if k not in ("tools", "tool_choice")})
+    return _request(body, "completion", "cmpl", prompt=parse_prompt(prompt), messages=None, params=params,
+                    structured=structured)
 
 
 def _object(body: Any) -> Mapping[str, Any]:
@@ -127,16 +134,6 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise ValidationError("modalities: only [\"text\"] is supported", param="modalities", code="unsupported")
-
-
-def _require_text_format(body: Mapping[str, Any]) -> None:
-    fmt = body.get("response_format")
-    if fmt is None:
-        return
-    kind = fmt.get("type") if isinstance(fmt, Mapping) else None
-    if kind != "text":
-        raise ValidationError(f"response_format: only {{\"type\": \"text\"}} is supported, got type "
-                              f"{str(kind)[:40]!r}", param="response_format", code="unsupported")
 
 
 def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,8 +160,8 @@ def _max_tokens_field(body: Mapping[str, Any]) -> str:
     return "max_completion_tokens" if _given(body, "max_completion_tokens") else "max_tokens"
 
 
-def _request(body: Mapping[str, Any], kind: str, prefix: str, *, prompt: str | None, messages, params
-             ) -> ApiRequest:
+def _request(body: Mapping[str, Any], kind: str, prefix: str, *, prompt: str | None, messages, params,
+             structured: Structured) -> ApiRequest:
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise ValidationError("stream must be true or false", param="stream")
@@ -181,6 +178,7 @@ def _request(body: Mapping[str, Any], kind: str, prefix: str, *, prompt: str | N
         id=f"{prefix}-{uuid.uuid4().hex[:24]}", prompt=prompt, messages=messages, params=params,
         truncate=parse_truncate(body.get("truncate", "refuse"), chat=messages is not None),
         n=parse_n(body.get("n") if _given(body, "n") else 1), user=user[:256] if user else None,
+        constraint=structured.constraint, tools=structured.tools, tool_choice=structured.tool_choice,
     )
     return ApiRequest(spec, kind, stream, include_usage, int(time.time()), _max_tokens_field(body))
 
@@ -242,13 +240,36 @@ def finish_reason(event: FinishEvent) -> str:
 
 def whole_choice(parsed: ApiRequest, index: int, final: FinishEvent, logprobs: list[dict[str, Any]]
                  ) -> dict[str, Any]:
-    """One choice of a whole (non-streamed) response, chat or legacy completion."""
+    """One choice of a whole (non-streamed) response, chat or legacy completion. With tools, the text is read
+    back into calls (engine/tools.py): message.tool_calls, and finish_reason "tool_calls"."""
     reason = finish_reason(final)
     if parsed.kind == "chat":
-        return {"index": index, "message": {"role": "assistant", "content": final.text},
+        message: dict[str, Any] = {"role": "assistant", "content": final.text}
+        if parsed.spec.tool_choice is not None:
+            parser = CallParser()
+            parser.feed(final.text)
+            parser.finish()
+            if parser.calls:
+                message = {"role": "assistant", "content": parser.content or None,
+                           "tool_calls": [tool_call(c) for c in parser.calls]}
+                reason = "tool_calls"
+        return {"index": index, "message": message,
                 "logprobs": {"content": logprobs} if parsed.spec.params.logprobs else None, "finish_reason": reason}
     return {"index": index, "text": final.text, "logprobs": legacy_logprobs(logprobs, final.text)
             if parsed.spec.params.logprobs else None, "finish_reason": reason}
+
+
+def tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def tool_call_delta(piece: CallPiece) -> dict[str, Any]:
+    """A streamed piece of call `piece.index`: its id, type and name first (arguments empty), then arguments
+    fragments, which join into the whole call's arguments."""
+    if piece.name is not None:
+        return {"index": piece.index, "id": piece.id, "type": "function",
+                "function": {"name": piece.name, "arguments": ""}}
+    return {"index": piece.index, "function": {"arguments": piece.arguments}}
 
 
 def legacy_logprobs(entries: list[dict[str, Any]], text: str) -> dict[str, Any]:

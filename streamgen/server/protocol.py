@@ -13,13 +13,15 @@ from typing import Any
 
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from streamgen.engine.tools import CallPiece, ToolCall
 from streamgen.errors import ValidationError
 from streamgen.server.service import Started
 from streamgen.server.spec import RequestSpec, parse_json, parse_messages, parse_prompt, parse_truncate
+from streamgen.server.structured import FIELDS as STRUCTURED_FIELDS, parse_structured
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
-_GENERATE_FIELDS = {"type", "id", "prompt", "messages", "params", "traceparent", "truncate"}
+_GENERATE_FIELDS = {"type", "id", "prompt", "messages", "params", "traceparent", "truncate", *STRUCTURED_FIELDS}
 MAX_TRACEPARENT_CHARS = 256
 _CANCEL_FIELDS = {"type", "id"}
 _PING_FIELDS = {"type", "id"}
@@ -91,13 +93,19 @@ def _parse_generate(raw: dict, request_id: str | None) -> Generate:
         messages = parse_messages(raw["messages"]) if has_messages else None
         params = SamplingParams.from_mapping(raw.get("params", {}))
         truncate = parse_truncate(raw.get("truncate", "refuse"), chat=has_messages)
+        structured = parse_structured(raw)
+        if structured.tool_choice is not None and not has_messages:
+            raise ValidationError("tools need messages: a chat the model can answer with calls", param="tools",
+                                  code="invalid_constraint")
     except ValidationError as exc:
         raise ProtocolError(exc.message, code=exc.code, param=exc.param, request_id=rid) from None
     traceparent = raw.get("traceparent")
     if traceparent is not None and (not isinstance(traceparent, str) or len(traceparent) > MAX_TRACEPARENT_CHARS):
         raise ProtocolError(f"traceparent must be a W3C traceparent string of at most {MAX_TRACEPARENT_CHARS} characters",
                             code="invalid_message", param="traceparent", request_id=rid)
-    return Generate(RequestSpec(rid, prompt, messages, params, truncate, traceparent=traceparent))
+    return Generate(RequestSpec(rid, prompt, messages, params, truncate, traceparent=traceparent,
+                                constraint=structured.constraint, tools=structured.tools,
+                                tool_choice=structured.tool_choice))
 
 
 def _require_id(raw: Mapping[str, Any]) -> str:
@@ -150,10 +158,28 @@ class TokenMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallMessage:
+    """A piece of a tool call, as the OpenAI API's delta.tool_calls[] carries it: id and name first, then
+    fragments of the arguments' JSON text."""
+
+    request_id: str
+    piece: CallPiece
+
+    def payload(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"type": "tool_call", "id": self.request_id, "index": self.piece.index,
+                               "call_id": self.piece.id}
+        if self.piece.name is not None:
+            msg["name"] = self.piece.name
+        msg["arguments"] = self.piece.arguments
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
 class DoneMessage:
     request_id: str
     event: FinishEvent
     price_per_hour: float | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None  # with tools: the calls the answer made (maybe none)
 
     def payload(self) -> dict[str, Any]:
         event, t = self.event, self.event.timings
@@ -162,10 +188,14 @@ class DoneMessage:
                                  "cached_tokens": event.usage.cached_tokens}
         if (cost := event.usage.cost_usd(self.price_per_hour)) is not None:
             usage["cost_usd"] = round(cost, 9)
+        calls = None if self.tool_calls is None else [
+            {"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.tool_calls]
+        extra = {} if calls is None else {"tool_calls": calls}
         return {
             "type": "done",
             "id": self.request_id,
-            "finish_reason": str(event.finish_reason),
+            "finish_reason": "tool_calls" if calls else str(event.finish_reason),
+            **extra,
             "tail": event.tail,
             "text": event.text,
             "usage": usage,
@@ -209,4 +239,4 @@ class PongMessage:
         return {"type": "pong", "id": self.ping_id} if self.ping_id else {"type": "pong"}
 
 
-ServerMessage = StartMessage | TokenMessage | DoneMessage | ErrorMessage | PongMessage
+ServerMessage = StartMessage | TokenMessage | ToolCallMessage | DoneMessage | ErrorMessage | PongMessage

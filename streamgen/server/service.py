@@ -23,6 +23,7 @@ from opentelemetry.trace import Link
 
 from streamgen.engine.config import EngineConfig
 from streamgen.engine.engine import Engine, EngineOverloaded, RequestHandle
+from streamgen.engine.grammar import GrammarLimits
 from streamgen.engine.loader import LoadedModel
 from streamgen.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, choices, prepare_request
 from streamgen.errors import StreamgenError
@@ -73,12 +74,16 @@ def admit(spec: RequestSpec, model: LoadedModel, config: EngineConfig, telemetry
             request = prepare_request(
                 model.tokenizer, model.context_length, spec.params, prompt=spec.prompt, messages=spec.messages,
                 request_id=spec.id, max_prompt_tokens=config.max_prompt_tokens,
-                max_new_tokens=config.max_new_tokens, truncate=spec.truncate, namespace=namespace)
+                max_new_tokens=config.max_new_tokens, truncate=spec.truncate, namespace=namespace,
+                constraint=spec.constraint, tools=spec.tools,
+                grammar_limits=GrammarLimits(config.max_constraint_bytes, config.grammar_fuel))
     except StreamgenError as exc:
         param = getattr(exc, "param", None)
         tel.rejected(exc.code, exc.message, param)
         raise RequestRefused(exc.code, exc.message, param) from None
     tel.accepted(request.params, len(request.prompt_ids), spec.last_user_text(), spec.user)
+    if request.constraint is not None:
+        tel.constrained(request.constraint)
     return Admitted(request, choices(request, spec.n), tel)
 
 

@@ -16,10 +16,12 @@ from typing import Any
 
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import TRUNCATE_CHOICES
+from streamgen.engine.grammar import ConstraintSpec
 from streamgen.engine.tokenizer import ChatMessage
+from streamgen.engine.tools import Tool, ToolCall, ToolChoice
 from streamgen.errors import ValidationError
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_CHOICES = 8  # n: sequences per request, each its own KV slot
 CHAT = "chat"
 TEXT_COMPLETION = "text_completion"
@@ -35,6 +37,9 @@ class RequestSpec:
     n: int = 1  # sequences sharing the prompt; seeded ones get seed, seed + 1, ...
     traceparent: str | None = None  # the caller's W3C trace context, if any
     user: str | None = None  # the caller's end-user id (OpenAI `user`), for the log
+    constraint: ConstraintSpec | None = None  # structured output, or the tool-call grammar (server/structured.py)
+    tools: tuple[Tool, ...] = ()  # described to the model
+    tool_choice: ToolChoice | None = None  # None: the model may not call tools
 
     @property
     def operation(self) -> str:
@@ -79,7 +84,8 @@ def parse_prompt(raw: Any, param: str = "prompt") -> str:
 
 def parse_messages(raw: Any, *, exact_keys: bool = True, roles: Mapping[str, str] | None = None
                    ) -> tuple[ChatMessage, ...]:
-    """Untrusted chat messages: a non-empty list of {role, content}.
+    """Untrusted chat messages: a non-empty list of {role, content}; an assistant turn may carry `tool_calls`
+    instead of content, and a `tool` turn answers one call (`tool_call_id`).
 
     content is a string or a list of text parts ({"type": "text", "text": ...}),
     joined. exact_keys refuses any other key (the WebSocket protocol); without
@@ -93,16 +99,53 @@ def parse_messages(raw: Any, *, exact_keys: bool = True, roles: Mapping[str, str
     out = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
-        if not isinstance(m, Mapping) or not {"role", "content"} <= set(m) or (exact_keys and len(m) != 2):
-            raise ValidationError(f"{where} must be an object with {'exactly ' if exact_keys else ''}"
-                                  "'role' and 'content'", param=where, code="invalid_request")
+        if not isinstance(m, Mapping) or "role" not in m:
+            raise ValidationError(f"{where} must be an object with 'role' and 'content'", param=where,
+                                  code="invalid_request")
         role = aliases.get(m["role"], m["role"]) if isinstance(m["role"], str) else m["role"]
         if role not in CHAT_ROLES:
             allowed = ", ".join((*CHAT_ROLES, *aliases))
             raise ValidationError(f"{where}.role must be one of {allowed}, got {str(m['role'])[:40]!r}",
                                   param=where, code="invalid_request")
-        out.append(ChatMessage(role, _content(m["content"], where)))
+        allowed_keys = {"role", "content", *_ROLE_KEYS.get(role, ())}
+        calls = _tool_calls(m.get("tool_calls"), where) if role == "assistant" else ()
+        if ("content" not in m and not calls) or (exact_keys and set(m) - allowed_keys):
+            raise ValidationError(f"{where} must be an object with {'exactly ' if exact_keys else ''}"
+                                  f"{', '.join(repr(k) for k in sorted(allowed_keys))}", param=where,
+                                  code="invalid_request")
+        content = "" if calls and m.get("content") is None else _content(m.get("content"), where)
+        call_id = m.get("tool_call_id")
+        if role == "tool" and (not isinstance(call_id, str) or not call_id):
+            raise ValidationError(f"{where} is a tool result: it needs tool_call_id, the call it answers",
+                                  param=where, code="invalid_request")
+        out.append(ChatMessage(role, content, calls, call_id if role == "tool" else None))
     return tuple(out)
+
+
+_ROLE_KEYS = {"assistant": ("tool_calls",), "tool": ("tool_call_id",)}
+
+
+def _tool_calls(raw: Any, where: str) -> tuple[ToolCall, ...]:
+    """An assistant turn's calls, as the API returned them: [{id, type: function, function: {name, arguments}}]."""
+    if raw is None or raw == []:
+        return ()
+    calls = []
+    for j, c in enumerate(raw if isinstance(raw, list) else [None]):
+        function = c.get("function") if isinstance(c, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        arguments = function.get("arguments") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or not isinstance(arguments, str) or not isinstance(c.get("id", ""), str):
+            raise ValidationError(f"{where}.tool_calls[{j}] must be {{id, type: function, function: {{name, "
+                                  "arguments}}}} with arguments a JSON string", param=where, code="invalid_request")
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValidationError(f"{where}.tool_calls[{j}].function.arguments must be a JSON object's text",
+                                  param=where, code="invalid_request")
+        calls.append(ToolCall(c.get("id") or f"call_{j}", name, arguments))
+    return tuple(calls)
 
 
 def _content(raw: Any, where: str) -> str:

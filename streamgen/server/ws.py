@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from streamgen.config import Settings
 from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from streamgen.engine.tools import CallParser, CallPiece
 from streamgen.server.protocol import (
     Cancel,
     DoneMessage,
@@ -37,6 +38,7 @@ from streamgen.server.protocol import (
     ServerMessage,
     StartMessage,
     TokenMessage,
+    ToolCallMessage,
     parse_client_message,
 )
 from streamgen.server.security import SUBPROTOCOL, Caller
@@ -171,18 +173,29 @@ class Connection:
             self._send(ErrorMessage(msg.id, refused.code, refused.message, refused.param, refused.retry_after_ms))
             return
         self._send(StartMessage(generation.started))
-        task = asyncio.create_task(self._stream(msg.id, generation))
+        task = asyncio.create_task(self._stream(msg.id, generation, msg.spec.tool_choice is not None))
         self._inflight[msg.id] = _InFlight(generation, task)
 
     # ---- streaming and writing ----------------------------------------------
 
-    async def _stream(self, request_id: str, generation: Generation) -> None:
+    async def _stream(self, request_id: str, generation: Generation, tools: bool) -> None:
+        # With tools, tokens stream as always, and the calls they make also come as tool_call messages.
+        calls = [CallParser() for _ in range(generation.choices)] if tools else None
         try:
-            async for _, event in generation.events():
+            async for choice, event in generation.events():
                 if isinstance(event, TokenEvent):
                     self._send(TokenMessage(request_id, event))
+                    for piece in calls[choice].feed(event.text) if calls else ():
+                        if isinstance(piece, CallPiece):
+                            self._send(ToolCallMessage(request_id, piece))
                 elif isinstance(event, FinishEvent):
-                    self._send(DoneMessage(request_id, event, self.service.price_per_hour))
+                    made = None
+                    if calls:
+                        for piece in calls[choice].feed(event.tail) + calls[choice].finish():
+                            if isinstance(piece, CallPiece):
+                                self._send(ToolCallMessage(request_id, piece))
+                        made = tuple(calls[choice].calls)
+                    self._send(DoneMessage(request_id, event, self.service.price_per_hour, made))
                 elif isinstance(event, ErrorEvent):
                     self._send(ErrorMessage.of_event(request_id, event))
         finally:

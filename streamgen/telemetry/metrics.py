@@ -21,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+MASK_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -70,6 +71,14 @@ class Metrics:
         self.requests = meter.create_counter(
             "streamgen.requests", unit="{request}",
             description="Finished requests, by finish_reason, or by error.type when they failed")
+        self.mask_time = meter.create_histogram(
+            "streamgen.engine.mask_time", unit="s",
+            description="Filling one step's grammar masks for its constrained rows (beside the forward pass)",
+            explicit_bucket_boundaries_advisory=MASK_BUCKETS)
+        self.constraints_refused = meter.create_counter(
+            "streamgen.constraints.refused", unit="{request}",
+            description="Requests refused because their response format, structured output or tools could not be "
+                        "used (invalid_constraint)")
         self._gauges: Gauges = dict
         for name, key, description in (
             ("streamgen.requests.active", "active_requests", "Requests being decoded"),
@@ -77,6 +86,13 @@ class Metrics:
             ("streamgen.connections.open", "open_connections", "Open WebSocket connections"),
         ):
             meter.create_observable_gauge(name, callbacks=[self._gauge_callback(key)], description=description)
+
+    def refused(self, code: str, attributes: dict[str, str]) -> None:
+        """A request refused with this code: counted by error.type, and, when its constraint was the reason,
+        in the refused-constraints counter too."""
+        self.requests.add(1, {**attributes, "error.type": code})
+        if code == "invalid_constraint":
+            self.constraints_refused.add(1, attributes)
 
     def observe(self, gauges: Gauges) -> None:
         """Where the gauges read their values: a callable returning a stats mapping."""

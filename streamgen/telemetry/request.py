@@ -134,12 +134,22 @@ class RequestTelemetry:
             self.log.debug("request.prompt", prompt=prompt_text)
         self.metrics.input_tokens.add(prompt_tokens, self.metric_attrs)
 
+    def constrained(self, constraint) -> None:
+        """The request's output is held to a grammar (engine/grammar.py CompiledGrammar): its kind and how long it
+        took to compile (0 from the cache), on the span."""
+        if self.recording:
+            self.span.set_attributes({"streamgen.constraint.kind": constraint.kind,
+                                      "streamgen.constraint.compile_ms": round(constraint.compile_ms, 3),
+                                      "streamgen.constraint.cached": constraint.cached})
+        self.log.info("request.constrained", kind=constraint.kind, compile_ms=round(constraint.compile_ms, 3),
+                      cached=constraint.cached)
+
     def rejected(self, code: str, message: str, param: str | None) -> None:
         """Refused before reaching the engine (validation, overload, not ready)."""
         self.span.set_attribute("error.type", code)
         self.span.set_status(Status(StatusCode.ERROR, message))
         self.span.end()
-        self.metrics.requests.add(1, {**self.metric_attrs, "error.type": code})
+        self.metrics.refused(code, self.metric_attrs)
         self.log.info("request.rejected", code=code, message=message, param=param)
 
     # ---- from the choices, on the engine's worker thread -----------------------

@@ -61,7 +61,7 @@ class Telemetry:
     def rejected_early(self, request_id: str | None, code: str, message: str, param: str | None) -> None:
         """A message refused before it became a request (parse errors, limits): log and count it."""
         self.logger.info("request.rejected", request_id=request_id, code=code, message=message, param=param)
-        self.metrics.requests.add(1, {"gen_ai.request.model": self.model_name, "error.type": code})
+        self.metrics.refused(code, {"gen_ai.request.model": self.model_name})
 
     def shutdown(self) -> None:
         self.provider.shutdown()  # flushes spans still in the batch processor
