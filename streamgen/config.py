@@ -76,7 +76,7 @@ class Settings:
     max_prompt_tokens: int | None = knob("max_prompt_tokens")
     max_new_tokens: int | None = knob("max_new_tokens")
     max_constraint_bytes: int = knob("max_constraint_bytes")
-    grammar_fuel: int = knob("grammar_fuel")
+    max_compile_ms: float = knob("max_compile_ms")
     max_connections: int = setting(256, "open WebSocket connections; more are refused with 503", minimum=1)
     idle_timeout: int = setting(300, "seconds a connection may stay silent with nothing in flight before it is "
                                 "closed; 0 = never", minimum=0)
@@ -235,7 +235,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         "max_batch": settings.max_batch, "max_context": settings.max_context, "max_queued": settings.max_queued,
         "token_budget": settings.token_budget, "prefill_chunk": settings.prefill_chunk,
         "max_prompt_tokens": settings.max_prompt_tokens, "max_new_tokens": settings.max_new_tokens,
-        "max_constraint_bytes": settings.max_constraint_bytes, "grammar_fuel": settings.grammar_fuel,
+        "max_constraint_bytes": settings.max_constraint_bytes, "max_compile_ms": settings.max_compile_ms,
         "prefix_cache": settings.prefix_cache == "on",
         "itl_target_ms": settings.itl_target_ms or None,  # 0 turns it off
     }

@@ -49,7 +49,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
                           "request"),
     "invalid_constraint": ErrorCode("a response format, structured output or tools that cannot be used: a schema, "
                                     "regex or grammar that does not compile, is larger than "
-                                    "`--max-constraint-bytes` or needs more work than `--grammar-fuel` allows, "
+                                    "`--max-constraint-bytes` or takes longer than `--max-compile-ms` to compile, "
                                     "allows no output, or a bad tools or tool_choice field", 400, "request"),
     "unsupported": ErrorCode("a field the server cannot honour (audio, images, the legacy functions, echo)", 400,
                              "http"),

@@ -4,7 +4,7 @@
     .venv/bin/python tests/install_sizes.py --print    # measure and print only
 
 1. A serving install: a new virtual environment with `pip install .` (this
-   checkout, no extras), as `make run` and `pip install streamgen` make it.
+   checkout, no extras), as `make run` and `pip install /path/to/checkout` make it.
    Checked to hold no torch, transformers or optimum.
 2. The export toolchain that environment makes on its first pull, in a
    throw-away cache directory, through streamgen's own code
@@ -88,7 +88,7 @@ def measure() -> str:
         return "\n".join([
             "| environment | what it holds | size (MiB) | largest packages (MiB) |",
             "|---|---|---|---|",
-            f"| serving (`pip install streamgen`, `make run`) | {len(packages)} packages, no torch | "
+            f"| serving (`pip install .` from the checkout, `make run`) | {len(packages)} packages, no torch | "
             f"{serve_mib:.0f} | {top(serve)} |",
             f"| export toolchain (`$STREAMGEN_HOME/toolchain`, made on the first pull) | torch "
             f"{tools_packages.get('torch', '?')}, transformers {tools_packages.get('transformers', '?')}, optimum "

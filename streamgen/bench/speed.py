@@ -211,7 +211,7 @@ def run_speed_bench(args) -> int:
         if gguf is not None:
             contenders.append(_LlamaCpp(gguf, args.threads))
     except ImportError:
-        print("  llama-cpp-python is not installed (pip install 'streamgen[llamacpp]'); skipping llama.cpp",
+        print("  llama-cpp-python is not installed (pip install '.[llamacpp]' from the checkout); skipping llama.cpp",
               file=sys.stderr)
     rows = run_speed(contenders, TextTokenizer.from_dir(plain_dir), args.rounds,
                      log=lambda s: print(s, file=sys.stderr, flush=True))

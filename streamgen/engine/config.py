@@ -38,8 +38,9 @@ class EngineConfig:
                                              "window leaves", 1)
     max_constraint_bytes: int = _knob(32768, "largest response format, structured output or tool-call grammar a "
                                              "request may send, once serialized", 64)
-    grammar_fuel: int = _knob(1_000_000, "the most work (llguidance's lexer fuel, about 50,000 a millisecond) "
-                                         "building one request's grammar may take; more is refused", 10_000)
+    max_compile_ms: float = _knob(200.0, "the longest a request's response format, structured output or tool "
+                                         "grammar may take to compile; a slower one is refused (and remembered as "
+                                         "such), so no request makes others wait long behind its grammar", 1)
     prefix_cache: bool = _knob(True, "keep each slot's KV after its request and reuse shared prompt prefixes")
     # 150 ms keeps every stream at 6.7 tokens a second or more, faster than people read, and, at 16 clients on a
     # 2-core CPU, its p95 gap near llama-server's at half its time to first token (docs/benchmarks.md, bench

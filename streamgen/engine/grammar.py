@@ -60,7 +60,7 @@ class CompiledGrammar:
 @dataclass(frozen=True, slots=True)
 class GrammarLimits:
     max_bytes: int = 32768  # the constraint's own text (schema, regex, grammar) once serialized
-    fuel: int = 1_000_000  # llguidance's lexer fuel to build the grammar, about 50k a millisecond
+    max_compile_ms: float = 200.0  # a grammar that takes longer to build is refused (and remembered as such)
 
 
 class Grammars:
@@ -71,7 +71,7 @@ class Grammars:
         # End-of-sequence for the grammar is the model's own stop ids: allowed where the grammar accepts.
         self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size,
                                                  eos_token=sorted(stop_ids) or None)
-        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._cache: OrderedDict[str, str | None] = OrderedDict()  # None: refused as too slow to compile
         self._lock = threading.Lock()
         self.live_matchers = 0  # made and not yet released: what constrained requests in flight hold
 
@@ -84,14 +84,20 @@ class Grammars:
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return CompiledGrammar(spec.kind, self._cache[key], 0.0, cached=True)
+                grammar = self._cache[key]
+                if grammar is None:
+                    raise _too_slow(spec, limits)
+                return CompiledGrammar(spec.kind, grammar, 0.0, cached=True)
         start = time.perf_counter()
-        grammar = self._check(spec, self._grammar(spec), _parser_limits(limits))
+        grammar = self._check(spec, self._grammar(spec))
         ms = (time.perf_counter() - start) * 1000
+        slow = ms > limits.max_compile_ms
         with self._lock:
-            self._cache[key] = grammar
+            self._cache[key] = None if slow else grammar
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
+        if slow:
+            raise _too_slow(spec, limits, ms)
         return CompiledGrammar(spec.kind, grammar, ms)
 
     def matcher(self, compiled: CompiledGrammar) -> llguidance.LLMatcher:
@@ -117,11 +123,11 @@ class Grammars:
             raise ValidationError(f"{spec.param} is not a valid {spec.kind.replace('_', ' ')}: {str(exc)[:200]}",
                                   param=spec.param, code="invalid_constraint") from None
 
-    def _check(self, spec: ConstraintSpec, grammar: str, limits: llguidance.LLParserLimits) -> str:
-        """Refuse a grammar that does not compile within the limits, or that allows no output at all."""
-        problem = llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer, limits=limits)
+    def _check(self, spec: ConstraintSpec, grammar: str) -> str:
+        """Refuse a grammar that does not compile, or that allows no output at all."""
+        problem = llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer, limits=_LIMITS)
         if not problem:
-            matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=limits)
+            matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=_LIMITS)
             mask = llg_numpy.allocate_token_bitmask(1, self.vocab_size)
             llg_numpy.fill_next_token_bitmask(matcher, mask)
             if matcher.is_error():
@@ -174,8 +180,14 @@ def _safe_integers(schema: object, param: str) -> object:
     return walk(schema, 0)
 
 
-def _parser_limits(limits: GrammarLimits) -> llguidance.LLParserLimits:
-    return llguidance.LLParserLimits(initial_lexer_fuel=limits.fuel, verbose_errors=False)
+# llguidance's own bounds on the work of one grammar, as it ships them; errors name no schema internals.
+_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+
+
+def _too_slow(spec: ConstraintSpec, limits: GrammarLimits, ms: float | None = None) -> ValidationError:
+    took = f"took {ms:.0f} ms" if ms is not None else "takes too long"
+    return ValidationError(f"{spec.param} {took} to compile; this server allows {limits.max_compile_ms:g} ms "
+                           "(--max-compile-ms): simplify it", param=spec.param, code="invalid_constraint")
 
 
 def _short(message: str) -> str:

@@ -76,7 +76,7 @@ def admit(spec: RequestSpec, model: LoadedModel, config: EngineConfig, telemetry
                 request_id=spec.id, max_prompt_tokens=config.max_prompt_tokens,
                 max_new_tokens=config.max_new_tokens, truncate=spec.truncate, namespace=namespace,
                 constraint=spec.constraint, tools=spec.tools,
-                grammar_limits=GrammarLimits(config.max_constraint_bytes, config.grammar_fuel))
+                grammar_limits=GrammarLimits(config.max_constraint_bytes, config.max_compile_ms))
     except StreamgenError as exc:
         param = getattr(exc, "param", None)
         tel.rejected(exc.code, exc.message, param)
