@@ -125,11 +125,16 @@ def _line(direction: str, message: dict) -> str:
 async def _protocol_exchange(ws_url: str) -> str:
     import websockets
 
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "The current weather in a city",
+        "parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
     frames = [
         {"type": "generate", "id": "r1", "messages": [{"role": "user", "content": QUESTION}],
          "params": {"temperature": 0}},
         {"type": "ping", "id": "p1"},
         {"type": "generate", "id": "r2", "prompt": "Hi", "params": {"top_p": 1.5}},
+        {"type": "generate", "id": "r3", "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+         "tools": [weather], "tool_choice": "required", "params": {"temperature": 0, "max_tokens": 60}},
     ]
     out = []
     async with websockets.connect(ws_url) as ws:
@@ -163,11 +168,44 @@ def _sdk(base_url: str) -> str:
     return "It prints:\n\n```\n" + text + "\n```"
 
 
+STRUCTURED_EXAMPLE = '''from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused unless the server has --api-key")
+person = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+          "properties": {"name": {"type": "string", "maxLength": 30},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "city": {"type": "string", "enum": ["Paris", "London", "Rome"]}}}
+reply = client.chat.completions.create(
+    model="SmolLM2-135M-Instruct", temperature=0, max_tokens=80,
+    messages=[{"role": "user", "content": "Make up a person who lives in Europe."}],
+    response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": person, "strict": True}})
+print(reply.choices[0].message.content)
+
+weather = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
+reply = client.chat.completions.create(
+    model="SmolLM2-135M-Instruct", temperature=0, max_tokens=80, tools=[weather], tool_choice="required",
+    messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+choice = reply.choices[0]
+print(choice.finish_reason, [(c.function.name, c.function.arguments) for c in choice.message.tool_calls])
+'''
+
+
+def _structured(base_url: str) -> str:
+    """The example above, run against the server; the printed lines recorded."""
+    source = STRUCTURED_EXAMPLE.replace("http://127.0.0.1:8000", base_url)
+    result = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=True, timeout=300)
+    return (f"For example, with the `openai` SDK:\n\n```python\n{STRUCTURED_EXAMPLE}```\n\nIt prints:\n\n"
+            f"```\n{result.stdout.strip()}\n```")
+
+
 def record(base_url: str, ws_url: str) -> dict[tuple[Path, str], str]:
     return {
         (PROTOCOL, "exchange"): asyncio.run(_protocol_exchange(ws_url)),
         (OPENAI, "openai-curl"): _curl(base_url),
         (OPENAI, "openai-sdk"): _sdk(base_url),
+        (OPENAI, "openai-structured"): _structured(base_url),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import signal
 import subprocess
@@ -427,3 +428,32 @@ def test_bench_batch_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_cach
     for run in figures["runs"]["prefix"] + figures["runs"]["arrival"]:
         assert run["requests"] == 24 and run["failed"] == 0 and 0 < run["cached_tokens"] < run["prompt_tokens"]
     assert figures["batch_over_websocket"] > 0 and figures["decode_over_raw"] > 0
+
+
+def test_request_lines_carry_structured_output_and_tools(tiny_model_dir, tmp_path: Path) -> None:
+    """The OpenAI fields for structured output and tools work in batch lines as on the HTTP API: a choice is
+    one of its options, a regex matches, tools are taken (and described in the prompt: on the tiny model's
+    256-token context that no longer fits, which says they were), and a schema that cannot be used is a 400 line
+    naming its field. Calls read back from answers are tested on the real model (tests/test_structured.py):
+    batch lines and the HTTP API answer through the same code."""
+    model = load_model(tiny_model_dir, CPU)
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}, "required": ["n"]}}}
+    source.write_text("\n".join([
+        _line("choice", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20,
+                         "structured_outputs": {"choice": ["yes", "no"]}}),
+        _line("regex", {"prompt": "Hi", "max_tokens": 20, "structured_outputs": {"regex": "[0-9]{3}"}}, COMPLETIONS),
+        _line("tool", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40, "tools": [tool],
+                       "tool_choice": "required", "parallel_tool_calls": False}),
+        _line("bad", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+                      "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}}),
+    ]) + "\n")
+    out, done = Output.resume(output)
+    BatchLoop(model, EngineConfig(), Telemetry.from_env(env={}), out, done).run(read_lines(str(source)))
+    out.close()
+    by_id = {r["custom_id"]: r["response"] for r in _records(output)}
+    assert by_id["choice"]["body"]["choices"][0]["message"]["content"] in ("yes", "no")
+    assert re.fullmatch("[0-9]{3}", by_id["regex"]["body"]["choices"][0]["text"])
+    assert by_id["tool"]["body"]["error"]["code"] == "context_length_exceeded"
+    assert by_id["bad"]["status_code"] == 400 and by_id["bad"]["body"]["error"]["param"] == "response_format"

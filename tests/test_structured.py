@@ -304,3 +304,35 @@ def test_hostile_constraints_are_refused_or_bounded_and_everyone_else_is_served(
     assert results[0]["type"] == results[1]["type"] == results[4]["type"] == "error"
     assert all(msg["type"] == "done" for msg in results[len(hostile):]), "everyone else was served"
     assert server.stats()["active_requests"] == 0
+
+
+def test_bench_structured_runs_end_to_end_and_reports_consistent_figures(tiny_hf_dir, tiny_model_dir, tiny_cache,
+                                                                         tmp_path) -> None:
+    """A smoke run of `streamgen bench structured` on the tiny model, whose answers are cut short (so validity is
+    not judged here): the report's shape, and figures consistent with one another."""
+    from streamgen.bench.structured import corpus
+    from streamgen.cli import main
+
+    out = tmp_path / "structured.json"
+    assert main(["bench", "structured", "--model", str(tiny_hf_dir), "--home", str(tiny_cache.home), "--quantize",
+                 "none", "--schemas", "3", "--seeds", "1", "--max-tokens", "12", "--levels", "1,2", "--rounds", "1",
+                 "--requests", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(corpus()) >= 50 and report["schemas"] == 3
+    assert 0 <= report["compile"]["p50_ms"] <= report["compile"]["p99_ms"] <= report["compile"]["max_ms"]
+    assert report["mask"]["steps"] > 0 and 0 <= report["mask"]["p50_ms"] <= report["mask"]["p99_ms"]
+    assert set(report["validity"]) == {"streamgen"}
+    assert list(report["validity"]["streamgen"]) == ["greedy", "t1-seed0"]
+    assert all(0 <= v["valid"] == v["total"] - len(v["invalid"]) <= 3 for v in report["validity"]["streamgen"].values())
+    assert [row["concurrency"] for row in report["decode"]] == [1, 2]
+    for row in report["decode"]:
+        assert row["constrained_vs_free"] == pytest.approx(row["streamgen constrained"] / row["streamgen free"],
+                                                           abs=1e-3)
+
+
+def test_every_corpus_schema_compiles_and_is_a_valid_json_schema(grammars: Grammars) -> None:
+    from streamgen.bench.structured import corpus
+
+    for entry in corpus():
+        jsonschema.Draft202012Validator.check_schema(entry["schema"])
+        grammars.compile(ConstraintSpec("json_schema", entry["schema"], "response_format"))

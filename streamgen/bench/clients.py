@@ -24,6 +24,7 @@ class Streamed:
     sent: float  # perf_counter() when the request left
     stamps: list[float] = field(default_factory=list)  # arrival of each token
     final: dict[str, Any] = field(default_factory=dict)  # the done (or error) message
+    text: str = ""  # what arrived, joined (SSE)
 
     @property
     def tokens(self) -> int:
@@ -99,6 +100,7 @@ async def sse_request(base_url: str, body: dict[str, Any], path: str = "/v1/chat
     sent = time.perf_counter()
     stamps: list[float] = []
     final: dict[str, Any] = {}
+    pieces: list[str] = []
     try:
         async with httpx.AsyncClient(timeout=None) as client:
             sent = time.perf_counter()
@@ -110,12 +112,13 @@ async def sse_request(base_url: str, body: dict[str, Any], path: str = "/v1/chat
                     if not line.startswith("data: "):
                         continue
                     if line == "data: [DONE]":
-                        return Streamed(bool(stamps), sent, stamps, final)
+                        return Streamed(bool(stamps), sent, stamps, final, "".join(pieces))
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
                         return Streamed(False, sent, stamps, chunk)
-                    if any(_chunk_text(c) for c in chunk.get("choices", ())):
+                    if text := "".join(_chunk_text(c) for c in chunk.get("choices", ())):
                         stamps.append(time.perf_counter())
+                        pieces.append(text)
                     if chunk.get("usage"):
                         final = chunk
         return Streamed(False, sent, stamps, {"error": "the stream ended without [DONE]"})

@@ -28,6 +28,7 @@ BENCHES = {
     "peers": "streamgen.bench.peers.command:run_peers_bench",
     "memory": "streamgen.bench.memory:run_memory_bench",
     "gpu": "streamgen.bench.gpu:run_gpu_bench",
+    "structured": "streamgen.bench.structured:run_structured_bench",
 }
 
 
@@ -190,6 +191,22 @@ def add_bench_commands(sub, add_log_level) -> None:
           "Interleaves the same greedy request with tracing off, per-request spans and per-token spans, "
           "the latter two exported over OTLP/HTTP to a discarding sink.",
           quantize=one, rounds=7, tokens=True, json=False)
+
+    bs = bench(bsub, "structured", "JSON schemas held by the grammar: validity, mask and compile time, constrained "
+                                   "vs free decode, and llama-server",
+               "Runs a corpus of JSON schemas (streamgen/bench/structured_corpus.json) as chat requests with "
+               "response_format json_schema through `streamgen serve` and, when given one, llama.cpp's "
+               "`llama-server` on the same GGUF: every answer validated (greedy and sampled), compile and mask "
+               "times in this process, and the decode rate constrained against free at each concurrency level "
+               "(interleaved rounds, ratios printed).", quantize=serving, rounds=2, peer=True)
+    bs.add_argument("--schemas", type=int, default=0, help="the first N schemas of the corpus; 0 = all (default 0)")
+    bs.add_argument("--seeds", type=int, default=2, help="sampled runs at temperature 1, one seed each (default 2)")
+    bs.add_argument("--max-tokens", type=int, default=256, help="max_tokens of every request (default 256)")
+    bs.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=[1, 16],
+                    help="comma-separated concurrency levels for the decode rate (default 1,16)")
+    bs.add_argument("--requests", type=int, default=16,
+                    help="requests per level and round for the decode rate (default 16)")
+    _add_llama_server(bs)
 
 
 def _bench_parser(bsub, name: str, help: str, description: str, *, quantize: dict | None = None,
