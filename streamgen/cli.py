@@ -245,16 +245,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from streamgen.model_files import Manifest
     from streamgen.engine.slots import SlotConfig
     from streamgen.models.pull import ensure_model
-    from streamgen.server.app import create_app
+    from streamgen.server.app import create_app, replica_name
     from streamgen.server.shutdown import DrainingServer
     from streamgen.telemetry.logs import configure_logging
     from streamgen.telemetry.setup import Telemetry
 
     settings = settings_from_args(args)
     config = engine_config(settings)
-    configure_logging(settings.log_level, settings.log_format)
+    replica = replica_name(settings)
+    configure_logging(settings.log_level, settings.log_format, replica=replica)
     try:
-        telemetry = Telemetry.from_env(detail=settings.trace_detail, log_prompts=settings.log_prompts)
+        telemetry = Telemetry.from_env(detail=settings.trace_detail, log_prompts=settings.log_prompts,
+                                       instance=replica)
     except ValueError as exc:  # an unsupported OTEL_* value
         raise ConfigError(str(exc)) from None
     check_port_free(settings.host, settings.port)  # before minutes of pulling or seconds of loading
@@ -271,6 +273,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         ws_max_size=settings.max_message_bytes,
+        # X-Forwarded-For is believed from these proxies only: the scope's client is then the one they forward.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         log_config=None,  # keep the structlog set-up: one log format for the whole process
         log_level=settings.log_level,
     )

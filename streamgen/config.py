@@ -80,8 +80,13 @@ class Settings:
     max_connections: int = setting(256, "open WebSocket connections; more are refused with 503", minimum=1)
     idle_timeout: int = setting(300, "seconds a connection may stay silent with nothing in flight before it is "
                                 "closed; 0 = never", minimum=0)
-    rate_limit: int = setting(120, "generate requests per minute per client (API key, else address); 0 = no limit",
-                              minimum=0)
+    rate_limit: int = setting(600, "generate requests per minute per client (API key, else address: behind a "
+                              "proxy, the forwarded one with --forwarded-allow-ips); 0 = no limit", minimum=0)
+    forwarded_allow_ips: str = setting("", "comma-separated addresses (or *) of proxies whose X-Forwarded-For is "
+                                       "believed: requests from them count as from the client they forward, in "
+                                       "rate limits and logs (uvicorn's flag); unset: believed from nobody")
+    replica_id: str | None = setting(None, "this replica's name: in the X-Streamgen-Replica response header, on "
+                                     "every log line and span; unset: the host name")
     api_key: str | None = setting(None, "require this key (Authorization: Bearer KEY, or the WebSocket subprotocol "
                                   "bearer.KEY); several keys separated by commas, one per client: each key's "
                                   "requests reuse only their own KV cache; unset: the server is open")

@@ -166,6 +166,15 @@ class Engine:
         return len(core.scheduler.running) if core else 0
 
     @property
+    def kv_utilization(self) -> float:
+        """KV slot tokens held by running requests over the slots' capacity (0-1): what a router weighs."""
+        core = self.core
+        if core is None:
+            return 0.0
+        table = core.runner.table
+        return float(table.lengths[table.busy].sum()) / (table.size * table.max_context)
+
+    @property
     def queued_requests(self) -> int:
         core = self.core
         return self._pending + (len(core.scheduler.waiting) if core else 0)

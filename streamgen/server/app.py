@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
     engine.batch_listeners.append(lambda size: telemetry.metrics.batch_size.record(size))
     engine.mask_listeners.append(lambda seconds: telemetry.metrics.mask_time.record(seconds))
     engine.ready_listeners.append(lambda model: setattr(telemetry, "model_name", model.name))
+    replica = replica_name(settings)
     app = Starlette(
         routes=[
             Route("/", _index),
@@ -58,7 +60,7 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         lifespan=_lifespan(settings, engine, telemetry),
-        middleware=[Middleware(_RequireKey, policy=policy)],
+        middleware=[Middleware(_ReplicaHeader, replica=replica), Middleware(_RequireKey, policy=policy)],
     )
     app.state.drain = drain
     return app
@@ -88,7 +90,7 @@ def _lifespan(settings: Settings, engine: Engine, telemetry: Telemetry):
 def _load(engine: Engine, drain: Drain) -> dict[str, int]:
     """What the server holds now: /v1/stats and the metrics' gauges."""
     return {"active_requests": engine.active_requests, "queued_requests": engine.queued_requests,
-            "open_connections": len(drain.connections)}
+            "open_connections": len(drain.connections), "kv_utilization": round(engine.kv_utilization, 4)}
 
 
 def _health_routes(engine: Engine, drain: Drain) -> list[Route]:
@@ -172,6 +174,34 @@ def _websocket_endpoint(settings: Settings, policy: AccessPolicy, service: Reque
 # The browser client's files (/, /static) carry no data and must load before
 # the user can give a key; the health probes must answer load balancers.
 _PUBLIC = ("/", "/health/live", "/health/ready")
+
+
+def replica_name(settings: Settings) -> str:
+    """This replica's name: --replica-id, else the host name (a pod's name in Kubernetes)."""
+    return settings.replica_id or socket.gethostname()
+
+
+REPLICA_HEADER = "x-streamgen-replica"
+
+
+class _ReplicaHeader:
+    """Every HTTP response and accepted WebSocket says which replica served it."""
+
+    def __init__(self, app, replica: str) -> None:
+        self.app = app
+        self.header = (REPLICA_HEADER.encode(), replica.encode("latin-1", "replace"))
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+
+        async def stamped(message) -> None:
+            if message["type"] in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, stamped)
 
 
 class _RequireKey:

@@ -12,17 +12,31 @@ from typing import TextIO
 
 import structlog
 
+_FIELDS: dict[str, str] = {}  # stamped on every line of the process (the replica's id)
+
+
+def _process_fields(logger, method: str, event: dict) -> dict:
+    for key, value in _FIELDS.items():
+        event.setdefault(key, value)
+    return event
+
+
 _SHARED = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
+    _process_fields,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """fmt: auto (JSON unless stream is a terminal), json or console."""
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None,
+                      replica: str | None = None) -> None:
+    """fmt: auto (JSON unless stream is a terminal), json or console. replica: stamped on every line."""
     stream = stream or sys.stderr
+    _FIELDS.clear()
+    if replica:
+        _FIELDS["replica"] = replica
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     structlog.configure(
         # A line below the level is dropped first, before it is stamped and formatted: at the default
@@ -44,6 +58,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     handler.addFilter(_uvicorn_noise)
+    handler.addFilter(_component_name)
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level.upper())
@@ -56,6 +71,14 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
 # and it reports every WebSocket handshake that streamgen refused on purpose
 # (with a 401/403/503 and a reason) as an error.
 _UVICORN_NOISE = ("Uvicorn running on", "ASGI callable returned without completing handshake")
+
+
+def _component_name(record: logging.LogRecord) -> bool:
+    """uvicorn logs its server's life (started, shutting down) as "uvicorn.error", which reads as a failure:
+    those lines are the server's, and are named so."""
+    if record.name == "uvicorn.error":
+        record.name = "uvicorn.server"
+    return True
 
 
 def _uvicorn_noise(record: logging.LogRecord) -> bool:

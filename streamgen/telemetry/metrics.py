@@ -60,6 +60,9 @@ class Metrics:
         self.prefix_cache_queries = meter.create_counter(
             "streamgen.prefix_cache.queries", unit="{request}",
             description="Requests that looked their prompt up in the prefix cache")
+        self.prefix_cache_hits = meter.create_counter(
+            "streamgen.prefix_cache.hits", unit="{request}",
+            description="Requests that found part of their prompt in the prefix cache (a router's affinity signal)")
         self.prefix_cache_query_tokens = meter.create_counter(
             "streamgen.prefix_cache.query_tokens", unit="{token}", description="Prompt tokens looked up")
         self.prefix_cache_hit_tokens = meter.create_counter(
@@ -81,11 +84,14 @@ class Metrics:
                         "used (invalid_constraint)")
         self._gauges: Gauges = dict
         for name, key, description in (
-            ("streamgen.requests.active", "active_requests", "Requests being decoded"),
+            ("streamgen.requests.active", "active_requests", "Requests running: holding a KV slot"),
             ("streamgen.requests.queued", "queued_requests", "Requests waiting for the engine"),
             ("streamgen.connections.open", "open_connections", "Open WebSocket connections"),
         ):
             meter.create_observable_gauge(name, callbacks=[self._gauge_callback(key)], description=description)
+        # For routers (Kubernetes' inference gateway reads it as the KV-cache usage, 0-1).
+        meter.create_observable_gauge("streamgen.kv_cache.utilization", callbacks=[self._gauge_callback(
+            "kv_utilization", whole=False)], description="KV slot tokens in use over the slots' capacity, 0-1")
 
     def refused(self, code: str, attributes: dict[str, str]) -> None:
         """A request refused with this code: counted by error.type, and, when its constraint was the reason,
@@ -98,9 +104,10 @@ class Metrics:
         """Where the gauges read their values: a callable returning a stats mapping."""
         self._gauges = gauges
 
-    def _gauge_callback(self, key: str):
+    def _gauge_callback(self, key: str, whole: bool = True):
         def callback(options: CallbackOptions):
-            yield Observation(int(self._gauges().get(key, 0)))
+            value = self._gauges().get(key, 0)
+            yield Observation(int(value) if whole else float(value))
 
         return callback
 

@@ -235,6 +235,8 @@ class ChoiceTelemetry(RequestObserver):
         t, usage = event.timings, event.usage
         if self._admitted:
             metrics.prefix_cache_queries.add(1, attrs)
+            if usage.cached_tokens:
+                metrics.prefix_cache_hits.add(1, attrs)
             metrics.prefix_cache_query_tokens.add(usage.prompt_tokens, attrs)
             metrics.prefix_cache_hit_tokens.add(usage.cached_tokens, attrs)
         if req.recording and not req.per_token and self._decode_start is not None:

@@ -43,10 +43,12 @@ class Telemetry:
         log_prompts: bool = False,
         env: Mapping[str, str] = os.environ,
         span_processors: Sequence[SpanProcessor] = (),
+        instance: str | None = None,
     ) -> Telemetry:
-        """Exporters from the OTEL_* variables; extra span processors (tests) record too."""
+        """Exporters from the OTEL_* variables; extra span processors (tests) record too. instance: the
+        replica's id, on every span and metric as service.instance.id."""
         config: ExportConfig = export_config(env)
-        resource = make_resource(env)
+        resource = make_resource(env, instance)
         return cls(
             provider=make_tracer_provider(config, resource, span_processors),
             metrics=Metrics(resource, otlp=config.metrics == "otlp", protocol=config.protocol),

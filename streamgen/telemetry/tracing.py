@@ -49,8 +49,11 @@ def export_config(env: Mapping[str, str] = os.environ) -> ExportConfig:
     return ExportConfig(traces, "none" if metrics == "prometheus" else metrics, protocol)
 
 
-def make_resource(env: Mapping[str, str] = os.environ) -> Resource:
+def make_resource(env: Mapping[str, str] = os.environ, instance: str | None = None) -> Resource:
+    """instance: this replica's id (service.instance.id), so a trace says which replica served it."""
     attrs = {"service.version": streamgen.__version__}
+    if instance:
+        attrs["service.instance.id"] = instance
     # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win when set; attributes
     # passed here would override them, so only fill the name in when absent.
     if not env.get("OTEL_SERVICE_NAME") and "service.name=" not in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
