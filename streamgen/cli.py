@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_command(sub)
     _serve_command(sub)
     _batch_command(sub)
+    _cluster_command(sub)
     add_bench_commands(sub, _add_log_level)
     return parser
 
@@ -105,6 +106,51 @@ def _batch_command(sub) -> None:
     _add_log_level(bt)
 
 
+def _cluster_command(sub) -> None:
+    from streamgen.cluster import SET_BY_CLUSTER
+    from streamgen.config import SETTINGS
+
+    c = sub.add_parser("cluster", help="several serve replicas behind HAProxy on this machine",
+                       description="Start N `streamgen serve` replicas on free loopback ports (named r1..rN, the "
+                                   "cores split between them, X-Forwarded-For believed from loopback), wait until "
+                                   "each is ready, then HAProxy in front of them with deploy/haproxy/haproxy.cfg "
+                                   "(affinity on prompt_cache_key, user, X-Session-Id or the API key; health "
+                                   "checks; retries of failed connections). Prints one cluster.ready line with the "
+                                   "URL. SIGTERM or Ctrl-C drains every replica, then stops HAProxy. For trying "
+                                   "and testing a deployment on one machine (docs/scale-out.md); needs HAProxy "
+                                   "2.6+. Every other setting is serve's, passed to each replica.")
+    c.add_argument("--replicas", type=_int_from(1), default=2, metavar="N", help="serve processes (default 2)")
+    c.add_argument("--haproxy-config", default=None, metavar="PATH",
+                   help="the HAProxy configuration to append the replicas to (default: the checkout's "
+                        "deploy/haproxy/haproxy.cfg, or the copy a non-editable install puts in "
+                        "PREFIX/share/streamgen/haproxy/)")
+    c.add_argument("--threads", type=_int_from(0), default=None, metavar="N",
+                   help=f"ONNX Runtime intra-op threads of each replica; 0 = one per physical core [env "
+                        f"{env_name('threads')}]; unset: the cores split between the replicas, max(1, cores // N)")
+    c.add_argument("--no-pull", action="store_true", help="fail instead of pulling a missing model (the cluster "
+                                                          "pulls it once, before the replicas start)")
+    add_settings_flags(c.add_argument_group("the balancer (flag, or environment variable)"), ("host", "port"),
+                       meanings={"host": "interface HAProxy listens on; 0.0.0.0 for all (the replicas listen on "
+                                         "127.0.0.1 only)",
+                                 "port": "HAProxy's TCP port, the cluster's URL; 0 = a free one"})
+    add_settings_flags(c.add_argument_group("each replica's settings (flag, or environment variable)"),
+                       [name for name in SETTINGS if name not in SET_BY_CLUSTER])
+
+
+def _int_from(lowest: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+
+    parse.__name__ = f"integer from {lowest}"
+    return parse
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """One flag per SamplingParams field, its help and default from the field."""
     from streamgen.engine.params import SamplingParams
@@ -117,6 +163,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
         text = meta["help"] + shown
         if f.type == "bool":
             group.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
+        elif f.name == "speculation":
+            group.add_argument(flag, dest=f.name, type=int, default=None, metavar=meta["metavar"],
+                               help=meta["help"] + " (K: up to K proposed tokens a step, 1-16; 0 = off)")
         elif f.name == "logit_bias":
             group.add_argument(flag, dest=f.name, type=_bias_pair, action="append", metavar=meta["metavar"], help=text)
         elif f.type.startswith("tuple"):
@@ -185,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_serve(args)
         if args.command == "batch":
             return _cmd_batch(args)
+        if args.command == "cluster":
+            return _cmd_cluster(args)
         if args.command == "bench":
             import importlib
 
@@ -329,6 +380,32 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             telemetry.shutdown()
     print(summary.line(), file=sys.stderr)
     return 128 + stop.signal if stop.signal else 0
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from streamgen.cluster import SET_BY_CLUSTER, Cluster, find_config, haproxy_binary, replica_threads, serve_flags
+    from streamgen.config import SETTINGS, engine_config, serving_build
+    from streamgen.engine.device import resolve_device
+    from streamgen.models.pull import ensure_model
+    from streamgen.telemetry.logs import configure_logging
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level, settings.log_format)
+    engine_config(settings)  # limits that do not fit the context are refused here, not N times by the replicas
+    binary, config = haproxy_binary(), find_config(args.haproxy_config)
+    check_port_free(settings.host, settings.port)  # before the model is pulled or any replica loads it
+    # Pulled once here, if missing: the replicas start with --no-pull and find it.
+    device = resolve_device(settings.device, cuda_graphs=settings.cuda_graphs == "on")
+    build = serving_build(settings.quantize, settings.precision, settings.kv_cache, device.kind)
+    ensure_model(settings.model, build, settings.home, allow_pull=not args.no_pull, graph=settings.graph,
+                 torch_index=settings.torch_index_url)
+    given = {name: getattr(args, name) for name in SETTINGS
+             if name not in SET_BY_CLUSTER and getattr(args, name, None) is not None}
+    threads_given = args.threads is not None or os.environ.get(env_name("threads"), "") != ""
+    cluster = Cluster(args.replicas, serve_flags(given), port=settings.port, host=settings.host,
+                      threads=settings.threads if threads_given else replica_threads(args.replicas), config=config,
+                      haproxy=binary, shutdown_grace=settings.shutdown_grace)
+    return cluster.run()
 
 
 def _stop_if_load_fails(engine, server) -> None:
