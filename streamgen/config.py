@@ -63,6 +63,7 @@ class Settings:
     max_queued: int = knob("max_queued")
     token_budget: int = knob("token_budget")
     prefill_chunk: int = knob("prefill_chunk")
+    speculation: str = knob("speculation")
     prefix_cache: str = setting("on", "on: a slot keeps its KV after its request ends, and a prompt that shares a "
                                 "prefix with a slot's tokens prefills only the rest (multi-turn chat, shared system "
                                 "prompts); off: every prompt is prefilled in full", choices=("on", "off"))
@@ -241,7 +242,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         "token_budget": settings.token_budget, "prefill_chunk": settings.prefill_chunk,
         "max_prompt_tokens": settings.max_prompt_tokens, "max_new_tokens": settings.max_new_tokens,
         "max_constraint_bytes": settings.max_constraint_bytes, "max_compile_ms": settings.max_compile_ms,
-        "prefix_cache": settings.prefix_cache == "on",
+        "prefix_cache": settings.prefix_cache == "on", "speculation": settings.speculation,
         "itl_target_ms": settings.itl_target_ms or None,  # 0 turns it off
     }
     try:

@@ -39,6 +39,7 @@ PRECISIONS = ("fp32", "fp16")
 # auto: the KV cache in the activations' type; int8: 8-bit with per-channel scales calibrated at pull time.
 KV_CACHES = ("auto", "int8")
 GRAPH_GQA = "gqa"  # GroupQueryAttention with static KV buffers (models/gqa.py)
+LOGIT_POSITIONS = "logit_positions"  # the GQA graph's input: which new tokens' logits a pass returns
 GRAPH_PLAIN = "plain"  # Optimum's text-generation-with-past export
 GRAPHS = ("auto", GRAPH_GQA, GRAPH_PLAIN)  # auto: gqa where the architecture allows it
 MANIFEST = "manifest.json"
@@ -46,9 +47,10 @@ MANIFEST_VERSION = 1
 # Bumped whenever the way a build is made changes: models/quantize.py (int8 1:
 # blocks of 32; 2: of 128, not batch-invariant; 3: of 64) or the graph edits
 # every build shares (all +1: the GQA graph's logits at each row's last token,
-# which batched prompt passes need). A published build of an older revision is
-# stale: it is not served, and the next pull rebuilds it.
-BUILD_REVISIONS = {"none": 2, "int8": 4, "int4": 2, "source": 2}
+# which batched prompt passes need; all +1 again: logits at the positions the
+# runner asks for, which speculative verification needs). A published build of
+# an older revision is stale: it is not served, and the next pull rebuilds it.
+BUILD_REVISIONS = {"none": 3, "int8": 5, "int4": 3, "source": 3}
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from streamgen.engine.core import EngineCore
 from streamgen.engine.costs import OnlineLine, StepCosts
 from streamgen.engine.generate import generate
 from streamgen.engine.grammar import ConstraintSpec
-from streamgen.engine.params import SamplingParams
+from streamgen.engine.params import SPECULATION_OFF, SamplingParams, Speculation
 from streamgen.engine.request import FinishEvent, TokenEvent, prepare_request
 from streamgen.engine.scheduler import SchedulerLimits
 from streamgen.engine.slot_table import SlotTable
@@ -38,6 +38,8 @@ OPENINGS = ["", "Paris is the capital of France. Berlin is the capital of German
 ENDINGS = ["Hello", " world! How are you today?", " Code: def f(x): return x * 2", " Numbers: 0 1 2 3 4 5",
            " Streaming generation sends each token"]
 SLOTS, CONTEXT = 4, 160
+# A request that asks for speculation gets it, whatever the load: its solo run is then the same kind of run.
+SPECULATE = SchedulerLimits(max_waiting=10, speculation_policy="always")
 # Constraints on the output (engine/grammar.py): requests held to them churn beside free ones.
 CONSTRAINTS = [
     ConstraintSpec("json_schema", {"type": "object", "properties": {"n": {"type": "integer", "maximum": 999},
@@ -55,13 +57,20 @@ class Spec:
     max_tokens: int
     seed: int | None  # None: greedy
     constraint: int | None = None  # an index into CONSTRAINTS
+    speculate: bool = False  # prompt-lookup speculation (engine/speculation.py)
+    # A logit bias that makes the output repeat one token: the random tiny model's proposals are otherwise
+    # never kept, and this way speculative passes keep several, some cut short by max_tokens.
+    repeat: bool = False
 
     def text(self) -> str:
         return OPENINGS[self.opening] + "".join(ENDINGS[i] for i in self.endings)
 
     def params(self) -> SamplingParams:
         sampling = {"temperature": 0.0} if self.seed is None else {"temperature": 0.9, "top_p": 0.95, "seed": self.seed}
-        return SamplingParams(max_tokens=self.max_tokens, ignore_eos=True, **sampling)
+        speculation = Speculation(4, 1, 3) if self.speculate else SPECULATION_OFF
+        bias = ((100, 100.0),) if self.repeat else ()
+        return SamplingParams(max_tokens=self.max_tokens, ignore_eos=True, speculation=speculation, logit_bias=bias,
+                              **sampling)
 
     def request(self, tok):
         constraint = None if self.constraint is None else CONSTRAINTS[self.constraint]
@@ -80,7 +89,8 @@ class Spec:
 specs = st.builds(Spec, st.integers(0, len(OPENINGS) - 1),
                   st.lists(st.integers(0, len(ENDINGS) - 1), min_size=1, max_size=3).map(tuple),
                   st.integers(1, 16), st.one_of(st.none(), st.integers(0, 3)),
-                  st.one_of(st.none(), st.none(), st.integers(0, len(CONSTRAINTS) - 1)))
+                  st.one_of(st.none(), st.none(), st.integers(0, len(CONSTRAINTS) - 1)), st.booleans(),
+                  st.booleans())
 # A schedule: per step, the requests that arrive and whether one running request is cancelled.
 steps = st.lists(st.tuples(st.lists(specs, max_size=3), st.booleans(), st.integers(0, 7)), min_size=1, max_size=25)
 
@@ -99,7 +109,7 @@ def solo(runner, tiny_model):
     def tokens(spec: Spec) -> tuple[list[int], FinishEvent]:
         if spec not in done:
             runner.table = SlotTable(SLOTS, CONTEXT)
-            events = list(generate(runner, tok, [spec.request(tok)]))
+            events = list(generate(runner, tok, [spec.request(tok)], limits=SPECULATE))
             done[spec] = ([e.token_id for e in events if isinstance(e, TokenEvent)], events[-1])
         return done[spec]
 
@@ -119,7 +129,8 @@ def test_every_request_equals_its_solo_run_under_random_churn(runner, tiny_model
     runner.table = SlotTable(SLOTS, CONTEXT)
     # With a latency target the prompt work per step follows the measured step times (the tiny model's
     # steps take about a millisecond), so chunks are cut wherever the clock says: tokens must not change.
-    limits = SchedulerLimits(max_waiting=100, token_budget=budget, prefill_chunk=chunk, itl_target_ms=itl_target_ms)
+    limits = SchedulerLimits(max_waiting=100, token_budget=budget, prefill_chunk=chunk, itl_target_ms=itl_target_ms,
+                             speculation_policy="always")
     core = EngineCore(runner, tok, limits, prefix_cache=True)
     seqs, got, cancelled, finals = {}, {}, set(), {}
 
@@ -162,6 +173,9 @@ def test_every_request_equals_its_solo_run_under_random_churn(runner, tiny_model
             note(f"a whole answer held to constraint {spec.constraint}")
     assert runner.table.free_count == SLOTS, "every slot came back"
     assert tok.grammars.live_matchers == 0, "every matcher was released, cancelled requests' included"
+    for key, seq in seqs.items():
+        if seq.speculative and seq.proposed:
+            note("a speculative request verified proposals" + (" and kept some" if seq.accepted else ""))
 
 
 def test_requests_arriving_together_share_a_prompt_pass_and_give_their_solo_tokens(runner, tiny_model, solo) -> None:

@@ -241,3 +241,28 @@ def test_a_shared_prompt_pass_takes_only_empty_slots_within_its_capacity(tiny_mo
     with pytest.raises(ValueError, match="2 tokens or more"):
         runner.prefill_fresh([b, c], [[1], [3, 4]])
     assert runner.table.lengths[b] == runner.table.lengths[c] == 0, "a refused pass writes nothing"
+
+
+def test_a_verification_pass_gives_each_position_what_the_prompt_path_gives_it_and_rejected_tail_is_dropped(
+        tiny_build_dir, tok) -> None:
+    """verify() runs the last token and proposals on top of a row's past in one pass: the logits after each
+    are, bit for bit, what a prompt ending there gives (the multi-token path, however the prompt is cut), on
+    every KV format. Truncating the rejected tail leaves the row decoding as if it had never held it."""
+    runner = SlotRunner(tiny_build_dir, CPU, SlotConfig(max_batch=2, max_context=128, forward_tokens=32))
+    prompt, tail = tok.encode(PROMPTS[1]), tok.encode(" Madrid is the capital of Spain.")[:5]
+    slot = runner.allocate()
+    runner.prefill(slot, prompt)
+    checked = runner.verify(slot, tail)  # [5, V]
+    assert checked.shape == (len(tail), runner.info.vocab_size)
+    for i in range(len(tail)):
+        fresh = SlotRunner(tiny_build_dir, CPU, SlotConfig(max_batch=1, max_context=128, forward_tokens=32))
+        alone = fresh.prefill(fresh.allocate(), prompt + tail[: i + 1])
+        assert np.array_equal(alone, checked[i]), f"position {i}"
+    # Keep two of the proposals: the row then decodes exactly as a row whose prompt ended there.
+    runner.table.truncate(slot, len(prompt) + 2)
+    after = runner.decode([slot], [tail[2]])[0]
+    other = runner.allocate()
+    runner.prefill(other, prompt + tail[:2])
+    assert np.array_equal(after, runner.decode([other], [tail[2]])[0])
+    with pytest.raises(ValueError):
+        runner.verify(slot, tail[:1])  # one token on top of a past would take the decode path

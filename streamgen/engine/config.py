@@ -41,6 +41,10 @@ class EngineConfig:
     max_compile_ms: float = _knob(200.0, "the longest a request's response format, structured output or tool "
                                          "grammar may take to compile; a slower one is refused (and remembered as "
                                          "such), so no request makes others wait long behind its grammar", 1)
+    speculation: str = field(default="off", metadata={
+        "help": "prompt-lookup speculation for requests that do not choose: prompt_lookup (up to 8 proposed tokens "
+                "a step where the answer repeats its context, decided per request by the measured costs when it "
+                "starts) or off", "choices": ("off", "prompt_lookup")})
     prefix_cache: bool = _knob(True, "keep each slot's KV after its request and reuse shared prompt prefixes")
     # 150 ms keeps every stream at 6.7 tokens a second or more, faster than people read, and, at 16 clients on a
     # 2-core CPU, its p95 gap near llama-server's at half its time to first token (docs/benchmarks.md, bench

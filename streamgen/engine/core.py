@@ -42,12 +42,14 @@ class EngineCore:
         self.runner = runner
         self.tokenizer = tokenizer
         self.reuse = prefix_cache and runner.supports_reuse  # rows keep their KV after their request
-        self.scheduler = Scheduler(limits, self.reuse, runner.prompt_pass_tokens)
+        self.scheduler = Scheduler(limits, self.reuse, runner.prompt_pass_tokens,
+                                   getattr(runner, "supports_speculation", False))
         self.costs = costs or StepCosts()
         self._on_decode = on_decode  # told each decode step's batch size
         self.busy_s = 0.0  # time spent in steps (the rest of the wall time the machine was idle)
         self.on_step: Callable[[float, int], None] | None = None  # told each step's seconds and sequences
         self.on_masks: Callable[[float], None] | None = None  # told the seconds a step's grammar masks took
+        self.on_verify: Callable[[int, int], None] | None = None  # told each verification pass's proposals and kept
 
     @property
     def costs(self) -> StepCosts:
@@ -86,6 +88,7 @@ class EngineCore:
         for claim in plan.claims:
             self.scheduler.start(claim.seq)
             claim.seq.admitted(claim.slot, out.started, cached=claim.keep)
+            claim.seq.speculative = claim.speculate
         for copy in plan.copies:
             copy.seq.reused(copy.upto)
         for p, (start, end) in zip(plan.passes, out.passes):
@@ -98,20 +101,27 @@ class EngineCore:
                 row.seq.observer.forward(len(row.seq.output_ids), start, end, len(plan.decode))
             if self._on_decode is not None:
                 self._on_decode(len(plan.decode))
+        for v, (start, end, kept) in zip(plan.verify, out.verify):
+            v.seq.observer.forward(len(v.seq.output_ids), start, end, 1)
+            v.seq.proposed += len(v.draft)
+            v.seq.accepted += kept
+            if self.on_verify is not None:
+                self.on_verify(len(v.draft), kept)
         self._charge(plan, out.ended - out.started)
         if out.mask_s is not None and self.on_masks is not None:
             self.on_masks(out.mask_s)
         events: list[Event] = [self._finish(seq, SeqStatus.FINISHED_ERROR) for seq in out.failed]
-        if out.sampling is not None:
-            start, end = out.sampling
-            for sampled in out.sampled:
-                sampled.seq.observer.sample(len(sampled.seq.output_ids), start, end, len(out.sampled))
-                try:
-                    events += self._accept(sampled, end)
-                except Exception:  # noqa: BLE001 - e.g. detokenization: this request fails, the batch goes on
-                    log.exception("request.row_failed", request_id=sampled.seq.request.request_id,
-                                  key=sampled.seq.key)
-                    events.append(self._finish(sampled.seq, SeqStatus.FINISHED_ERROR))
+        start, end = out.sampling or (out.ended, out.ended)
+        for sampled in out.sampled:
+            if not sampled.seq.running:
+                continue  # a token after a verification pass's stop: never streamed
+            sampled.seq.observer.sample(len(sampled.seq.output_ids), start, end, len(out.sampled))
+            try:
+                events += self._accept(sampled, end)
+            except Exception:  # noqa: BLE001 - e.g. detokenization: this request fails, the batch goes on
+                log.exception("request.row_failed", request_id=sampled.seq.request.request_id,
+                              key=sampled.seq.key)
+                events.append(self._finish(sampled.seq, SeqStatus.FINISHED_ERROR))
         return events
 
     def _accept(self, sampled: Sampled, now: float) -> list[Event]:
@@ -141,7 +151,8 @@ class EngineCore:
     def _charge(self, plan: StepPlan, seconds: float) -> None:
         """Split the step's time among the sequences in it, in proportion to the tokens each ran (a prompt
         chunk, or one decoded token): what each request cost of the machine. Idle time is charged to no one."""
-        work = [(c.seq, c.tokens) for c in plan.chunks()] + [(r.seq, 1) for r in plan.decode]
+        work = ([(c.seq, c.tokens) for c in plan.chunks()] + [(r.seq, 1) for r in plan.decode]
+                + [(v.seq, len(v.tokens)) for v in plan.verify])
         tokens = sum(n for _, n in work)
         for seq, n in work:
             seq.compute_s += seconds * n / tokens

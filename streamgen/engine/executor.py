@@ -1,5 +1,5 @@
 """Run a step's plan on the runner: slot claims and moves, prefix copies, prompt passes, one decode pass,
-then sampling.
+speculative verification passes, then sampling.
 
 It does what the plan says, in the plan's order, and times it: the times
 feed the step costs the scheduler plans with (engine/costs.py) and come back
@@ -21,7 +21,8 @@ import structlog
 from streamgen.engine.costs import StepCosts
 from streamgen.engine.grammar import MaskFiller, allowed_tokens
 from streamgen.engine.sampling import sample
-from streamgen.engine.scheduler import PromptPass, StepPlan
+from streamgen.engine.scheduler import PromptPass, StepPlan, VerifyPass
+from streamgen.engine.speculation import verify
 from streamgen.engine.sequence import Sequence
 from streamgen.engine.slot_table import SlotTable, move_row
 from streamgen.model_files import ModelInfo
@@ -37,16 +38,20 @@ class KVRunner(Protocol):
     max_slots: int
     table: SlotTable  # the slot contract: what each row holds; the runner writes it as it runs
     supports_reuse: bool  # rows can be kept and copied (prefix caching)
+    supports_speculation: bool  # verify() runs several tokens on top of one row's past
     prompt_pass_tokens: int  # most tokens (rows x longest prompt) prefill_fresh takes in one pass; 0: none
 
     def prefill(self, slot: int, token_ids: Seq[int]) -> np.ndarray: ...  # [V]
     def prefill_fresh(self, slots: Seq[int], prompts: Seq[Seq[int]]) -> np.ndarray: ...  # [len(slots), V]
     def decode(self, slots: Seq[int], token_ids: Seq[int]) -> np.ndarray: ...  # [len(slots), V]
     def copy_prefix(self, src: int, dst: int, end: int) -> None: ...
+    def verify(self, slot: int, token_ids: Seq[int]) -> np.ndarray: ...  # [len(token_ids), V]
 
 
 @dataclass(frozen=True, slots=True)
 class Sampled:
+    """One token for one sequence (a verification pass gives a sequence several, in order)."""
+
     seq: Sequence
     token_id: int
     logprob: float | None  # only where the request asked for logprobs
@@ -58,6 +63,7 @@ class StepOutput:
     started: float  # perf_counter() when the step began
     passes: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each of the plan's passes
     decode: tuple[float, float] | None = None
+    verify: list[tuple[float, float, int]] = field(default_factory=list)  # per verification pass: start, end, kept
     sampling: tuple[float, float] | None = None
     sampled: list[Sampled] = field(default_factory=list)  # rows that got a token, in the order they ran
     failed: list[Sequence] = field(default_factory=list)  # rows whose sampling raised: they alone fail
@@ -105,8 +111,30 @@ class StepExecutor:
             start = time.perf_counter()
             self._sample(ready, np.concatenate(rows), allowed, out)
             out.sampling = (start, time.perf_counter())
+        for v in plan.verify:
+            self._verify(v, out)
         out.ended = time.perf_counter()
         return out
+
+    def _verify(self, v: VerifyPass, out: StepOutput) -> None:
+        """A speculative row's pass: the tokens it keeps (engine/speculation.py), the rejected proposals' K/V
+        given back."""
+        past = int(self.runner.table.lengths[v.slot])
+        start = time.perf_counter()
+        logits = self.runner.verify(v.slot, v.tokens)
+        end = time.perf_counter()
+        self.costs.prefill.observe(len(v.tokens), (end - start) * 1000)
+        try:
+            result = verify(logits, v.draft, v.seq.sampler)
+        except Exception:  # noqa: BLE001 - this row fails alone
+            log.exception("request.row_failed", request_id=v.seq.request.request_id, key=v.seq.key)
+            out.failed.append(v.seq)
+            return
+        self.runner.table.truncate(v.slot, past + result.accepted + 1)
+        self.costs.verified.observe(len(result.tokens))
+        out.verify.append((start, end, result.accepted))
+        out.sampled += [Sampled(v.seq, t, lp, top) for t, lp, top in zip(result.tokens, result.logprobs,
+                                                                          result.top_logprobs)]
 
     def _start_masks(self, sampled: list[Sequence]) -> MaskFiller | None:
         """Begin filling the masks of the rows that will be sampled under a constraint; None when there are none

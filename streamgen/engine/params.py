@@ -28,6 +28,27 @@ def _param(default: Any, help: str, **flag: str) -> Any:
     return field(default=default, metadata={"help": help, **flag})
 
 
+MAX_DRAFT = 16  # proposals one verification pass may check
+MAX_NGRAM = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Speculation:
+    """Prompt-lookup speculation (engine/speculation.py): proposals of up to max_draft tokens, found by matching
+    the context's last ngram_max down to ngram_min tokens. max_draft 0: off."""
+
+    max_draft: int = 8
+    ngram_min: int = 2
+    ngram_max: int = 4
+
+    @property
+    def on(self) -> bool:
+        return self.max_draft > 0
+
+
+SPECULATION_OFF = Speculation(max_draft=0)
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick each token and when to stop.
@@ -57,6 +78,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = _param((), "ID=BIAS: add BIAS (-100 to 100) to token ID's logit "
                                                            "before any filter; repeat for several (-100 bans a token)",
                                                        metavar="ID=BIAS")
+    speculation: Speculation | None = _param(None, "prompt-lookup speculation: several tokens a step where the "
+                                                   "text repeats its context; unset: the server's default",
+                                             flag="--speculation", metavar="K")
 
     @property
     def greedy(self) -> bool:
@@ -157,6 +181,31 @@ def _logit_bias(name: str, value: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(out))
 
 
+def _speculation(name: str, value: Any) -> Speculation | None:
+    """{"type": "prompt_lookup", "max_draft": K, "ngram": [min, max]} (K and ngram optional), or
+    {"type": "off"}; null: the server's default. A number K is prompt lookup with up to K proposals (the CLI)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Speculation(max_draft=_integer(name, value, 0, MAX_DRAFT))
+    if not isinstance(value, Mapping) or value.get("type") not in ("prompt_lookup", "off"):
+        raise ValidationError(f'{name} must be {{"type": "prompt_lookup", "max_draft": K, "ngram": [min, max]}} '
+                              f'or {{"type": "off"}}, got {str(value)[:60]}', param=name)
+    extra = set(value) - {"type", "max_draft", "ngram"}
+    if extra:
+        raise ValidationError(f"{name}: unknown field {sorted(extra)[0]!r}; allowed: type, max_draft, ngram",
+                              param=name)
+    if value["type"] == "off":
+        return SPECULATION_OFF
+    k = _integer(f"{name}.max_draft", value.get("max_draft", Speculation.max_draft), 1, MAX_DRAFT)
+    ngram = value.get("ngram", [Speculation.ngram_min, Speculation.ngram_max])
+    if (not isinstance(ngram, (list, tuple)) or len(ngram) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in ngram)
+            or not 1 <= ngram[0] <= ngram[1] <= MAX_NGRAM):
+        raise ValidationError(f"{name}.ngram must be [min, max] with 1 <= min <= max <= {MAX_NGRAM}", param=name)
+    return Speculation(k, ngram[0], ngram[1])
+
+
 def _seed(name: str, value: Any) -> int | None:
     return None if value is None else _integer(name, value, 0, MAX_SEED)
 
@@ -177,6 +226,7 @@ _CHECKS = {
     "logprobs": _flag,
     "top_logprobs": lambda n, v: _integer(n, v, 0, MAX_TOP_LOGPROBS),
     "logit_bias": _logit_bias,
+    "speculation": _speculation,
 }
 
 assert set(_CHECKS) == {f.name for f in fields(SamplingParams)}, "every parameter needs a check"

@@ -116,6 +116,7 @@ class PlainSlots:
 
     max_slots = 1
     supports_reuse = False
+    supports_speculation = False  # the plain graph's logits are the last position's only
     prompt_pass_tokens = 0  # one slot: prompts never share a pass
 
     def __init__(self, runner: PlainGraph) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from streamgen.engine.grammar import CompiledGrammar, ConstraintSpec, GrammarLimits
-from streamgen.engine.params import DEFAULT_MAX_TOKENS, MAX_SEED, SamplingParams
+from streamgen.engine.params import DEFAULT_MAX_TOKENS, MAX_SEED, SPECULATION_OFF, SamplingParams, Speculation
 from streamgen.engine.tokenizer import ChatMessage, TextTokenizer
 from streamgen.engine.tools import Tool
 from streamgen.errors import ValidationError
@@ -54,6 +54,8 @@ class Usage:
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache instead of a forward pass
     compute_s: float = 0.0  # this request's share of the engine's step time: what it cost of the machine
+    proposed_tokens: int | None = None  # speculative proposals checked; None: the request did not speculate
+    accepted_tokens: int = 0  # of those, kept (each saved a step)
 
     def cost_usd(self, price_per_hour: float | None) -> float | None:
         """The request's share of the machine at that price; None when no price is set."""
@@ -121,6 +123,7 @@ def prepare_request(
     constraint: ConstraintSpec | None = None,
     grammar_limits: GrammarLimits = GrammarLimits(),
     tools: Sequence[Tool] = (),
+    speculation: Speculation = SPECULATION_OFF,
 ) -> GenerationRequest:
     """Tokenize and check a request against the model's limits and the server's.
 
@@ -183,6 +186,8 @@ def prepare_request(
                 f"{name} token ids must be below the vocabulary size {tokenizer.vocab_size}, got {max(named)}",
                 param=name,
             )
+    if params.speculation is None or constraint is not None:  # the server's default; none under a grammar
+        params = replace(params, speculation=speculation if constraint is None else SPECULATION_OFF)
     stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else tokenizer.stop_token_ids)
     compiled = None if constraint is None else tokenizer.grammars.compile(constraint, grammar_limits)
     return GenerationRequest(tuple(ids), params, stops, request_id, namespace=namespace, dropped_messages=dropped,

@@ -19,6 +19,7 @@ import numpy as np
 from streamgen.engine.params import SamplingParams
 
 _TOP_P_FIRST_WINDOW = 64
+Alternatives = tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
 class RowSampler:
@@ -46,6 +47,31 @@ class RowSampler:
             self._output_counts[token_id] += 1
             self._seen[token_id] = True
 
+    def penalized(self, logits: np.ndarray, pending: Sequence[int] = ()) -> np.ndarray:
+        """Biased and penalised logits as if the `pending` tokens had been observed too (the proposals a
+        speculative pass kept so far), without observing them."""
+        if not pending or self._output_counts is None:
+            return self.apply_penalties(logits)
+        counts, seen = self._output_counts.copy(), self._seen.copy()
+        np.add.at(self._output_counts, np.asarray(pending, dtype=np.int64), 1)
+        self._seen[np.asarray(pending, dtype=np.int64)] = True
+        try:
+            return self.apply_penalties(logits)
+        finally:
+            self._output_counts, self._seen = counts, seen
+
+    def logprob(self, raw: np.ndarray, token: int) -> tuple[float | None, Alternatives | None]:
+        """A token's log-probability under the raw distribution, and the alternatives, where asked for."""
+        if not self.params.logprobs:
+            return None, None
+        norm = _logsumexp(raw)
+        top = None
+        if k := self.params.top_logprobs:
+            best = np.argpartition(-raw, k - 1)[:k]
+            best = best[np.argsort(-raw[best], kind="stable")]
+            top = tuple((int(t), float(raw[t] - norm)) for t in best)
+        return float(raw[token] - norm), top
+
     def apply_penalties(self, logits: np.ndarray) -> np.ndarray:
         """Return biased and penalised logits for one row ([V], a new array when changed)."""
         p = self.params
@@ -66,7 +92,6 @@ class RowSampler:
         return out
 
 
-Alternatives = tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +130,18 @@ def sample(logits: np.ndarray, rows: Sequence[RowSampler],
 
 
 def _sample_row(logits: np.ndarray, row: RowSampler) -> int:
-    p = row.params
-    if p.greedy:
+    if row.params.greedy:
         return int(np.argmax(logits))
+    candidates, probs = distribution(logits, row)
+    cdf = np.cumsum(probs, dtype=np.float64)
+    pick = int(np.searchsorted(cdf, row.rng.random() * cdf[-1], side="right"))
+    return int(candidates[min(pick, len(candidates) - 1)])
+
+
+def distribution(logits: np.ndarray, row: RowSampler) -> tuple[np.ndarray, np.ndarray]:
+    """The row's sampling distribution over its candidates after temperature, top-k, top-p and min-p (logits
+    already biased and penalised): (token ids, probabilities)."""
+    p = row.params
     scaled = logits / np.float32(p.temperature)
     candidates, probs = _top_k(scaled, p.top_k)
     if p.top_p < 1.0:
@@ -115,9 +149,7 @@ def _sample_row(logits: np.ndarray, row: RowSampler) -> int:
     if p.min_p > 0.0:
         keep = probs >= p.min_p * probs.max()
         candidates, probs = candidates[keep], probs[keep]
-    cdf = np.cumsum(probs, dtype=np.float64)
-    pick = int(np.searchsorted(cdf, row.rng.random() * cdf[-1], side="right"))
-    return int(candidates[min(pick, len(candidates) - 1)])
+    return candidates, probs
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

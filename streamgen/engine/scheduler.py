@@ -30,7 +30,14 @@ applied by the core's update (engine/core.py). A plan lists, in order:
    without a past); every other chunk runs alone. No chunk is a single token
    on top of a past (engine/slot_table.py, MIN_PREFILL_PASS), so a prompt cut
    anyhow gives bit-identical results.
-4. **Decode rows.** Every sequence whose prompt is in the cache gets one token.
+4. **Decode rows and verification passes.** Every sequence whose prompt is in
+   the cache gets one token in the batched decode pass, except a speculative
+   one whose own context offers proposals: it gets a verification pass of its
+   own (engine/speculation.py). Whether a sequence speculates is decided once,
+   at its claim: when the tokens a verification pass is expected to give
+   (measured) over its cost beat the sequence's share of the batched decode
+   at the load then, or always with the "always" policy. At high load none
+   does.
 
 The reuse rule (does taking n tokens from the cache beat computing them?) is
 `reuse_pays` below, applied to slot choice, catch-up copies and deferral
@@ -48,6 +55,7 @@ from streamgen.engine.costs import StepCosts
 from streamgen.engine.prefix import best_source, choose_slot
 from streamgen.engine.sequence import Sequence, SeqStatus
 from streamgen.engine.slot_table import MIN_PREFILL_PASS, SlotTable, chunk_size, common_prefix, move_row
+from streamgen.engine.speculation import propose
 
 # The least share of a decoding step's time that goes to prompts when the ITL target leaves less.
 PROMPT_FLOOR_SHARE = 0.25
@@ -61,6 +69,7 @@ class SchedulerLimits:
     token_budget: int = ENGINE_DEFAULTS.token_budget  # tokens per step: one per decoding sequence, the rest prompt
     prefill_chunk: int = ENGINE_DEFAULTS.prefill_chunk  # most prompt tokens of one sequence in one step
     itl_target_ms: float | None = None  # a decoding step's time target; prompt work beside it is sized to fit
+    speculation_policy: str = "auto"  # auto: a request that asks speculates when it pays at its claim; always
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> SchedulerLimits:
@@ -82,6 +91,7 @@ class SlotClaim:
     slot: int
     keep: int  # leading prompt tokens the slot already holds: reused in place
     move_to: int | None = None  # first move the slot's other contents to this free row
+    speculate: bool = False  # the sequence verifies proposals from its own context for its whole life
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,25 +140,39 @@ class DecodeRow:
 
 
 @dataclass(frozen=True, slots=True)
+class VerifyPass:
+    """A speculative row's pass over its own slot: its last sampled token, then the proposals (engine/speculation.py)."""
+
+    seq: Sequence
+    slot: int
+    tokens: tuple[int, ...]
+
+    @property
+    def draft(self) -> tuple[int, ...]:
+        return self.tokens[1:]
+
+
+@dataclass(frozen=True, slots=True)
 class StepPlan:
     claims: tuple[SlotClaim, ...] = ()
     copies: tuple[PrefixCopy, ...] = ()
     passes: tuple[PromptPass, ...] = ()
     decode: tuple[DecodeRow, ...] = ()
+    verify: tuple[VerifyPass, ...] = ()
 
     def chunks(self) -> Iterator[PromptChunk]:
         for p in self.passes:
             yield from p.chunks
 
     def sampled(self) -> list[Sequence]:
-        """The sequences that get a token this step, in the order their logits come: those whose prompt a pass
-        finishes, pass by pass, then the decode rows."""
+        """The sequences sampled together this step, in the order their logits come: those whose prompt a pass
+        finishes, pass by pass, then the decode rows (verification passes choose their tokens on their own)."""
         return [c.seq for c in self.chunks() if c.ends_prompt] + [r.seq for r in self.decode]
 
     @property
     def sequences(self) -> int:
         """Sequences that run something this step."""
-        return sum(len(p.chunks) for p in self.passes) + len(self.decode)
+        return sum(len(p.chunks) for p in self.passes) + len(self.decode) + len(self.verify)
 
 
 # ---- the scheduler --------------------------------------------------------------------------------------------
@@ -160,10 +184,12 @@ class Scheduler:
     reuse: the prefix cache is on and the runner keeps rows. prompt_pass_tokens: most tokens (rows x longest,
     padding included) of a pass shared by prompts that start empty rows; 0: every prompt runs alone."""
 
-    def __init__(self, limits: SchedulerLimits, reuse: bool = False, prompt_pass_tokens: int = 0) -> None:
+    def __init__(self, limits: SchedulerLimits, reuse: bool = False, prompt_pass_tokens: int = 0,
+                 speculation: bool = False) -> None:
         self.limits = limits
         self.reuse = reuse
         self.prompt_pass_tokens = prompt_pass_tokens
+        self.speculation = speculation  # the runner has verification passes (GQA slots)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # PREFILLING or DECODING, in admission order
 
@@ -205,7 +231,7 @@ class Scheduler:
 
         claims = []
         for seq in admitted:
-            claim = self._claim(draft, seq, costs, shares)
+            claim = self._claim(draft, seq, costs, shares, len(decoding) + len(claims) + 1)
             claims.append(claim)
             slots[seq], starts[seq] = claim.slot, claim.keep
         copies = []
@@ -216,9 +242,24 @@ class Scheduler:
                 draft.append(slots[seq], draft.tokens[source, start:upto].copy())
                 copies.append(PrefixCopy(seq, slots[seq], source, start, upto))
                 starts[seq] = upto
-        rows = tuple(DecodeRow(s, s.slot, s.output_ids[-1]) for s in decoding)
-        chunks = self._chunks(prefilling, slots, starts, rows, costs, shares)
-        return StepPlan(tuple(claims), tuple(copies), self._passes(chunks, costs), rows)
+        rows, verify = self._decoding(decoding, table)
+        chunks = self._chunks(prefilling, slots, starts, rows, verify, costs, shares)
+        return StepPlan(tuple(claims), tuple(copies), self._passes(chunks, costs), rows, verify)
+
+    def _decoding(self, decoding: list[Sequence], table: SlotTable
+                  ) -> tuple[tuple[DecodeRow, ...], tuple[VerifyPass, ...]]:
+        """Each decoding sequence's entry: a verification pass where a speculative one's context offers
+        proposals (as many as its output, its slot and one pass have room for), else a decode row."""
+        rows, verify = [], []
+        for s in decoding:
+            spec = s.request.params.speculation
+            room = min(s.max_tokens - len(s.output_ids), table.room(s.slot), self.prompt_pass_tokens or 1) - 1
+            proposals = propose(s.context(), spec, room) if s.speculative else []
+            if proposals:
+                verify.append(VerifyPass(s, s.slot, (s.output_ids[-1], *proposals)))
+            else:
+                rows.append(DecodeRow(s, s.slot, s.output_ids[-1]))
+        return tuple(rows), tuple(verify)
 
     def _admissible(self, free_slots: int, decoding: int) -> list[Sequence]:
         """Waiting sequences that take a slot now, in arrival order. None while decoding takes the whole token
@@ -227,21 +268,36 @@ class Scheduler:
             return []
         return list(self.waiting)[:free_slots]
 
-    def _claim(self, draft: SlotTable, seq: Sequence, costs: StepCosts, shares: bool) -> SlotClaim:
-        """The slot a new sequence takes, tried on the draft table so the next claim of this step sees it."""
+    def _claim(self, draft: SlotTable, seq: Sequence, costs: StepCosts, shares: bool, rows: int) -> SlotClaim:
+        """The slot a new sequence takes, tried on the draft table so the next claim of this step sees it; and
+        whether it speculates, with `rows` decoding once it does."""
         choice = choose_slot(draft, seq.prompt_array, seq.namespace, seq.max_tokens, costs, self.reuse,
                              keep_pays=lambda n: reuse_pays(costs, n, copied=False, shares=shares))
         if choice.move_to is not None:
             move_row(draft, choice.slot, choice.move_to,
                      lambda src, dst, end: draft.append(dst, draft.tokens[src, :end].copy()))
         draft.claim(choice.slot, seq.namespace, keep=choice.keep)
-        return SlotClaim(seq, choice.slot, choice.keep, choice.move_to)
+        return SlotClaim(seq, choice.slot, choice.keep, choice.move_to, self._speculates(seq, costs, rows))
+
+    def _speculates(self, seq: Sequence, costs: StepCosts, rows: int) -> bool:
+        """Whether a sequence that asks for speculation gets it: a verification pass of max_draft proposals
+        must be expected to give more tokens per millisecond than the sequence's share of a decode step of
+        `rows` rows. Decided once, for the sequence's whole life, so its tokens do not depend on who shares its
+        steps later (engine/speculation.py)."""
+        spec = seq.request.params.speculation
+        if not (self.speculation and spec is not None and spec.on):
+            return False
+        if self.limits.speculation_policy == "always":
+            return True
+        share_ms = costs.decode(rows) / rows
+        return costs.verified.value * share_ms >= costs.prefill(spec.max_draft + 1)
 
     def _chunks(self, prefilling: list[Sequence], slots: dict[Sequence, int], starts: dict[Sequence, int],
-                decode: tuple[DecodeRow, ...], costs: StepCosts, shares: bool) -> list[PromptChunk]:
+                decode: tuple[DecodeRow, ...], verify: tuple[VerifyPass, ...], costs: StepCosts,
+                shares: bool) -> list[PromptChunk]:
         """This step's prompt chunks, in admission order, within the token budget and the latency target."""
-        budget = self.limits.token_budget - len(decode)
-        spare_ms = self._prompt_time(decode, costs)
+        budget = self.limits.token_budget - len(decode) - sum(len(v.tokens) for v in verify)
+        spare_ms = self._prompt_time(decode, verify, costs)
         chunks: list[PromptChunk] = []
         for seq in prefilling:
             if budget <= 0:
@@ -264,12 +320,15 @@ class Scheduler:
                 spare_ms -= costs.prefill(n)
         return chunks
 
-    def _prompt_time(self, decode: tuple[DecodeRow, ...], costs: StepCosts) -> float | None:
+    def _prompt_time(self, decode: tuple[DecodeRow, ...], verify: tuple[VerifyPass, ...],
+                     costs: StepCosts) -> float | None:
         """With a latency target and rows decoding: the milliseconds this step has for prompt passes."""
         target = self.limits.itl_target_ms
-        if not decode or not target:
+        if not (decode or verify) or not target:
             return None
-        decode_ms = costs.decode(max(r.slot for r in decode) + 1)  # a decode step runs every row up to the highest
+        # A decode step runs every row up to the highest; each verification pass is a pass of its own.
+        decode_ms = (costs.decode(max(r.slot for r in decode) + 1) if decode else 0.0) + sum(
+            costs.prefill(len(v.tokens)) for v in verify)
         return max(target - decode_ms, PROMPT_FLOOR_SHARE * decode_ms)
 
     def _passes(self, chunks: list[PromptChunk], costs: StepCosts) -> tuple[PromptPass, ...]:

@@ -88,6 +88,9 @@ class Sequence:
         self.prefill_s = 0.0
         self.compute_s = 0.0  # this request's share of the steps it was in (engine/core.py, _charge)
         self.first_token_at: float | None = None
+        self.speculative = False  # decided once, when it takes its slot (engine/speculation.py)
+        self.proposed = 0  # speculative proposals checked, and kept
+        self.accepted = 0
 
     @property
     def prompt_len(self) -> int:
@@ -151,6 +154,10 @@ class Sequence:
         self.observer.token(event, done)
         return event, step.stopped or (self.matcher is not None and self.matcher.is_stopped())
 
+    def context(self) -> np.ndarray:
+        """Prompt and output so far, int32 [T]: what prompt lookup searches."""
+        return np.concatenate([self.prompt_array, np.asarray(self.output_ids, dtype=np.int32)])
+
     @property
     def at_length(self) -> bool:
         return len(self.output_ids) >= self.max_tokens
@@ -183,7 +190,8 @@ class Sequence:
             FINISH_REASONS[status],
             tail,
             self.detok.text,
-            Usage(self.prompt_len, n, self.cached_tokens, self.compute_s),
+            Usage(self.prompt_len, n, self.cached_tokens, self.compute_s,
+                  self.proposed if self.speculative else None, self.accepted),
             Timings(started - self.arrival, first - self.arrival, self.prefill_s, decode_rate, now - self.arrival,
                     self.prefilled - self.cached_tokens),
             self.sampler.seed,

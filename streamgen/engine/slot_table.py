@@ -89,6 +89,13 @@ class SlotTable:
         self.tokens[slot, start : start + n] = token_ids
         self.lengths[slot] = start + n
 
+    def truncate(self, slot: int, length: int) -> None:
+        """A busy row gives back its positions from `length` on (a speculative pass's rejected proposals):
+        their K/V is garbage that nothing reads, and the row's next tokens overwrite it."""
+        if not self.busy[slot] or not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"slot {slot} cannot be cut to {length} tokens")
+        self.lengths[slot] = length
+
     def forget_last(self, slot: int) -> None:
         """Drop the last token of a free, full row (a decode step needs one position to write its filler)."""
         if self.busy[slot]:

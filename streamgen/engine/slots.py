@@ -23,6 +23,11 @@ attention mask. What every row holds is recorded in a SlotTable
   K/V position in every row it runs, so a row that is not decoding is fed a
   filler token at its own next position: the one it will overwrite before it
   ever reads it. Its contents stay bit for bit what they were.
+- verify(slot, ids) runs several tokens on top of one row's past and returns
+  the logits after each: a speculative row's proposals checked in one pass
+  (engine/speculation.py). The caller then gives the row back the positions
+  of the proposals it rejected (SlotTable.truncate); their K/V is garbage that
+  nothing reads, and the row's next tokens overwrite it.
 - copy_prefix(src, dst, end) copies K/V positions from one row to another
   (prefix caching: a prompt that another row already holds is not prefilled
   again).
@@ -43,6 +48,7 @@ from streamgen.engine.device import Device
 from streamgen.engine.session import open_session
 from streamgen.model_files import ModelInfo
 from streamgen.engine.slot_table import MIN_PREFILL_PASS, ContextFull, SlotTable, chunk_size
+from streamgen.model_files import LOGIT_POSITIONS
 
 _PAST = "past_key_values."
 # The KV cache's element type, as ONNX Runtime names it: fp32, fp16 (the CUDA builds), int8 (with scales).
@@ -65,6 +71,7 @@ class SlotConfig:
 
 class SlotRunner:
     supports_reuse = True  # rows can be kept, truncated and copied: prefix caching works
+    supports_speculation = True  # verify(): several tokens on top of one row's past
 
     def __init__(self, model_dir: Path, device: Device, config: SlotConfig = SlotConfig(), threads: int = 0,
                  profile_prefix: str | None = None) -> None:
@@ -80,6 +87,9 @@ class SlotRunner:
         self._ort_device = "cuda" if device.kind == "cuda" else "cpu"
         self._dtype = KV_DTYPES[inputs[self._past_names[0]].type]
         self._has_positions = "position_ids" in inputs
+        if LOGIT_POSITIONS not in inputs:
+            raise ValueError(f"{model_dir} is a build of an older revision (its graph has no {LOGIT_POSITIONS} "
+                             "input); pull it again")
 
         b, h, t, d = config.max_batch, info.num_kv_heads, self.max_context, info.head_dim
         self._row_shape = (h, t, d)
@@ -96,6 +106,7 @@ class SlotRunner:
         self._ids = _Staged(np.zeros((b, 1), dtype=np.int64), device)
         self._positions = _Staged(np.zeros((b, 1), dtype=np.int64), device)
         self._mask = _Staged(np.zeros((b, t), dtype=np.int64), device)
+        self._logit_rows = _Staged(np.zeros((b, 1), dtype=np.int64), device)  # a decode's one new token: position 0
         self._logits = _Staged(np.zeros((b, 1, info.vocab_size), dtype=np.float32), device)
         self._columns = np.arange(t, dtype=np.int64)
         # prefill_fresh's K/V: as many positions as one pass may hold, viewed as [rows, H, S, D] for each pass.
@@ -168,21 +179,38 @@ class SlotRunner:
             start += n
         return logits
 
-    def _prefill_chunk(self, slot: int, ids: np.ndarray) -> np.ndarray:
+    def _prefill_chunk(self, slot: int, ids: np.ndarray, logits_at: np.ndarray | None = None) -> np.ndarray:
+        """ids on top of the slot's past; the logits at positions logits_at of them [len(logits_at), V] (by
+        default the last)."""
         past = int(self.table.lengths[slot])
         total = past + len(ids)
         mask = np.zeros((1, self.max_context), dtype=np.int64)
         mask[0, :total] = 1
+        wanted = np.array([len(ids) - 1], dtype=np.int64) if logits_at is None else logits_at
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", ids[None, :])
         io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input(LOGIT_POSITIONS, wanted[None, :])
         if self._has_positions:
             io.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64)[None, :])
         io.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
         self._bind_kv(io, first_row=slot, rows=1)
         self.session.run_with_iobinding(io, self._prefill_options)
         self.table.append(slot, ids)
-        return np.array(io.get_outputs()[0].numpy()[0, -1], dtype=np.float32)
+        logits = np.array(io.get_outputs()[0].numpy()[0], dtype=np.float32)  # [L, V]
+        return logits[-1] if logits_at is None else logits
+
+    def verify(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
+        """Run token_ids (the last sampled token, then proposals) on top of the slot's past in one pass; the
+        logits after each [len(token_ids), V]. At least MIN_PREFILL_PASS tokens: one token on top of a past
+        takes GQA's decode path, which rounds differently."""
+        if not MIN_PREFILL_PASS <= len(token_ids) <= self.config.forward_tokens:
+            raise ValueError(f"verify takes {MIN_PREFILL_PASS} to {self.config.forward_tokens} tokens, "
+                             f"got {len(token_ids)}")
+        if len(token_ids) > self.room(slot):
+            raise ContextFull(f"slot {slot} has room for {self.room(slot)} tokens, got {len(token_ids)}")
+        ids = np.asarray(token_ids, dtype=np.int64)
+        return self._prefill_chunk(slot, ids, np.arange(len(ids), dtype=np.int64))
 
     def prefill_fresh(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Run the prompts of several empty slots in one forward pass; returns each row's last-token logits
@@ -202,9 +230,10 @@ class SlotRunner:
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input(LOGIT_POSITIONS, np.array([[len(p) - 1] for p in prompts], dtype=np.int64))  # each row's last
         if self._has_positions:
             io.bind_cpu_input("position_ids", np.maximum(np.cumsum(mask, axis=1) - 1, 0))
-        io.bind_output("logits", "cpu")  # the graph gives each row's last token (models/graph.py)
+        io.bind_output("logits", "cpu")
         shape = [rows, self._row_shape[0], width, self._row_shape[2]]
         for name, buffer in zip(self._past_names, self._scratch):
             ptr = buffer.data_ptr()
@@ -256,7 +285,7 @@ class SlotRunner:
         ids[slots, 0] = token_ids
         positions[:width, 0] = lengths[:width]
         np.less_equal(self._columns[None, :], lengths[:width, None], out=mask[:width], casting="unsafe")
-        for staged in (self._ids, self._positions, self._mask):
+        for staged in (self._ids, self._positions, self._mask, self._logit_rows):
             staged.to_device()
         io, options = self._decode_binding(width)
         self.session.run_with_iobinding(io, options)
@@ -301,6 +330,7 @@ class SlotRunner:
             io = self.session.io_binding()
             self._ids.bind(io, "input_ids", width, is_output=False)
             self._mask.bind(io, "attention_mask", width, is_output=False)
+            self._logit_rows.bind(io, LOGIT_POSITIONS, width, is_output=False)
             if self._has_positions:
                 self._positions.bind(io, "position_ids", width, is_output=False)
             self._bind_kv(io, first_row=0, rows=width)

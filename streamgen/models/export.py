@@ -198,13 +198,14 @@ def write_chat_template(model_dir: Path) -> None:
 
 def prepare_graph(model_path: Path, gqa: bool = False) -> None:
     """Apply streamgen's graph edits (see models/graph.py) in place: logits for the last position (plain
-    graph: rows are left-padded, so it is every row's last token) or for each row's last token (GQA graph)."""
+    graph: rows are left-padded, so it is every row's last token) or for the positions the runner asks for
+    (GQA graph)."""
     import onnx
 
-    from streamgen.models.graph import keep_last_logits, logits_at_last_token
+    from streamgen.models.graph import keep_last_logits, logits_at_positions
 
     model = onnx.load(str(model_path))
-    if (logits_at_last_token if gqa else keep_last_logits)(model):
+    if (logits_at_positions if gqa else keep_last_logits)(model):
         save_model(model, model_path)
 
 

@@ -4,13 +4,15 @@
   graph returns logits for every position, which during prefill costs
   S x vocab x hidden multiply-adds and a [B, S, V] copy to the host, for
   values generation never reads.
-- `logits_at_last_token` (the GroupQueryAttention graph): the same, but at
-  each row's own last token. Prompts of several empty rows run in one pass
-  (engine/slots.py, `prefill_fresh`), right-padded to the longest, so a
-  shorter row's last token is not the pass's last position. Its index is
-  min(S, the row's mask sum) - 1: in that pass the mask covers each row's
-  tokens only, so the sum is its prompt length; in every other pass (a decode,
-  or a chunk on top of a past) the sum is at least S, which is the last position.
+- `logits_at_positions` (the GroupQueryAttention graph): the lm_head runs on
+  the positions the runner asks for, through a new input `logit_positions`
+  [B, L] (indices into the pass's S new tokens): each row's own last token in
+  a pass of right-padded prompts (engine/slots.py, `prefill_fresh`), the one
+  new token of a decode step, and every token of a speculative verification
+  pass (engine/speculation.py), which needs the logits after each proposed
+  token. ONNX Runtime runs every node of a graph whatever outputs are asked
+  for, so a second, all-positions output would cost every decode step a
+  second lm_head; an input that says which positions costs nothing.
 - `untie_lm_head`: with tied embeddings the lm_head weight is a Transpose of
   the embedding table, which the quantizers skip (they only quantize constant
   initializers). Giving the lm_head its own transposed copy lets them
@@ -23,8 +25,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from streamgen.model_files import LOGIT_POSITIONS  # the runner binds the positions by this name
+
 _LAST_HIDDEN = "/streamgen/last_hidden"
-_LAST_TOKEN = "/streamgen/last_token_hidden"
+_CHOSEN = "/streamgen/chosen_hidden"
 _UNTIED_WEIGHT = "streamgen.lm_head.weight"
 
 
@@ -57,49 +61,47 @@ def keep_last_logits(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _feed_lm_head(graph: onnx.GraphProto, head: onnx.NodeProto, nodes: list[onnx.NodeProto], hidden: str) -> None:
+def _feed_lm_head(graph: onnx.GraphProto, head: onnx.NodeProto, nodes: list[onnx.NodeProto], hidden: str,
+                  length: int | str = 1) -> None:
     """Insert nodes right before the lm_head (the node list stays topologically sorted), feed it `hidden`, and
-    declare the logits one position long."""
+    declare the logits `length` positions long (a number, or a named dimension)."""
     head.input[0] = hidden
     index = list(graph.node).index(head)
     for node in reversed(nodes):
         graph.node.insert(index, node)
     for output in graph.output:
         if output.name == "logits":
-            output.type.tensor_type.shape.dim[1].ClearField("dim_param")
-            output.type.tensor_type.shape.dim[1].dim_value = 1
+            dim = output.type.tensor_type.shape.dim[1]
+            if isinstance(length, int):
+                dim.ClearField("dim_param")
+                dim.dim_value = length
+            else:
+                dim.ClearField("dim_value")
+                dim.dim_param = length
 
 
-def logits_at_last_token(model: onnx.ModelProto) -> bool:
-    """Feed the lm_head each row's last token: hidden[b, min(S, sum(mask[b])) - 1]. Replaces the slice to
-    the last position that the export made (or keep_last_logits). Returns False if already done."""
+def logits_at_positions(model: onnx.ModelProto) -> bool:
+    """Feed the lm_head hidden[b, logit_positions[b, l]] for each row b and each asked position l: logits
+    [B, L, V]. Replaces the slice to the last position that the export made. Returns False if already done."""
     graph = model.graph
     head = _lm_head(graph)
-    if head.input[0] == _LAST_TOKEN:
+    if head.input[0] == _CHOSEN:
         return False
     producers = {out: node for node in graph.node for out in node.output}
     last = producers.get(head.input[0])
     if last is None or last.op_type != "Slice":
         raise ValueError("expected the lm_head's input to be sliced to the last position")
     hidden = last.input[0]  # [B, S, H]
-    consts = {"/streamgen/one": [1], "/streamgen/seq_axis": [1]}
-    for name, value in consts.items():
-        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+    graph.input.append(helper.make_tensor_value_info(LOGIT_POSITIONS, onnx.TensorProto.INT64,
+                                                     ["batch_size", "num_logits"]))
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "/streamgen/last_axis"))
     nodes = [
-        helper.make_node("ReduceSum", ["attention_mask", "/streamgen/seq_axis"], ["/streamgen/mask_sum"],
-                         keepdims=1, name="/streamgen/MaskSum"),  # [B, 1]
-        helper.make_node("Shape", ["input_ids"], ["/streamgen/new_len"], start=1, end=2,
-                         name="/streamgen/NewTokens"),  # [1]: S
-        helper.make_node("Min", ["/streamgen/mask_sum", "/streamgen/new_len"], ["/streamgen/count"],
-                         name="/streamgen/RowTokens"),
-        helper.make_node("Sub", ["/streamgen/count", "/streamgen/one"], ["/streamgen/last_index"],
-                         name="/streamgen/LastIndex"),  # [B, 1]
-        helper.make_node("GatherND", [hidden, "/streamgen/last_index"], ["/streamgen/last_rows"], batch_dims=1,
-                         name="/streamgen/LastToken"),  # [B, H]
-        helper.make_node("Unsqueeze", ["/streamgen/last_rows", "/streamgen/seq_axis"], [_LAST_TOKEN],
-                         name="/streamgen/LastTokenRow"),  # [B, 1, H]
+        helper.make_node("Unsqueeze", [LOGIT_POSITIONS, "/streamgen/last_axis"], ["/streamgen/logit_index"],
+                         name="/streamgen/LogitIndex"),  # [B, L, 1]
+        helper.make_node("GatherND", [hidden, "/streamgen/logit_index"], [_CHOSEN], batch_dims=1,
+                         name="/streamgen/LogitPositions"),  # [B, L, H]
     ]
-    _feed_lm_head(graph, head, nodes, _LAST_TOKEN)
+    _feed_lm_head(graph, head, nodes, _CHOSEN, "num_logits")
     if not any(last.output[0] in node.input for node in graph.node):
         graph.node.remove(last)
     return True

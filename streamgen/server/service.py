@@ -24,6 +24,7 @@ from opentelemetry.trace import Link
 from streamgen.engine.config import EngineConfig
 from streamgen.engine.engine import Engine, EngineOverloaded, RequestHandle
 from streamgen.engine.grammar import GrammarLimits
+from streamgen.engine.params import SPECULATION_OFF, Speculation
 from streamgen.engine.loader import LoadedModel
 from streamgen.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, choices, prepare_request
 from streamgen.errors import StreamgenError
@@ -76,6 +77,7 @@ def admit(spec: RequestSpec, model: LoadedModel, config: EngineConfig, telemetry
                 request_id=spec.id, max_prompt_tokens=config.max_prompt_tokens,
                 max_new_tokens=config.max_new_tokens, truncate=spec.truncate, namespace=namespace,
                 constraint=spec.constraint, tools=spec.tools,
+                speculation=Speculation() if config.speculation == "prompt_lookup" else SPECULATION_OFF,
                 grammar_limits=GrammarLimits(config.max_constraint_bytes, config.max_compile_ms))
     except StreamgenError as exc:
         param = getattr(exc, "param", None)
