@@ -25,6 +25,8 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from signal import SIGKILL
 from pathlib import Path
 
 import httpx
@@ -134,14 +136,16 @@ class ClusterProcess:
             self.proc.kill()
             self.proc.wait()
         self._reader.join(timeout=5)
+        self.proc.stderr.close()
         return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_hf_dir: Path, tiny_cache, tiny_model_dir: Path) -> Iterator[ClusterProcess]:
     _haproxy()
-    c = ClusterProcess(tiny_hf_dir, tiny_cache.home, "--replicas", "3", "--rate-limit", "0",
-                       "--shutdown-grace", "20")
+    # One KV slot each: a replica's backlog then keeps a stream running for as long as a test needs.
+    c = ClusterProcess(tiny_hf_dir, tiny_cache.home, "--replicas", "3", "--rate-limit", "0", "--max-batch", "1",
+                       "--shutdown-grace", "30")
     try:
         yield c.wait_ready()
     finally:
@@ -246,16 +250,17 @@ def test_a_websocket_stream_passes_haproxy(cluster: ClusterProcess) -> None:
     assert tokens and msgs[-1]["usage"]["completion_tokens"] == len(tokens)
 
 
-def _stream_until_first_token(url: str, key: str, max_tokens: int = LONG):
-    """A streamed chat request opened and read up to its first content chunk: (client, response, lines)."""
+def _open_stream(url: str, key: str, max_tokens: int = LONG):
+    """A streamed chat request, opened and read up to its first event (the role chunk: the replica accepted it
+    and the stream is running, possibly still queued): (client, response, line iterator)."""
     client = httpx.Client(timeout=httpx.Timeout(15))
     body = {"model": "m", "prompt_cache_key": key, "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
     response = client.send(client.build_request("POST", url + "/v1/chat/completions", json=body), stream=True)
     assert response.status_code == 200
     lines = response.iter_lines()
-    first = next(line for line in lines if line.startswith("data: {") and '"content"' in line)
-    return client, response, lines, first
+    assert next(line for line in lines if line.startswith("data: {"))
+    return client, response, lines
 
 
 def _rest(response, lines) -> tuple[list[str], str | None]:
@@ -274,43 +279,80 @@ def _rest(response, lines) -> tuple[list[str], str | None]:
     return rest, None
 
 
+class Backlog:
+    """Requests sent straight to one replica (HAProxy does not see them), so that with one KV slot the streams
+    sent after them through HAProxy are still running when that replica is signalled: the tiny model would
+    otherwise finish any stream within milliseconds."""
+
+    def __init__(self, replica_url: str, n: int = 24) -> None:
+        body = {"model": "m", "prompt": "Hi", "max_tokens": LONG, "ignore_eos": True, "temperature": 0}
+        self.pool = ThreadPoolExecutor(n)
+        self.futures = [self.pool.submit(self._post, replica_url + "/v1/completions", body) for _ in range(n)]
+
+    @staticmethod
+    def _post(url: str, body: dict) -> int | str:
+        try:
+            return httpx.post(url, json=body, timeout=60).status_code
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+
+    def results(self) -> list[int | str]:
+        out = [f.result(timeout=90) for f in self.futures]
+        self.pool.shutdown()
+        return out
+
+
+def _victim(cluster: ClusterProcess, key: str) -> tuple[str, str, int]:
+    """The replica a key goes to: its name, URL and pid."""
+    wait_until(cluster.idle, 10, "HAProxy idle")
+    name = _replica(_chat(cluster.url, {"prompt_cache_key": key, "messages": [{"role": "user", "content": "Hi"}],
+                                        "max_tokens": 1}))
+    return name, cluster.replica_urls[int(name[1:]) - 1], cluster.replica_pid(name)
+
+
 def test_sigterm_drains_a_replica_that_then_gets_no_request(cluster: ClusterProcess) -> None:
     up = [name for name, status in cluster.server_status().items() if status == "UP"]
     assert len(up) >= 2
-    wait_until(cluster.idle, 10, "HAProxy idle")
-    client, response, lines, _ = _stream_until_first_token(cluster.url, "drained-conversation")
-    victim = _replica(response)
+    victim, url, pid = _victim(cluster, "drained-conversation")
+    backlog = Backlog(url)
+    wait_until(lambda: httpx.get(url + "/v1/stats", timeout=5).json()["queued_requests"] > 0, 10, "a backlog")
+    client, response, lines = _open_stream(cluster.url, "drained-conversation")
     try:
-        os.kill(cluster.replica_pid(victim), signal.SIGTERM)
+        assert _replica(response) == victim
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: cluster.server_status().get(victim) == "DOWN", 10, f"HAProxy taking {victim} out")
+        for k in range(12):  # the drained replica's keys go elsewhere meanwhile
+            key = "drained-conversation" if k == 0 else f"after-drain-{k}"
+            r = _chat(cluster.url, {"prompt_cache_key": key, "messages": [{"role": "user", "content": "Hi"}],
+                                    "max_tokens": 1})
+            assert r.status_code == 200 and _replica(r) != victim, (r.status_code, r.headers, r.text)
         rest, cut = _rest(response, lines)
     finally:
         client.close()
     assert cut is None and rest[-1] == "data: [DONE]", "the running stream finished during the drain"
     finals = [json.loads(line[6:]) for line in rest[:-1]]
     assert [c["choices"][0]["finish_reason"] for c in finals if c["choices"]][-1] == "length"
-    wait_until(lambda: cluster.server_status().get(victim) == "DOWN", 10, f"HAProxy taking {victim} out")
-    for k in range(12):
-        key = "drained-conversation" if k == 0 else f"after-drain-{k}"
-        r = _chat(cluster.url, {"prompt_cache_key": key, "messages": [{"role": "user", "content": "Hi"}],
-                                "max_tokens": 1})
-        assert r.status_code == 200 and _replica(r) != victim, (r.status_code, r.headers, r.text)
+    assert backlog.results() == [200] * len(backlog.futures), "every request it held finished"
     exited = wait_until(lambda: [e for e in cluster.events("cluster.replica_exited") if e["replica"] == victim], 30,
                         f"the cluster saying {victim} exited")
     assert exited[0]["code"] == 0
-    drained = [e for e in cluster.events("server.draining") if e.get("replica") == victim]
-    assert drained and drained[0]["active"] >= 1, "the stream was running when the drain began"
+    (drained,) = [e for e in cluster.events("server.draining") if e.get("replica") == victim]
+    assert drained["active"] + drained["queued"] > 1, "the stream and the backlog were in flight"
 
 
 def test_a_killed_replica_cuts_only_its_streams_and_new_requests_are_answered(cluster: ClusterProcess) -> None:
     up = [name for name, status in cluster.server_status().items() if status == "UP"]
     assert len(up) >= 2
+    victim, url, pid = _victim(cluster, "killed-0")
+    backlog = Backlog(url)
+    wait_until(lambda: httpx.get(url + "/v1/stats", timeout=5).json()["queued_requests"] > 0, 10, "a backlog")
     streams = []
     try:
-        for k in range(6):  # streams on several replicas (bounded load spreads them too)
-            streams.append(_stream_until_first_token(cluster.url, f"killed-{k}"))
-        victim = _replica(streams[0][1])
-        os.kill(cluster.replica_pid(victim), signal.SIGKILL)
-        ends = [(_replica(response), *_rest(response, lines)) for _, response, lines, _ in streams]
+        for k in range(4):  # streams on several replicas: the victim's wait behind its backlog
+            streams.append(_open_stream(cluster.url, f"killed-{k}"))
+        assert victim in [_replica(response) for _, response, _ in streams]
+        os.kill(pid, SIGKILL)
+        ends = [(_replica(response), *_rest(response, lines)) for _, response, lines in streams]
     finally:
         for client, *_ in streams:
             client.close()
@@ -319,15 +361,16 @@ def test_a_killed_replica_cuts_only_its_streams_and_new_requests_are_answered(cl
             assert cut is not None or not rest or rest[-1] != "data: [DONE]", rest[-3:]
         else:
             assert cut is None and rest[-1] == "data: [DONE]", (replica, cut, rest[-3:])
+    assert set(backlog.results()) - {200}, "what was left of the backlog died with its replica"
     # At once, before HAProxy's health checks notice: failed connections are retried on another replica.
     for k in range(12):
-        r = _chat(cluster.url, {"prompt_cache_key": f"killed-{k % 6}", "messages": [{"role": "user", "content": "Hi"}],
+        r = _chat(cluster.url, {"prompt_cache_key": f"killed-{k % 4}", "messages": [{"role": "user", "content": "Hi"}],
                                 "max_tokens": 1})
         assert r.status_code == 200 and _replica(r) != victim, (r.status_code, r.text)
     wait_until(lambda: cluster.server_status().get(victim) == "DOWN", 10, f"HAProxy taking {victim} out")
     exited = wait_until(lambda: [e for e in cluster.events("cluster.replica_exited") if e["replica"] == victim], 10,
                         f"the cluster saying {victim} exited")
-    assert exited[0]["code"] == -signal.SIGKILL and cluster.proc.poll() is None
+    assert exited[0]["code"] == -SIGKILL and cluster.proc.poll() is None
 
 
 def test_rate_limits_count_the_forwarded_client(tiny_hf_dir: Path, tiny_cache, tiny_model_dir: Path,
