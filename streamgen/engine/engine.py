@@ -131,6 +131,8 @@ class Engine:
         self._ready = threading.Event()
         self.batch_listeners: list[Callable[[int], None]] = []  # told each decode step's batch size
         self.mask_listeners: list[Callable[[float], None]] = []  # told each constrained step's mask seconds
+        self.verify_listeners: list[Callable[[int, int], None]] = []  # told each verification's proposals, kept
+        self.proposed = self.accepted = 0  # speculation's totals since start: /v1/stats' acceptance rate
         # Told the loaded model before the engine reports ready, so that whatever
         # they set up is in place for the first request /health/ready lets in.
         self.ready_listeners: list[Callable[[LoadedModel], None]] = []
@@ -232,6 +234,7 @@ class Engine:
             self.batch_invariant = warm_up(model.runner, model.tokenizer, model.manifest.quantization)
             self.core.on_step = lambda seconds, _: self.ledger.step(seconds)
             self.core.on_masks = lambda seconds: [listener(seconds) for listener in self.mask_listeners]
+            self.core.on_verify = self._verified
             for listener in self.ready_listeners:
                 listener(model)
             self.model = model
@@ -316,6 +319,12 @@ class Engine:
             if isinstance(event, (FinishEvent, ErrorEvent)):
                 del self._handles[event.key]
         _hand_over(batch)
+
+    def _verified(self, proposed: int, kept: int) -> None:
+        self.proposed += proposed
+        self.accepted += kept
+        for listener in self.verify_listeners:
+            listener(proposed, kept)
 
     def _decoded(self, batch_size: int) -> None:
         self.max_batch_seen = max(self.max_batch_seen, batch_size)

@@ -16,8 +16,9 @@ import structlog
 from streamgen.engine.executor import KVRunner
 from streamgen.engine.generate import generate
 from streamgen.engine.invariance import batch_invariant
-from streamgen.engine.params import SamplingParams
+from streamgen.engine.params import SamplingParams, Speculation
 from streamgen.engine.request import GenerationRequest
+from streamgen.engine.slot_table import MIN_PREFILL_PASS
 from streamgen.engine.tokenizer import TextTokenizer
 
 log = structlog.get_logger("streamgen.engine")
@@ -31,6 +32,7 @@ def warm_up(runner: KVRunner, tokenizer: TextTokenizer, quantization: str = "") 
         pass
     _warm_decode_widths(runner)
     ids = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 2)
+    _warm_verification_lengths(runner, ids)
     invariant = batch_invariant(runner, [ids[:7], ids[:13]])
     if not invariant:
         log.warning("engine.not_batch_invariant", quantization=quantization,
@@ -38,6 +40,22 @@ def warm_up(runner: KVRunner, tokenizer: TextTokenizer, quantization: str = "") 
                            "tokens can depend on the requests beside it; the fp32 and int8 builds do not, or serve "
                            "with --max-batch 1")
     return invariant
+
+
+def _warm_verification_lengths(runner: KVRunner, ids: list[int]) -> None:
+    """One speculative verification pass of every length a default proposal makes (engine/speculation.py)."""
+    if not getattr(runner, "supports_speculation", False) or len(ids) < 4:
+        return
+    table = runner.table
+    slot = table.free_slots()[0]
+    table.claim(slot)
+    try:
+        runner.prefill(slot, ids[:2])
+        for n in range(MIN_PREFILL_PASS, min(Speculation().max_draft + 1, runner.prompt_pass_tokens) + 1):
+            runner.verify(slot, (ids * n)[:n])
+            table.truncate(slot, 2)
+    finally:
+        table.release(slot, keep_contents=False)
 
 
 def _warm_decode_widths(runner: KVRunner) -> None:

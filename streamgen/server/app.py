@@ -48,6 +48,7 @@ def create_app(settings: Settings, engine: Engine, telemetry: Telemetry | None =
     telemetry.metrics.observe(lambda: _load(engine, drain))
     engine.batch_listeners.append(lambda size: telemetry.metrics.batch_size.record(size))
     engine.mask_listeners.append(lambda seconds: telemetry.metrics.mask_time.record(seconds))
+    engine.verify_listeners.append(lambda proposed, kept: telemetry.metrics.accepted_per_pass.record(kept))
     engine.ready_listeners.append(lambda model: setattr(telemetry, "model_name", model.name))
     replica = replica_name(settings)
     app = Starlette(
@@ -137,9 +138,11 @@ def _info_routes(settings: Settings, engine: Engine, telemetry: Telemetry, drain
         if settings.price_per_hour is not None:
             cost = window.cost_per_million_tokens(settings.price_per_hour)
             last_minute["cost_per_million_output_tokens_usd"] = None if cost is None else round(cost, 4)
+        speculation = {"proposed_tokens": engine.proposed, "accepted_tokens": engine.accepted,
+                       "acceptance_rate": round(engine.accepted / engine.proposed, 4) if engine.proposed else None}
         return JSONResponse({"state": str(engine.state), **_load(engine, drain),
                              "max_batch_size_seen": engine.max_batch_seen, "last_minute": last_minute,
-                             "memory": memory_mib(engine.model)})
+                             "speculation": speculation, "memory": memory_mib(engine.model)})
 
     async def metrics(request: Request) -> Response:
         return Response(telemetry.metrics.prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)

@@ -34,7 +34,7 @@ COMPLETIONS_PATH = "/v1/completions"
 # Sampling fields that mean the same in the API and in SamplingParams (names included).
 _SAMPLING = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "logit_bias",
              # extensions, as llama.cpp's server and vLLM accept them
-             "top_k", "min_p", "repetition_penalty", "ignore_eos")
+             "top_k", "min_p", "repetition_penalty", "ignore_eos", "speculation")
 # Fields whose presence asks for something this server does not do.
 _REFUSED = {
     "functions": "the legacy functions field is not supported; send tools",
@@ -217,6 +217,12 @@ def usage(prompt_tokens: int, finals: list[FinishEvent], price_per_hour: float |
         "total_tokens": prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": min((f.usage.cached_tokens for f in finals), default=0)},
     }
+    speculative = [f.usage for f in finals if f.usage.proposed_tokens is not None]
+    if speculative:  # OpenAI's fields for predicted tokens kept and thrown away
+        accepted = sum(u.accepted_tokens for u in speculative)
+        body["completion_tokens_details"] = {
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": sum(u.proposed_tokens for u in speculative) - accepted}
     if price_per_hour is not None:
         body["cost_usd"] = round(sum(f.usage.cost_usd(price_per_hour) for f in finals), 9)
     return body

@@ -188,6 +188,9 @@ class DoneMessage:
                                  "cached_tokens": event.usage.cached_tokens}
         if (cost := event.usage.cost_usd(self.price_per_hour)) is not None:
             usage["cost_usd"] = round(cost, 9)
+        if event.usage.proposed_tokens is not None:  # the request speculated (docs/protocol.md, "Speculation")
+            usage["proposed_tokens"] = event.usage.proposed_tokens
+            usage["accepted_tokens"] = event.usage.accepted_tokens
         calls = None if self.tool_calls is None else [
             {"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.tool_calls]
         extra = {} if calls is None else {"tool_calls": calls}

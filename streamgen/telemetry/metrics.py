@@ -78,6 +78,10 @@ class Metrics:
             "streamgen.engine.mask_time", unit="s",
             description="Filling one step's grammar masks for its constrained rows (beside the forward pass)",
             explicit_bucket_boundaries_advisory=MASK_BUCKETS)
+        self.accepted_per_pass = meter.create_histogram(
+            "streamgen.speculation.accepted", unit="{token}",
+            description="Proposals kept by each speculative verification pass",
+            explicit_bucket_boundaries_advisory=(0, 1, 2, 3, 4, 6, 8, 12, 16))
         self.constraints_refused = meter.create_counter(
             "streamgen.constraints.refused", unit="{request}",
             description="Requests refused because their response format, structured output or tools could not be "

@@ -176,6 +176,11 @@ class RequestTelemetry:
                 "gen_ai.usage.cache_read.input_tokens": min(e.usage.cached_tokens for e in finals),
                 "streamgen.time_to_first_token_ms": round(finals[0].timings.time_to_first_token_s * 1000, 3),
             })
+            speculative = [e.usage for e in finals if e.usage.proposed_tokens is not None]
+            if speculative:
+                self.span.set_attributes({
+                    "streamgen.speculation.proposed_tokens": sum(u.proposed_tokens for u in speculative),
+                    "streamgen.speculation.accepted_tokens": sum(u.accepted_tokens for u in speculative)})
         self.span.end(end_time=_ns(now))
 
 
