@@ -130,3 +130,24 @@ def test_a_grounded_answer_keeps_proposals_and_reports_them_everywhere(real_serv
     assert done["usage"]["accepted_tokens"] == details.accepted_prediction_tokens
     stats = httpx.get(real_server.url + "/v1/stats", timeout=5).json()["speculation"]
     assert stats["accepted_tokens"] >= 2 * details.accepted_prediction_tokens and 0 < stats["acceptance_rate"] <= 1
+
+
+def test_bench_speculation_runs_end_to_end_and_reports_consistent_figures(tiny_hf_dir, tiny_model_dir, tiny_cache,
+                                                                          tmp_path) -> None:
+    """A smoke run on the tiny model (its 256-token context refuses the grounded prompts, so only the story
+    runs): the report's rows, and ratios consistent with the figures they divide."""
+    from streamgen.bench.speculation import WORKLOADS
+    from streamgen.cli import main
+
+    out = tmp_path / "speculation.json"
+    assert main(["bench", "speculation", "--model", str(tiny_hf_dir), "--home", str(tiny_cache.home), "--quantize",
+                 "none", "--levels", "1,2", "--rounds", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["llama_server"] is None
+    assert [(r["concurrency"], r["workload"]) for r in report["rows"]] == [
+        (level, w) for level in (1, 2) for w in [*WORKLOADS, "aggregate tok/s"]]
+    for row in report["rows"]:
+        on, off = row["streamgen, speculation on"], row["streamgen, speculation off"]
+        if on and off:
+            assert row["on / off"] == pytest.approx(on / off, abs=0.01)
+    assert all(r["streamgen, speculation on"] > 0 for r in report["rows"] if r["workload"] == "aggregate tok/s")

@@ -29,6 +29,7 @@ BENCHES = {
     "memory": "streamgen.bench.memory:run_memory_bench",
     "gpu": "streamgen.bench.gpu:run_gpu_bench",
     "structured": "streamgen.bench.structured:run_structured_bench",
+    "speculation": "streamgen.bench.speculation:run_speculation_bench",
 }
 
 
@@ -207,6 +208,22 @@ def add_bench_commands(sub, add_log_level) -> None:
     bs.add_argument("--requests", type=int, default=16,
                     help="requests per level and round for the decode rate (default 16)")
     _add_llama_server(bs)
+
+    bsp = bench(bsub, "speculation", "prompt-lookup speculation on vs off at 1, 4 and 16 clients, and llama-server's "
+                                      "n-gram speculation modes on the same weights",
+                "Sends grounded workloads (copy, summarise, extract, rewrite and fix code, quote an earlier turn) "
+                "and an open-ended story, greedy, to `streamgen serve` with speculation on and off per request, and, "
+                "when given one, to llama.cpp's `llama-server` once per --llama-spec mode on the GGUF of the same "
+                "weights (F32 against --quantize none, Q4_1 against source); interleaved rounds; decode rate per "
+                "workload, aggregate tokens/s, the share of proposals kept, and the ratios.", quantize=serving,
+                rounds=2, peer=True)
+    bsp.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16],
+                     help="comma-separated client counts (default 1,4,16)")
+    bsp.add_argument("--llama-spec", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+                     default=["off", "ngram-simple", "ngram-mod"],
+                     help="llama-server's modes, one server each: off and any of ngram-simple, ngram-map-k, "
+                          "ngram-mod, ngram-cache (default off,ngram-simple,ngram-mod)")
+    _add_llama_server(bsp)
 
 
 def _bench_parser(bsub, name: str, help: str, description: str, *, quantize: dict | None = None,

