@@ -404,7 +404,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     threads_given = args.threads is not None or os.environ.get(env_name("threads"), "") != ""
     cluster = Cluster(args.replicas, serve_flags(given), port=settings.port, host=settings.host,
                       threads=settings.threads if threads_given else replica_threads(args.replicas), config=config,
-                      haproxy=binary, shutdown_grace=settings.shutdown_grace)
+                      haproxy=binary, shutdown_grace=settings.shutdown_grace, output=sys.stderr)
     return cluster.run()
 
 

@@ -61,6 +61,7 @@ LOOPBACK = "127.0.0.1"
 # passes it through.
 SET_BY_CLUSTER = ("port", "host", "threads", "replica_id", "forwarded_allow_ips")
 _BALANCE = re.compile(r"^(\s*)balance\s+\S.*$", re.MULTILINE)
+_HEALTH_CHECK = re.compile(r'uvicorn\.access.*"GET /health/(ready|live) HTTP|"GET /health/(ready|live) HTTP.*uvicorn\.access')
 _STOP_GRACE_MARGIN_S = 15.0  # beyond a replica's --shutdown-grace before it is killed
 
 
@@ -226,7 +227,7 @@ class Cluster:
     def __init__(self, replicas: int, serve_flags: Sequence[str], *, port: int = 8000, host: str = LOOPBACK,
                  threads: int | None = None, config: Path | None = None, haproxy: str | None = None,
                  balance: str | None = None, shutdown_grace: float = 15.0, ready_timeout: float = 600.0,
-                 output: IO[str] | None = sys.stderr, env: Mapping[str, str] | None = None) -> None:
+                 output: IO[str] | None = None, env: Mapping[str, str] | None = None) -> None:
         if replicas < 1:
             raise ConfigError(f"--replicas must be at least 1, got {replicas}")
         self.count = replicas
@@ -325,6 +326,8 @@ class Cluster:
         if line.startswith("streamgen: error: "):
             replica.error_line = line[len("streamgen: error: "):]
             return  # said once, by the cluster
+        if _HEALTH_CHECK.search(line):
+            return  # uvicorn's access line for each of HAProxy's health checks: two a second per replica
         if self.output is not None:
             with self._write_lock:
                 self.output.write(line + "\n")

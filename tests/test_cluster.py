@@ -437,3 +437,38 @@ def test_sigterm_stops_the_replicas_then_haproxy(cluster: ClusterProcess) -> Non
     assert alive == killed, "every replica still running exited cleanly after its drain"
     with pytest.raises(httpx.ConnectError):
         httpx.get(cluster.url + "/health/live", timeout=2)
+
+
+def test_bench_cluster_reports_every_setup_consistently(tiny_hf_dir: Path, tiny_cache, tiny_model_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """`streamgen bench cluster` on the tiny model, small: the report's shape and its sums, not its figures."""
+    _haproxy()
+    out = tmp_path / "cluster.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "streamgen", "bench", "cluster", "--model", str(tiny_hf_dir), "--home",
+         str(tiny_cache.home), "--conversations", "4", "--turns", "2", "--max-tokens", "4", "--concurrency", "2",
+         "--rounds", "1", "--system-words", "12", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report) == {"workload", "setups", "ratios", "targets", "kill", "runs"}
+    assert list(report["setups"]) == ["affinity", "round robin", "one replica"]
+    assert [(r["setup"], r["replicas"]) for r in report["runs"]] == [("affinity", 2), ("round robin", 2),
+                                                                    ("one replica", 1)]
+    for run in report["runs"]:
+        assert run["requests"] == 8 and run["failed"] == 0
+        assert 0 <= run["cached_tokens"] <= run["prompt_tokens"] and run["completion_tokens"] > 0
+        assert run["token_hit_rate"] == round(run["cached_tokens"] / run["prompt_tokens"], 4)
+        for share in ("later_turns_cached", "later_turns_history"):
+            assert 0 <= run[share] <= 1
+        assert run["later_turns_history"] <= run["later_turns_cached"]
+        assert run["ttft_p50_ms"] <= run["ttft_p95_ms"] and run["output_tok_s"] > 0
+        assert sorted(run["by_replica"]) == [f"r{i + 1}" for i in range(run["replicas"])]
+        assert sum(run["by_replica"].values()) == run["requests"]
+        setup = report["setups"][run["setup"]]
+        assert setup["token_hit_rate"] == run["token_hit_rate"] and setup["requests"] == run["requests"]
+    assert set(report["ratios"]) == {"affinity / round robin", "affinity / one replica"}
+    kill = report["kill"]
+    assert kill["requests"] == 8 and kill["failed"] == kill["failed_held"] + kill["failed_other"]
+    assert 1 <= kill["killed_after_requests"] <= 8
+    assert "| affinity | 2 x" in result.stdout and "Targets:" in result.stdout

@@ -30,6 +30,7 @@ BENCHES = {
     "gpu": "streamgen.bench.gpu:run_gpu_bench",
     "structured": "streamgen.bench.structured:run_structured_bench",
     "speculation": "streamgen.bench.speculation:run_speculation_bench",
+    "cluster": "streamgen.bench.cluster:run_cluster_bench",
 }
 
 
@@ -224,6 +225,29 @@ def add_bench_commands(sub, add_log_level) -> None:
                      help="llama-server's modes, one server each: off and any of ngram-simple, ngram-map-k, "
                           "ngram-mod, ngram-cache (default off,ngram-simple,ngram-mod)")
     _add_llama_server(bsp)
+
+    bk = bench(bsub, "cluster", "replicas behind HAProxy: affinity vs round robin, and one replica vs several",
+               "Starts `streamgen cluster` setups one after the other, each afresh in every round (order reversed "
+               "every other round): --replicas replicas with HAProxy's affinity as shipped, the same with "
+               "`balance roundrobin`, and one replica with all the cores. Each runs the same multi-turn chats "
+               "(a shared system prompt, each turn sending its history back, prompt_cache_key = the chat) and "
+               "reports the prefix cache's hit rate, TTFT p50/p95, output tok/s and failures, with the ratios. "
+               "Then an affinity run in which one replica is killed a third of the way through: failed requests "
+               "apart from the streams it held. Needs HAProxy (docs/scale-out.md).",
+               quantize={"choices": QUANTIZATIONS, "default": "none", "help": "variant (default none, fp32)"},
+               rounds=2)
+    bk.add_argument("--replicas", type=int, default=2, help="replicas of the multi-replica setups (default 2)")
+    bk.add_argument("--cores", type=int, default=0,
+                    help="cores split between a setup's replicas (threads = cores // replicas); 0 = the cores this "
+                         "process may use (default 0)")
+    bk.add_argument("--conversations", type=int, default=32, help="chats per setup and round (default 32)")
+    bk.add_argument("--turns", type=int, default=6, help="turns of each chat (default 6)")
+    bk.add_argument("--concurrency", type=int, default=8, help="chats running at once (default 8)")
+    bk.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every turn (default 64)")
+    bk.add_argument("--system-words", type=int, default=250,
+                    help="words of the system prompt every chat shares (default 250, a few hundred tokens)")
+    bk.add_argument("--kill", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the run with one replica killed mid-way (default on)")
 
 
 def _bench_parser(bsub, name: str, help: str, description: str, *, quantize: dict | None = None,
