@@ -278,6 +278,7 @@ def _add_llama_server(p: argparse.ArgumentParser) -> None:
     """The peer, llama.cpp's llama-server, for the benchmarks that run one beside streamgen."""
     p.add_argument("--llama-server", default=None,
                    help="llama-server binary (default $STREAMGEN_LLAMA_SERVER; neither: streamgen runs alone)")
-    p.add_argument("--gguf", default=None, help="GGUF for llama-server (default: the one the default model comes from)")
+    p.add_argument("--gguf", default=None, help="GGUF for llama-server (default: the same weights as the streamgen build: the "
+                   "default model's Q4_1 file for source and the quantized builds, its F32 requantization for none)")
     p.add_argument("--llama-ctx", type=int, default=32768, help="llama-server's -c, shared by its slots (default 32768)")
     p.add_argument("--llama-parallel", type=int, default=16, help="llama-server's -np slots (default 16)")

@@ -108,7 +108,7 @@ def load_questions(path: Path = QUESTIONS) -> list[Question]:
                      q.get("table_rows", 0), q.get("max_tokens", ANSWER_TOKENS)) for q in data]
 
 
-def _answer_model(directory: Path, questions: list[Question], threads: int, max_batch: int = 16):
+def answer_model(directory: Path, questions: list[Question], threads: int, max_batch: int = 16):
     context = 128 + max(q.max_tokens for q in questions)  # the prompts are short
     return load_model(directory, Device("cpu"), threads, SlotConfig(max_batch=max_batch, max_context=context))
 
@@ -133,7 +133,7 @@ def ask(model, questions: list[Question], settings: list[dict]) -> list[list[str
 
 def greedy_answers(directory: Path, questions: list[Question], threads: int = 0) -> list[str]:
     """Each question asked as a chat, greedily, all in one batch."""
-    return ask(_answer_model(directory, questions, threads), questions, [{"temperature": 0.0}])[0]
+    return ask(answer_model(directory, questions, threads), questions, [{"temperature": 0.0}])[0]
 
 def load_texts(path: Path = TEXTS) -> list[str]:
     return [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
@@ -268,7 +268,7 @@ def run_sampling(directory: Path, grid: list[tuple[float, float, int]], seeds: i
     import time
 
     questions = load_questions() if questions is None else questions
-    model = _answer_model(directory, questions, threads, max_batch=32)
+    model = answer_model(directory, questions, threads, max_batch=32)
     rows = []
     for t, p, k in grid:
         started = time.perf_counter()

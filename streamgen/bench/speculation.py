@@ -13,6 +13,12 @@ streamgen server runs once, and each request asks for speculation on
 (bench/llama_server.py, equal_weights_gguf: F32 against the fp32 build,
 Q4_1 against `source`). Rounds are interleaved, alternating the order.
 
+First, in this process: how often the two ways a token can be computed
+disagree. Each workload is decoded greedily, one token a step (GQA's decode
+path), and the same tokens are then run through verification passes of
+max_draft + 1 tokens (its prompt path): the positions compared, how many
+have a different argmax, and the largest logit difference.
+
 Reported per workload, level and contender: the decode rate at the client
 (tokens after the first over the time they took, the mean over requests)
 and the aggregate output tokens/s; for streamgen with speculation, the share
@@ -107,11 +113,13 @@ def run_speculation_bench(args) -> int:
     from streamgen.models.pull import ensure_model
 
     binary = resolve_llama_server(args.llama_server, os.environ)
-    ensure_model(args.model, args.quantize, args.home)
+    directory = ensure_model(args.model, args.quantize, args.home)
     tmp = tempfile.TemporaryDirectory(prefix="streamgen-speculation-")
     report: dict[str, Any] = {"model": args.model, "quantize": args.quantize, "levels": args.levels,
                               "rounds": args.rounds, "threads": args.threads, "max_tokens": MAX_TOKENS,
                               "speculation": SPEC_ON, "llama_server": None}
+    report["paths"] = path_agreement(directory, args.threads)
+    _log(f"paths: {report['paths']}")
     contenders: dict[str, tuple[Any, Any]] = {}  # name -> (server, request maker)
     servers: list[Any] = []
     try:
@@ -142,6 +150,43 @@ def run_speculation_bench(args) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def path_agreement(directory: Path, threads: int) -> dict[str, Any]:
+    """The decode path against the verification path on the same tokens: argmax disagreements and the largest
+    logit difference, over every workload's greedy answer."""
+    import numpy as np
+
+    from streamgen.engine.device import Device
+    from streamgen.engine.loader import load_model
+    from streamgen.engine.slots import SlotConfig
+    from streamgen.engine.tokenizer import ChatMessage
+
+    model = load_model(directory, Device("cpu"), threads, SlotConfig(max_batch=2))
+    runner, width = model.runner, SPEC_ON["max_draft"] + 1
+    compared = differ = 0
+    worst = 0.0
+    for messages in WORKLOADS.values():
+        prompt = model.tokenizer.encode(model.tokenizer.render_chat([ChatMessage(m["role"], m["content"])
+                                                                     for m in messages]))
+        plain, checked = runner.allocate(), runner.allocate()
+        try:
+            logits, tokens, decoded = runner.prefill(plain, prompt), [], []
+            for _ in range(MAX_TOKENS):
+                tokens.append(int(logits.argmax()))
+                logits = runner.decode([plain], [tokens[-1]])[0]
+                decoded.append(logits)  # after tokens[-1]: the decode path
+            runner.prefill(checked, prompt)
+            for at in range(0, len(tokens) - width + 1, width):
+                verified = runner.verify(checked, tokens[at: at + width])  # the prompt path, same positions
+                for i in range(width):
+                    compared += 1
+                    differ += int(verified[i].argmax() != decoded[at + i].argmax())
+                    worst = max(worst, float(np.abs(verified[i] - decoded[at + i]).max()))
+        finally:
+            runner.free(plain)
+            runner.free(checked)
+    return {"positions": compared, "argmax_differs": differ, "max_logit_diff": round(worst, 6)}
 
 
 def _measure(contenders: dict[str, tuple[Any, Any]], args) -> list[dict[str, Any]]:
@@ -190,6 +235,9 @@ def _print(report: dict[str, Any]) -> None:
     print(f"\nstreamgen bench speculation: {report['model']} ({report['quantize']}), greedy, {report['max_tokens']} "
           f"tokens, {report['rounds']} interleaved rounds" + (f"; llama-server {peer['version']} on {peer['gguf']} "
                                                                f"({peer['pairing']})" if peer else ""))
+    paths = report["paths"]
+    print(f"decode path vs verification path, same tokens: {paths['argmax_differs']} of {paths['positions']} "
+          f"positions with another argmax; largest logit difference {paths['max_logit_diff']}")
     print("decode tok/s at the client, per request (mean); aggregate rows: all output over the wall time")
     keys = list(dict.fromkeys(k for row in report["rows"] for k in row if k not in ("concurrency", "workload")))
     print("| clients | workload | " + " | ".join(keys) + " |")

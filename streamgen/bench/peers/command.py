@@ -16,7 +16,7 @@ from streamgen.bench.common import LoggedServe, ServeProcess, serve_args
 from streamgen.bench.llama_server import (
     LLAMA_SERVER_ENV,
     LlamaServer,
-    default_gguf,
+    equal_weights_gguf,
     llama_server_version,
     resolve_llama_server,
 )
@@ -77,13 +77,16 @@ def run_peers_bench(args) -> int:
         servers.append(streamgen)
         targets = [streamgen_target(streamgen, args.streamgen_transport)]
         if binary is not None:
-            gguf = Path(args.gguf) if args.gguf else default_gguf(args.home, Path(tmp.name))
+            # The same weights on both sides: F32 against the fp32 build, Q4_1 against source (equal_weights_gguf).
+            gguf, pairing = ((Path(args.gguf), "given") if args.gguf
+                             else equal_weights_gguf(binary, args.quantize, args.home, Path(tmp.name)))
             llama = LlamaServer(binary, gguf, context=args.llama_ctx, parallel=args.llama_parallel,
                                 threads=args.threads)
             servers.append(llama)
             targets.append(llama_target(llama, cache_on))
             config["llama_server"] = {"binary": str(binary), "version": llama_server_version(binary),
-                                      "gguf": gguf.name, "command": " ".join(llama.command[1:])}
+                                      "gguf": gguf.name, "pairing": pairing,
+                                      "command": " ".join(llama.command[1:])}
         else:
             _log(f"no llama-server given (--llama-server PATH or ${LLAMA_SERVER_ENV}): streamgen runs alone")
         if args.together > 0:
