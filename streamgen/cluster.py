@@ -401,6 +401,8 @@ class Cluster:
             return
         message = re.sub(r"^\[(\w+)\]\s*\(\d+\)\s*:\s*", "", line)
         level = {"[ALERT]": "error", "[WARNING]": "warning"}.get(line.split(" ", 1)[0], "info")
+        if self._stopping.is_set():
+            level = "debug"  # the replicas going down because the cluster stops them
         getattr(log, level)("haproxy." + ("alert" if level == "error" else "notice"), message=message)
 
     def _haproxy_log(self, child: _Child, line: str) -> None:

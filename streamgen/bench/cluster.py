@@ -17,8 +17,9 @@ every round, rounds interleaved with the order reversed every other round:
 - one replica: a single replica with all the cores, behind the same HAProxy.
 
 For each: the prefix cache's hit rate (cached prompt tokens over prompt tokens;
-the share of turns after the first with any cached token; the share whose own
-history was cached, i.e. more than the prefix every chat shares), time to first
+the share of turns after the first with any cached token; the share that found
+their own history cached, i.e. at least the previous turn's whole prompt, where
+another replica could only give the prefix every chat shares), time to first
 token p50 and p95, output tokens per second, failures. Then one more affinity
 run in which one replica is killed (SIGKILL) a third of the way through: the
 failed requests are counted apart from the streams the killed replica held, and
@@ -87,10 +88,9 @@ class RunFigures:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
-    shared_prefix_tokens: int  # the longest cached prefix of any first turn: what every chat shares
     token_hit_rate: float  # cached / prompt tokens
     later_turns_cached: float  # share of turns after the first with cached_tokens > 0
-    later_turns_history: float  # share of turns after the first with more cached than the shared prefix
+    later_turns_history: float  # share of turns after the first that found their previous turn's prompt cached
     ttft_p50_ms: float
     ttft_p95_ms: float
     output_tok_s: float
@@ -204,11 +204,18 @@ async def run_workload(url: str, keys: list[str], turns: int, concurrency: int, 
     return results, time.perf_counter() - start
 
 
+def history_hits(turns: list[Turn]) -> list[tuple[Turn, bool]]:
+    """Each answered turn after the first, and whether its conversation's history was cached: at least its
+    previous turn's whole prompt (on another replica only the prefix every chat shares can be)."""
+    prompts = {(t.conversation, t.turn): t.prompt_tokens for t in turns if t.ok}
+    return [(t, t.cached_tokens >= prompts[(t.conversation, t.turn - 1)]) for t in turns
+            if t.ok and t.turn > 0 and (t.conversation, t.turn - 1) in prompts]
+
+
 def summarize(setup: str, round_no: int, replicas: int, threads: int, turns: list[Turn], wall_s: float,
               by_replica: dict[str, int] | None = None) -> RunFigures:
     first_tries = [t for t in turns if not t.retry]
     ok = [t for t in turns if t.ok]
-    shared = max((t.cached_tokens for t in ok if t.turn == 0), default=0)
     later = [t for t in ok if t.turn > 0]
     prompt = sum(t.prompt_tokens for t in ok)
     cached = sum(t.cached_tokens for t in ok)
@@ -220,8 +227,8 @@ def summarize(setup: str, round_no: int, replicas: int, threads: int, turns: lis
 
     return RunFigures(
         setup, round_no, replicas, threads, round(wall_s, 2), len(first_tries), sum(not t.ok for t in first_tries),
-        prompt, cached, completion, shared, round(cached / prompt, 4) if prompt else float("nan"),
-        share([t.cached_tokens > 0 for t in later]), share([t.cached_tokens > shared for t in later]),
+        prompt, cached, completion, round(cached / prompt, 4) if prompt else float("nan"),
+        share([t.cached_tokens > 0 for t in later]), share([hit for _, hit in history_hits(turns)]),
         round(float(np.percentile(ttfts, 50)), 1) if ttfts else float("nan"),
         round(float(np.percentile(ttfts, 95)), 1) if ttfts else float("nan"),
         round(completion / wall_s, 2) if wall_s else float("nan"), dict(by_replica or {}))
@@ -282,12 +289,11 @@ def run_kill(args, system: str) -> KillFigures:
     failed = [t for t in first_tries if not t.ok]
     # Held: sent before the kill, and either served by the victim or cut before any headers came back.
     held = [t for t in failed if t.sent < at and t.replica in (victim, None)]
-    shared = max((t.cached_tokens for t in turns if t.ok and t.turn == 0), default=0)
-    after = [t for t in turns if t.ok and t.turn > 0 and t.sent > at]
+    after = [hit for t, hit in history_hits(turns) if t.sent > at]
     return KillFigures(
         victim, killed.get("after", 0), len(first_tries), len(failed), len(held), len(failed) - len(held),
         sum(t.ok for t in turns if t.retry),
-        round(sum(t.cached_tokens > shared for t in after) / len(after), 4) if after else float("nan"),
+        round(sum(after) / len(after), 4) if after else float("nan"),
         sorted({t.error or "" for t in failed})[:5])
 
 
