@@ -105,7 +105,7 @@ def _parse_generate(raw: dict, request_id: str | None) -> Generate:
                             code="invalid_message", param="traceparent", request_id=rid)
     return Generate(RequestSpec(rid, prompt, messages, params, truncate, traceparent=traceparent,
                                 constraint=structured.constraint, tools=structured.tools,
-                                tool_choice=structured.tool_choice))
+                                tool_choice=structured.tool_choice, client_chosen_id=True))
 
 
 def _require_id(raw: Mapping[str, Any]) -> str:

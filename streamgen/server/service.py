@@ -16,6 +16,7 @@ stream early cancels the request; the engine stops it within one step.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -67,7 +68,9 @@ def admit(spec: RequestSpec, model: LoadedModel, config: EngineConfig, telemetry
           namespace: str = "", traceparent: str | None = None, link: Link | None = None) -> Admitted:
     """Start the request's telemetry, tokenize and check it against the model and the server's limits.
     Raises RequestRefused (counted and logged). link: a span the request's span links to (a batch run)."""
-    tel = telemetry.start_request(spec.id, spec.operation, spec.traceparent or traceparent, spec.n)
+    # A client-chosen id (the WebSocket's "r1") repeats across connections: the server logs its own beside it.
+    own_id, client_id = (f"req-{uuid.uuid4().hex[:24]}", spec.id) if spec.client_chosen_id else (spec.id, None)
+    tel = telemetry.start_request(own_id, spec.operation, spec.traceparent or traceparent, spec.n, client_id)
     if link is not None and tel.recording:
         tel.span.add_link(link.context, link.attributes)
     try:

@@ -40,6 +40,7 @@ class RequestSpec:
     constraint: ConstraintSpec | None = None  # structured output, or the tool-call grammar (server/structured.py)
     tools: tuple[Tool, ...] = ()  # described to the model
     tool_choice: ToolChoice | None = None  # None: the model may not call tools
+    client_chosen_id: bool = False  # `id` is the client's (WebSocket): the server logs its own beside it
 
     @property
     def operation(self) -> str:

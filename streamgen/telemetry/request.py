@@ -77,7 +77,9 @@ class RequestTelemetry:
     """One request: its root span, request-level attributes and log lines, and one observer per choice."""
 
     def __init__(self, telemetry: Recorders, request_id: str, operation: str, parent: Context | None,
-                 choices: int = 1) -> None:
+                 choices: int = 1, client_id: str | None = None) -> None:
+        """request_id: the server's own, unique; client_id: the id the client chose (a WebSocket request's),
+        logged beside it, since clients reuse theirs across connections."""
         self._tel = telemetry
         self.request_id = request_id
         self.operation = operation
@@ -87,7 +89,8 @@ class RequestTelemetry:
             f"{operation} {model}",
             context=parent,
             kind=SpanKind.SERVER,
-            attributes={**self.metric_attrs, "gen_ai.provider.name": "streamgen", "gen_ai.response.id": request_id},
+            attributes={**self.metric_attrs, "gen_ai.provider.name": "streamgen", "gen_ai.response.id": request_id,
+                        **({"streamgen.client_request_id": client_id} if client_id else {})},
         )
         ctx = self.span.get_span_context()
         self.trace_id = format(ctx.trace_id, "032x")
@@ -95,7 +98,8 @@ class RequestTelemetry:
         self.context = trace.set_span_in_context(self.span)
         self.recording = self.span.is_recording()
         self.per_token = self.recording and telemetry.detail == "token"
-        self.log = telemetry.logger.bind(request_id=request_id, trace_id=self.trace_id, span_id=self.span_id)
+        self.log = telemetry.logger.bind(request_id=request_id, trace_id=self.trace_id, span_id=self.span_id,
+                                         **({"client_request_id": client_id} if client_id else {}))
         self._choices = [ChoiceTelemetry(self, i, choices > 1) for i in range(choices)]
         self._finals: dict[int, FinishEvent | ErrorEvent] = {}
 

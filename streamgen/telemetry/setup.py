@@ -57,8 +57,8 @@ class Telemetry:
         )
 
     def start_request(self, request_id: str, operation: str, traceparent: str | None,
-                      choices: int = 1) -> RequestTelemetry:
-        return RequestTelemetry(self, request_id, operation, parent_context(traceparent), choices)
+                      choices: int = 1, client_id: str | None = None) -> RequestTelemetry:
+        return RequestTelemetry(self, request_id, operation, parent_context(traceparent), choices, client_id)
 
     def rejected_early(self, request_id: str | None, code: str, message: str, param: str | None) -> None:
         """A message refused before it became a request (parse errors, limits): log and count it."""
