@@ -310,3 +310,50 @@ def test_the_real_model_answers_through_the_sdk_as_over_the_websocket(real_serve
             return msg["text"]
 
     assert http.choices[0].message.content == asyncio.run(ws_text())
+
+
+REFUSALS = [  # (what, WebSocket frame, HTTP body, error type): refused at every stage a request can be refused
+    ("bad JSON", "{nope", b"{nope", "invalid_json"),
+    ("out of range", json.dumps({"type": "generate", "id": "a", "prompt": "x", "params": {"temperature": 12}}),
+     json.dumps({"prompt": "x", "temperature": 12}).encode(), "invalid_parameter"),
+    ("bad schema", json.dumps({"type": "generate", "id": "b", "prompt": "x", "structured_outputs": {"regex": "(x"}}),
+     json.dumps({"prompt": "x", "structured_outputs": {"regex": "(x"}}).encode(), "invalid_constraint"),
+    ("too long", json.dumps({"type": "generate", "id": "c", "prompt": "word " * 1000}),
+     json.dumps({"prompt": "word " * 1000}).encode(), "context_length_exceeded"),
+]
+
+
+def _refusals(server) -> tuple[dict[str, float], dict[str, int]]:
+    """streamgen_requests_total by error type, and the request.rejected log lines by code, so far."""
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    counted = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^streamgen_requests_total\{[^}]*error_type="([^"]+)"[^}]*\} (\S+)$', text, flags=re.M)}
+    logged: dict[str, int] = {}
+    for line in server.output().splitlines():
+        if "request.rejected" in line and (m := re.search(r'"code": "([a-z_]+)"', line)):
+            logged[m.group(1)] = logged.get(m.group(1), 0) + 1
+    return counted, logged
+
+
+@pytest.mark.parametrize("what,frame,body,code", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_a_refusal_is_counted_and_logged_once_whichever_transport_sent_it(server, what, frame, body,
+                                                                          code: str) -> None:
+    """The same bad request over the WebSocket and over HTTP: each adds one to streamgen_requests_total with its
+    error type, and writes one request.rejected line, in the request service (not per transport)."""
+    counted, logged = _refusals(server)
+
+    async def over_ws() -> dict:
+        async with websockets.connect(server.ws_url) as ws:
+            await ws.send(frame)
+            return json.loads(await ws.recv())
+
+    assert asyncio.run(over_ws())["code"] == code
+    after_ws = _refusals(server)
+    reply = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"},
+                       timeout=10)
+    assert reply.json()["error"]["code"] == code
+    after_http = wait_until(lambda: (r := _refusals(server))[1].get(code, 0) >= logged.get(code, 0) + 2 and r, 5,
+                            "both log lines")
+    for before, after in ((counted, after_ws[0]), (after_ws[0], after_http[0])):
+        assert after.get(code, 0) == before.get(code, 0) + 1, "counted once per refusal"
+    assert after_http[1].get(code, 0) == logged.get(code, 0) + 2, "logged once per refusal"
