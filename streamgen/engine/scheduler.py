@@ -227,19 +227,19 @@ class Scheduler:
         # Where each prefilling sequence's row stands: its slot, and how much of its prompt the row holds.
         slots = {s: s.slot for s in prefilling}
         starts = {s: s.prefilled for s in prefilling}
-        draft = table.copy() if admitted or (self.reuse and prefilling) else table  # claims and copies go on a copy
+        trial = table.copy() if admitted or (self.reuse and prefilling) else table  # claims and copies are tried on a copy
 
         claims = []
         for seq in admitted:
-            claim = self._claim(draft, seq, costs, shares, len(decoding) + len(claims) + 1)
+            claim = self._claim(trial, seq, costs, shares, len(decoding) + len(claims) + 1)
             claims.append(claim)
             slots[seq], starts[seq] = claim.slot, claim.keep
         copies = []
         for seq in prefilling if self.reuse else ():
             start = starts[seq]
-            source, upto = best_source(draft, seq.prompt_array, seq.namespace, exclude=slots[seq])
+            source, upto = best_source(trial, seq.prompt_array, seq.namespace, exclude=slots[seq])
             if source is not None and reuse_pays(costs, upto - start, copied=True, shares=shares and start == 0):
-                draft.append(slots[seq], draft.tokens[source, start:upto].copy())
+                trial.append(slots[seq], trial.tokens[source, start:upto].copy())
                 copies.append(PrefixCopy(seq, slots[seq], source, start, upto))
                 starts[seq] = upto
         rows, verify = self._decoding(decoding, table)
@@ -268,15 +268,15 @@ class Scheduler:
             return []
         return list(self.waiting)[:free_slots]
 
-    def _claim(self, draft: SlotTable, seq: Sequence, costs: StepCosts, shares: bool, rows: int) -> SlotClaim:
-        """The slot a new sequence takes, tried on the draft table so the next claim of this step sees it; and
+    def _claim(self, trial: SlotTable, seq: Sequence, costs: StepCosts, shares: bool, rows: int) -> SlotClaim:
+        """The slot a new sequence takes, tried on the trial table so the next claim of this step sees it; and
         whether it speculates, with `rows` decoding once it does."""
-        choice = choose_slot(draft, seq.prompt_array, seq.namespace, seq.max_tokens, costs, self.reuse,
+        choice = choose_slot(trial, seq.prompt_array, seq.namespace, seq.max_tokens, costs, self.reuse,
                              keep_pays=lambda n: reuse_pays(costs, n, copied=False, shares=shares))
         if choice.move_to is not None:
-            move_row(draft, choice.slot, choice.move_to,
-                     lambda src, dst, end: draft.append(dst, draft.tokens[src, :end].copy()))
-        draft.claim(choice.slot, seq.namespace, keep=choice.keep)
+            move_row(trial, choice.slot, choice.move_to,
+                     lambda src, dst, end: trial.append(dst, trial.tokens[src, :end].copy()))
+        trial.claim(choice.slot, seq.namespace, keep=choice.keep)
         return SlotClaim(seq, choice.slot, choice.keep, choice.move_to, self._speculates(seq, costs, rows))
 
     def _speculates(self, seq: Sequence, costs: StepCosts, rows: int) -> bool:
