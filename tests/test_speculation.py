@@ -61,7 +61,7 @@ def test_the_rejection_rule_keeps_the_sampling_distribution() -> None:
     logits = np.log(np.array([[0.5, 0.3, 0.2] + [1e-9] * (V - 3)] * 2, dtype=np.float32))
     counts = np.zeros(V)
     for seed in range(4000):
-        row = RowSampler(SamplingParams(temperature=1.0), V, [], seed=seed)
+        row = RowSampler(SamplingParams(temperature=1.0, top_p=1.0), V, [], seed=seed)
         counts[verify(logits, [1], row).tokens[0]] += 1
     assert np.allclose(counts[:3] / counts.sum(), [0.5, 0.3, 0.2], atol=0.03)
 
@@ -151,3 +151,24 @@ def test_bench_speculation_runs_end_to_end_and_reports_consistent_figures(tiny_h
         if on and off:
             assert row["on / off"] == pytest.approx(on / off, abs=0.01)
     assert all(r["streamgen, speculation on"] > 0 for r in report["rows"] if r["workload"] == "aggregate tok/s")
+
+
+def test_the_draft_budget_follows_the_sequences_own_passes() -> None:
+    from streamgen.engine.speculation import DraftBudget
+
+    budget = DraftBudget(Speculation(8, 2, 4))
+    assert budget.allowed == 8
+    budget.verified(8, 0)
+    budget.verified(4, 1)
+    assert budget.allowed == 4, "halved when none was kept; kept as is when some were"
+    budget.verified(4, 4)
+    assert budget.allowed == 8, "doubled, up to max_draft, when all were kept"
+    for proposed in (8, 4, 2):
+        budget.verified(proposed, 0)
+    assert budget.allowed == 1
+    budget.verified(1, 0)
+    waits = 0
+    while not budget.allowed:
+        budget.decoded()
+        waits += 1
+    assert waits == DraftBudget.COOLDOWN, "a single proposal not kept: plain steps before the next"

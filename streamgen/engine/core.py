@@ -99,12 +99,15 @@ class EngineCore:
             start, end = out.decode
             for row in plan.decode:
                 row.seq.observer.forward(len(row.seq.output_ids), start, end, len(plan.decode))
+                if row.seq.speculative:
+                    row.seq.drafting.decoded()
             if self._on_decode is not None:
                 self._on_decode(len(plan.decode))
         for v, (start, end, kept) in zip(plan.verify, out.verify):
             v.seq.observer.forward(len(v.seq.output_ids), start, end, 1)
             v.seq.proposed += len(v.draft)
             v.seq.accepted += kept
+            v.seq.drafting.verified(len(v.draft), kept)
             if self.on_verify is not None:
                 self.on_verify(len(v.draft), kept)
         self._charge(plan, out.ended - out.started)

@@ -252,9 +252,10 @@ class Scheduler:
         proposals (as many as its output, its slot and one pass have room for), else a decode row."""
         rows, verify = [], []
         for s in decoding:
-            spec = s.request.params.speculation
             room = min(s.max_tokens - len(s.output_ids), table.room(s.slot), self.prompt_pass_tokens or 1) - 1
-            proposals = propose(s.context(), spec, room) if s.speculative else []
+            proposals = []
+            if s.speculative and s.drafting.allowed:
+                proposals = propose(s.context(), s.request.params.speculation, min(room, s.drafting.allowed))
             if proposals:
                 verify.append(VerifyPass(s, s.slot, (s.output_ids[-1], *proposals)))
             else:

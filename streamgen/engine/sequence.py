@@ -28,6 +28,7 @@ from streamgen.engine.request import (
     Usage,
 )
 from streamgen.engine.sampling import RowSampler
+from streamgen.engine.speculation import DraftBudget
 from streamgen.engine.tokenizer import TextTokenizer
 
 
@@ -91,6 +92,7 @@ class Sequence:
         self.speculative = False  # decided once, when it takes its slot (engine/speculation.py)
         self.proposed = 0  # speculative proposals checked, and kept
         self.accepted = 0
+        self.drafting = DraftBudget(request.params.speculation)
 
     @property
     def prompt_len(self) -> int:

@@ -38,6 +38,38 @@ from streamgen.engine.params import Speculation
 from streamgen.engine.sampling import RowSampler, distribution
 
 
+class DraftBudget:
+    """How many proposals a speculative sequence makes next, from its own verification passes only (so its tokens
+    still depend on nothing but its own context): halved when a pass kept none, doubled (up to max_draft) when
+    it kept all; after a pass of one proposal that was not kept, COOLDOWN steps decode plainly before it
+    proposes again. Where the text does not repeat its context (a story), speculation then costs a short pass
+    now and then instead of a long one every step."""
+
+    COOLDOWN = 8
+
+    def __init__(self, spec: Speculation | None) -> None:
+        self.limit = spec.max_draft if spec is not None else 0
+        self.max = self.limit
+        self.wait = 0  # steps left to decode plainly
+
+    @property
+    def allowed(self) -> int:
+        """Proposals allowed this step; 0: decode plainly."""
+        return 0 if self.wait else self.limit
+
+    def decoded(self) -> None:
+        """A plain decode step went by."""
+        self.wait = max(0, self.wait - 1)
+
+    def verified(self, proposed: int, kept: int) -> None:
+        if kept == proposed:
+            self.limit = min(self.max, self.limit * 2)
+        elif kept == 0:
+            if proposed == 1:
+                self.wait = self.COOLDOWN
+            self.limit = max(1, self.limit // 2)
+
+
 def propose(context: np.ndarray, spec: Speculation, limit: int) -> list[int]:
     """Up to min(spec.max_draft, limit) tokens: what followed the latest earlier occurrence of the context's
     last n tokens, for the longest n in [ngram_min, ngram_max] that occurs. context: int32 [T]."""
