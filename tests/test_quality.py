@@ -88,3 +88,23 @@ def test_sampling_sweep_on_the_tiny_model(tiny_model_dir) -> None:
     assert greedy.seeds == 1 and greedy.varied == 0 and greedy.kept == greedy.worst
     assert hot.seeds == 3 and 0 <= hot.worst <= hot.kept <= 1 and hot.varied > 0
     assert hot.kept == 0.5 and hot.lost == {"What is the capital of France?": 3}, "the second has no facts to miss"
+
+
+def test_default_sampling_answers_france_and_makes_a_table(real_default_dir) -> None:
+    """At SamplingParams' defaults, which the page and the API use, with the seeds `bench quality --sampling`
+    uses (0-4): the France question in English, naming Paris, and a table request as a Markdown table.
+
+    At the old default (temperature 0.7, top-p 1) both failed: "Citéro-Rouge du Mans (French: Paris)...", and
+    a table of nothing but pipes. fp32 prefers "The" over "L" as the France answer's first token by 0.08
+    logits only; top-p 0.5 at temperature 0.2 leaves "The" alone (docs/benchmarks.md, "Default sampling
+    settings")."""
+    from streamgen.bench.quality import answer_model, ask
+    from streamgen.engine.params import SamplingParams
+
+    questions = [q for q in load_questions() if q.prompt == "What is the capital of France?" or q.table_rows]
+    assert len(questions) == 2
+    d = SamplingParams()
+    settings = [{"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "seed": s} for s in range(5)]
+    for seed, replies in enumerate(ask(answer_model(real_default_dir, questions, 0), questions, settings)):
+        for q, reply in zip(questions, replies):
+            assert q.kept_by(reply), f"seed {seed}: {q.prompt!r} got {reply!r}"

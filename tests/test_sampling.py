@@ -38,7 +38,7 @@ def test_greedy_picks_argmax() -> None:
 
 
 def test_top_k_keeps_exactly_k_most_likely() -> None:
-    dist = _support(SamplingParams(temperature=1.0, top_k=3), PROBS)
+    dist = _support(SamplingParams(temperature=1.0, top_k=3, top_p=1.0), PROBS)
     assert set(dist) == {1, 3, 4}
     # renormalised 0.40/0.80 = 0.5
     assert dist[1] == pytest.approx(0.5, abs=0.08)
@@ -66,12 +66,12 @@ def test_top_p_over_a_large_vocabulary_matches_a_full_sort() -> None:
 
 def test_min_p_drops_tokens_below_fraction_of_top() -> None:
     # 0.4 * 0.3 = 0.12 -> keeps 0.40, 0.25, 0.15
-    assert set(_support(SamplingParams(temperature=1.0, min_p=0.3), PROBS)) == {1, 3, 4}
+    assert set(_support(SamplingParams(temperature=1.0, min_p=0.3, top_p=1.0), PROBS)) == {1, 3, 4}
 
 
 def test_temperature_sharpens_and_flattens() -> None:
-    sharp = _support(SamplingParams(temperature=0.2), PROBS)
-    flat = _support(SamplingParams(temperature=5.0), PROBS)
+    sharp = _support(SamplingParams(temperature=0.2, top_p=1.0), PROBS)  # top-p off: the default is 0.5
+    flat = _support(SamplingParams(temperature=5.0, top_p=1.0), PROBS)
     assert sharp.get(1, 0) > 0.85
     assert flat.get(1, 0) < 0.3 and len(flat) >= 6
 
