@@ -3,10 +3,14 @@
     .venv/bin/python tests/screenshot.py
 
 Starts `streamgen serve` on the default model and build (from the cache:
-`streamgen pull` first on a fresh machine), asks two questions
-greedily in headless Chromium (Debian's package) at desktop size in light
-mode, and saves the page once the second answer is done. The second turn
-shows the server reusing the first turn's KV cache ("cached" in its figures).
+`streamgen pull` first on a fresh machine), asks two questions with the
+page's default settings (what a user gets: SamplingParams' temperature,
+top-p, top-k and max tokens) in headless Chromium (Debian's package) at
+desktop size in light mode, and saves the page once the second answer is
+done. The one setting it changes is the seed (SEED, typed into the page's
+Seed field as a user would), so that the sampled answers, and the picture,
+are the same on every run. The second turn shows the server reusing the
+first turn's KV cache ("cached" in its figures).
 """
 
 from __future__ import annotations
@@ -25,15 +29,12 @@ from streamgen.model_files import streamgen_home  # noqa: E402
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
 QUESTIONS = ("Write a Python function that reverses a string.", "Now use it to check whether a word is a palindrome.")
 VIEWPORT = {"width": 1280, "height": 1000}
+SEED = 1
 
 
-def greedy(page) -> None:
-    """Temperature 0, set the way a user would drag the slider, so the answer is the same on every run."""
-    page.evaluate("""() => {
-        const slider = document.getElementById('temperature');
-        slider.value = '0';
-        slider.dispatchEvent(new Event('input', {bubbles: true}));
-    }""")
+def fixed_seed(page) -> None:
+    """The seed typed into the page's Seed field; every other setting stays at its default."""
+    page.fill("#seed", str(SEED))
 
 
 def main() -> int:
@@ -44,9 +45,9 @@ def main() -> int:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             page = open_chat(browser, server.url, viewport=VIEWPORT, color_scheme="light")
             page.wait_for_function("document.getElementById('model').textContent.includes('context')")
-            greedy(page)
+            fixed_seed(page)
             for question in QUESTIONS:
-                ask(page, question, max_tokens=200, wait=False)
+                ask(page, question, wait=False)
                 page.wait_for_function(FINISHED, timeout=120_000)
             if page.locator(".msg.assistant .code-block").count() == 0:
                 print("no answer has a code block; the screenshot would not show highlighting", file=sys.stderr)
