@@ -32,13 +32,27 @@ _CHOSEN = "/streamgen/chosen_hidden"
 _UNTIED_WEIGHT = "streamgen.lm_head.weight"
 
 
+# Elementwise steps a family puts between the lm_head and the logits: Gemma 2's soft-cap, c * tanh(x / c).
+_LOGIT_CAP_OPS = ("Div", "Tanh", "Mul")
+
+
 def _lm_head(graph: onnx.GraphProto) -> onnx.NodeProto:
-    for node in graph.node:
-        if "logits" in node.output:
-            if node.op_type != "MatMul":
-                raise ValueError(f"expected the logits to come from a MatMul, found {node.op_type}")
-            return node
-    raise ValueError("the graph has no 'logits' output")
+    """The lm_head's MatMul: the node the logits come from, or the one a soft-cap (Div, Tanh, Mul by constants)
+    on top of it reads."""
+    producers = {out: node for node in graph.node for out in node.output}
+    node, seen = producers.get("logits"), []
+    if node is None:
+        raise ValueError("the graph has no 'logits' output")
+    while node.op_type in _LOGIT_CAP_OPS and len(seen) < len(_LOGIT_CAP_OPS):
+        seen.append(node.op_type)
+        computed = [name for name in node.input if name in producers and producers[name].op_type != "Constant"]
+        if len(computed) != 1:
+            break
+        node = producers[computed[0]]
+    if node.op_type != "MatMul":
+        through = f" (through {' <- '.join(seen)})" if seen else ""
+        raise ValueError(f"expected the logits to come from a MatMul{through}, found {node.op_type}")
+    return node
 
 
 def keep_last_logits(model: onnx.ModelProto) -> bool:

@@ -65,9 +65,11 @@ def pull(
 ) -> Path:
     """Make sure (model, graph, build) is in the cache; return its directory.
 
-    graph auto builds the GroupQueryAttention graph where the architecture
-    allows it and Optimum's plain graph otherwise. Every build but the fp32
-    export is made from the fp32 export, which is pulled first if needed.
+    graph auto builds the GroupQueryAttention graph, for the families
+    models/gqa.py supports, and refuses other models (saying why); Optimum's
+    plain graph is built only when asked for (--graph plain). Every build but
+    the fp32 export is made from the fp32 export, which is pulled first if
+    needed.
     """
     build = _checked(build)
     if graph not in GRAPHS:
@@ -124,16 +126,20 @@ def _stage_count(source: Source) -> int:
 
 
 def _choose_graph(requested: str, export_from: str) -> str:
+    """gqa for every family models/gqa.py knows (auto and gqa alike); a model it cannot take is refused, saying
+    why and what is supported, never quietly given the plain graph (one request at a time): --graph plain asks
+    for that one explicitly."""
+    if requested == GRAPH_PLAIN:
+        return GRAPH_PLAIN
     from transformers import AutoConfig
 
     from streamgen.models.gqa import supports_gqa
 
     reason = supports_gqa(AutoConfig.from_pretrained(export_from))
-    if requested == GRAPH_GQA and reason:
-        raise PullError(f"this model cannot take the GroupQueryAttention graph: {reason}; use --graph plain")
-    if requested == "auto":
-        return GRAPH_PLAIN if reason else GRAPH_GQA
-    return requested
+    if reason:
+        raise PullError(f"this model cannot take the GroupQueryAttention graph: {reason}. Optimum's plain graph "
+                        "may export it, serving one request at a time: pull it with --graph plain")
+    return GRAPH_GQA
 
 
 def _build_base(source: Source, graph: str, cache: CacheLayout, progress: StageProgress) -> Path:

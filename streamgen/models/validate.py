@@ -21,24 +21,34 @@ STEPS = 24
 NEAR_TIE = 1e-3  # logit gap below which either greedy pick is right
 
 
-def validate_export(model_dir: Path, source: str | Path) -> str:
-    """Raises PullError when the export disagrees with the source; returns a note for the manifest."""
+def reference_greedy(source: str | Path, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    """transformers' own greedy decoding of the source model (eager attention, fp32, its KV cache, token by
+    token as it generates): the tokens and the logits [steps, V] each was picked from. Step by step rather than
+    one forward over the whole sequence, because some RoPE (longrope) rotates a position by the length the
+    sequence has when it is computed."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    generated = out.sequences[0, len(prompt):].tolist()
+    return generated, torch.cat(out.logits).float().numpy()
+
+
+def validate_export(model_dir: Path, source: str | Path) -> str:
+    """Raises PullError when the export disagrees with the source; returns a note for the manifest."""
     from streamgen.engine.device import Device
     from streamgen.engine.slots import SlotConfig, SlotRunner
     from streamgen.engine.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer.from_dir(model_dir)
     prompt = tokenizer.encode(PROMPT)
-    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    with torch.no_grad():
-        generated = reference.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, pad_token_id=0,
-        )[0, len(prompt):].tolist()
-        ref_logits = reference(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1 : -1].float().numpy()
+    generated, ref_logits = reference_greedy(source, prompt, STEPS)
 
     runner = SlotRunner(model_dir, Device("cpu"), SlotConfig(max_batch=2, max_context=len(prompt) + STEPS + 1,
                                                              forward_tokens=max(2, len(prompt) // 3)))
