@@ -669,3 +669,23 @@ def test_page_defaults_are_the_servers() -> None:
     assert initial("max_tokens") == DEFAULT_MAX_TOKENS
     for field in ("temperature", "top_p"):
         assert float(re.search(rf'<output id="{field}-value"[^>]*>([^<]+)<', html).group(1)) == initial(field)
+
+
+def test_settings_keep_only_what_the_user_changed(browser, real_server) -> None:
+    """A new server default reaches a returning user who never chose that setting, old full stores included."""
+    page, frames = watched_chat(browser, real_server.url, **DESKTOP)
+    old_page_store = {"system": "", "temperature": "0.7", "top_p": "1", "top_k": "0", "max_tokens": "256", "seed": ""}
+    restore(page, real_server.url, [], "none", settings=old_page_store)
+    assert [page.input_value(f"#{i}") for i in ("temperature", "top_p")] == ["0.1", "0.5"], "the old defaults dropped"
+    ask(page, "Hi", max_tokens=4)
+    params = frames.generates()[-1]["params"]
+    assert params["temperature"] == 0.1 and params["top_p"] == 0.5 and params["max_tokens"] == 4
+    stored = page.evaluate("JSON.parse(localStorage.getItem('streamgen.settings'))")
+    assert stored == {"max_tokens": "4"}, "only what differs from the defaults is kept"
+
+    restore(page, real_server.url, [], "none", settings={"temperature": "0.9", "top_p": "1"})
+    assert [page.input_value(f"#{i}") for i in ("temperature", "top_p")] == ["0.9", "1"], "a choice is kept"
+    page.click("#reset-settings")
+    assert page.evaluate("JSON.parse(localStorage.getItem('streamgen.settings'))") == {}
+    assert page.locator("#temperature-value").inner_text() == "0.1"
+    page.close()

@@ -386,14 +386,25 @@ function showPlaceholder() {
 
 // ---- settings, API key, model info -------------------------------------------------
 
+// Only the settings a user changed are kept, so that a new server default
+// reaches everyone who left that setting alone. Pages before that kept every
+// value, the old sampling defaults (temperature 0.7, top-p 1) included: those
+// two, found in such a store, were never a choice and are dropped.
+const OLD_DEFAULTS = { temperature: "0.7", top_p: "1" };
+
 function restoreSettings() {
   const saved = store.loadSettings();
-  for (const id of SETTINGS) if (typeof saved[id] === "string") $(id).value = saved[id];
+  const everyValue = SETTINGS.every((id) => id in saved);
+  for (const id of SETTINGS) {
+    if (typeof saved[id] !== "string" || (everyValue && OLD_DEFAULTS[id] === saved[id])) continue;
+    $(id).value = saved[id];
+  }
   showSliderValues();
 }
 
 function saveSettings() {
-  store.saveSettings(Object.fromEntries(SETTINGS.map((id) => [id, $(id).value])));
+  const changed = SETTINGS.filter((id) => $(id).value !== $(id).defaultValue);
+  store.saveSettings(Object.fromEntries(changed.map((id) => [id, $(id).value])));
   showSliderValues();
 }
 
