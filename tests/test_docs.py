@@ -72,3 +72,19 @@ def test_every_sampling_parameter_is_in_the_protocol_doc() -> None:
     text = PROTOCOL.read_text()
     for f in fields(SamplingParams):
         assert f"| `{f.name}` |" in text, f"docs/protocol.md's parameter table lacks {f.name}"
+
+
+def test_the_protocol_doc_states_each_sampling_default_as_the_code_has_it() -> None:
+    """docs/protocol.md's params table: the default column of every parameter with a plain default (a number or
+    a boolean) is the code's."""
+    import re
+
+    from streamgen.engine.params import SamplingParams
+
+    text = PROTOCOL.read_text()
+    for f in fields(SamplingParams):
+        if isinstance(f.default, bool) or not isinstance(f.default, (int, float)):
+            continue
+        row = re.search(rf"^\| `{f.name}` \| [^|]+ \| ([^|]+) \|", text, flags=re.M)
+        assert row, f"docs/protocol.md has no row for {f.name}"
+        assert float(row.group(1).strip()) == float(f.default), f"{f.name}: the doc says {row.group(1).strip()}"

@@ -114,12 +114,12 @@ def run_speculation_bench(args) -> int:
 
     binary = resolve_llama_server(args.llama_server, os.environ)
     directory = ensure_model(args.model, args.quantize, args.home)
-    tmp = tempfile.TemporaryDirectory(prefix="streamgen-speculation-")
     report: dict[str, Any] = {"model": args.model, "quantize": args.quantize, "levels": args.levels,
                               "rounds": args.rounds, "threads": args.threads, "max_tokens": MAX_TOKENS,
                               "speculation": SPEC_ON, "llama_server": None}
     report["paths"] = path_agreement(directory, args.threads)
     _log(f"paths: {report['paths']}")
+    tmp = tempfile.TemporaryDirectory(prefix="streamgen-speculation-")
     contenders: dict[str, tuple[Any, Any]] = {}  # name -> (server, request maker)
     servers: list[Any] = []
     try:
@@ -169,10 +169,13 @@ def path_agreement(directory: Path, threads: int) -> dict[str, Any]:
     for messages in WORKLOADS.values():
         prompt = model.tokenizer.encode(model.tokenizer.render_chat([ChatMessage(m["role"], m["content"])
                                                                      for m in messages]))
+        steps = min(MAX_TOKENS, model.context_length - len(prompt) - width)
+        if steps < width:
+            continue  # the prompt does not leave room (a small test model's context)
         plain, checked = runner.allocate(), runner.allocate()
         try:
             logits, tokens, decoded = runner.prefill(plain, prompt), [], []
-            for _ in range(MAX_TOKENS):
+            for _ in range(steps):
                 tokens.append(int(logits.argmax()))
                 logits = runner.decode([plain], [tokens[-1]])[0]
                 decoded.append(logits)  # after tokens[-1]: the decode path
