@@ -1,18 +1,35 @@
-"""Tokenizer, chat template and stop ids of a pulled model.
+"""Tokenizer, chat template, BOS and stop ids of a pulled model.
 
 Uses the `tokenizers` library and renders the chat template with jinja2, so
 the serving path needs neither transformers nor torch.
+
+The chat template is the model's own (chat_template.jinja, written at pull
+time from the model's files), rendered the way transformers'
+apply_chat_template renders it: a sandboxed Jinja environment with
+trim_blocks and lstrip_blocks, loop controls, its tojson filter (no HTML
+escaping, non-ASCII kept), raise_exception and strftime_now, and the
+tokenizer's special tokens (bos_token, eos_token, ...) as variables, so a
+template that writes `{{ bos_token }}` gets the real one. The rendered text is
+then encoded without adding anything, as transformers does.
+
+A plain prompt is encoded the way transformers' tokenizer encodes text: with
+a BOS in front when the model asks for one (`add_bos_token` in the
+tokenizer_config.json written at pull time: Gemma, Llama 3; not ChatML
+models), unless the text already starts with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -23,6 +40,9 @@ from streamgen.errors import ValidationError
 # End-of-turn markers used by common chat templates. The GGUF-converted
 # tokenizer swaps bos and eos, so the template's own marker is the reliable one.
 _END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+# The special tokens a template may name, as transformers passes them (its special_tokens_map).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,22 +53,31 @@ class ChatMessage:
     tool_call_id: str | None = None  # a tool result: the call it answers
 
 
+class ChatPrompt(str):
+    """A rendered chat: the template placed every special token itself, so encode() adds none."""
+
+
 class TextTokenizer:
-    def __init__(self, tokenizer: Tokenizer, chat_template: str | None, stop_token_ids: frozenset[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, chat_template: str | None, stop_token_ids: frozenset[int],
+                 special_tokens: Mapping[str, str] | None = None, add_bos_token: bool = False) -> None:
+        """special_tokens: name (SPECIAL_TOKEN_NAMES) -> the token's text, what the template sees;
+        add_bos_token: a plain prompt starts with special_tokens["bos_token"]."""
         self._tok = tokenizer
         self.chat_template = chat_template
         self.stop_token_ids = stop_token_ids
+        self.special_tokens = dict(special_tokens or {})
+        bos = self.special_tokens.get("bos_token")
+        self.bos_token_id = tokenizer.token_to_id(bos) if bos else None
+        if add_bos_token and self.bos_token_id is None:
+            raise ValueError(f"the tokenizer asks for a BOS token but has none in its vocabulary ({bos!r})")
+        self.add_bos_token = add_bos_token
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self._special = set(tokenizer.get_added_tokens_decoder())
         # Byte-level BPE (GPT-2 style) spells each byte as one printable character.
         self._byte_of = _BYTE_OF if type(tokenizer.decoder).__name__ == "ByteLevel" else None
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()
-        self._template = None
-        if chat_template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_template_error
-            self._template = env.from_string(chat_template)
+        self._compiled = _compile(chat_template) if chat_template else None
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> TextTokenizer:
@@ -56,7 +85,21 @@ class TextTokenizer:
         template_file = model_dir / "chat_template.jinja"
         template = template_file.read_text() if template_file.exists() else None
         stop_ids = _stop_token_ids(model_dir, tok, template)
-        return cls(tok, template, stop_ids)
+        config_file = model_dir / TOKENIZER_CONFIG
+        # Builds published before streamgen kept the tokenizer's configuration have none: no BOS, as then.
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        special = {name: text for name in SPECIAL_TOKEN_NAMES if (text := _token_text(config.get(name)))}
+        return cls(tok, template, stop_ids, special, bool(config.get("add_bos_token", False)))
+
+    @property
+    def template(self) -> str:
+        """Which chat template this model is served with, in one line (the server logs it at start-up)."""
+        bos = f"; a BOS ({self.special_tokens['bos_token']}) starts every plain prompt" if self.add_bos_token else ""
+        if not self.chat_template:
+            return f"none: the model ships no chat template, so chat messages are refused and plain prompts served{bos}"
+        digest = hashlib.sha256(self.chat_template.encode()).hexdigest()[:12]
+        tools = "renders tools itself" if self.renders_tools else "tools described in a system turn"
+        return f"the model's own (chat_template.jinja, sha256 {digest}...; {tools}){bos}"
 
     @property
     def grammars(self) -> Grammars:
@@ -68,9 +111,13 @@ class TextTokenizer:
         return self._grammars
 
     def encode(self, text: str) -> list[int]:
-        # Special tokens written in the text (e.g. <|im_start|> from the
-        # template) are parsed as such; nothing is added around the text.
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Special tokens written in the text (e.g. <|im_start|> from the template) are parsed as such. A rendered
+        chat (ChatPrompt) is encoded as it is; plain text gets the model's BOS in front when it asks for one and
+        the text does not already start with it."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if self.add_bos_token and not isinstance(text, ChatPrompt) and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
@@ -95,32 +142,58 @@ class TextTokenizer:
         return bool(self.chat_template) and "tools" in self.chat_template and "tool_call" in self.chat_template
 
     def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
-                    tools: Sequence[Tool] = ()) -> str:
-        if self._template is None:
+                    tools: Sequence[Tool] = ()) -> ChatPrompt:
+        if self._compiled is None:
             raise ValidationError(
                 "this model has no chat template; send a plain prompt", param="messages", code="invalid_request"
             )
-        extra = {}
+        schemas = None
         if self.renders_tools:
             turns = [_native(m) for m in messages]
             if tools:
-                extra["tools"] = [t.as_openai() for t in tools]
+                schemas = [t.as_openai() for t in tools]
         else:
             turns = [_generic(m) for m in messages]
             if tools:
                 turns = _with_system(turns, system_prompt(tools))
         try:
-            return self._template.render(
+            return ChatPrompt(self._compiled.render(
                 messages=turns,
+                tools=schemas,
+                documents=None,
                 add_generation_prompt=add_generation_prompt,
-                bos_token="",
-                eos_token="",
-                **extra,
-            )
+                **self.special_tokens,
+            ))
         except TemplateError as exc:
             raise ValidationError(
                 f"the chat template rejected these messages: {exc}", param="messages", code="invalid_request"
             ) from exc
+
+
+def _compile(template: str):
+    """The template in transformers' environment (transformers.utils.chat_template_utils._compile_jinja_template),
+    less its `{% generation %}` tag, which only marks assistant tokens for training."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(template)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # Jinja's own tojson escapes HTML characters; transformers' does not, and exposes these options.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def _token_text(value: str | Mapping | None) -> str | None:
+    """A special token as tokenizer_config.json writes it: its text, or an AddedToken's dict with a content."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
 
 def _native(m: ChatMessage) -> dict:
