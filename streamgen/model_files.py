@@ -142,6 +142,17 @@ class ModelInfo:
     vocab_size: int
     context_length: int
 
+    def kv_bytes_per_token(self, itemsize: int = 4) -> int:
+        """What one position of context costs a slot: K and V in every layer (itemsize: 4 for an fp32 cache, 2 for
+        fp16, 1 for int8). SmolLM2-135M 46,080 bytes in fp32, Qwen2.5-0.5B 24,576, Gemma 3 270m 36,864."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    def fitting_context(self, max_batch: int, kv_budget_bytes: int, itemsize: int = 4, multiple: int = 256) -> int:
+        """The longest context (a multiple of `multiple`, at most the model's own) for which max_batch slots fit
+        kv_budget_bytes of KV cache; at least `multiple`."""
+        fits = kv_budget_bytes // (max_batch * self.kv_bytes_per_token(itemsize))
+        return max(multiple, min(self.context_length, fits // multiple * multiple))
+
     @classmethod
     def from_config(cls, config_path: Path) -> ModelInfo:
         c = json.loads(config_path.read_text())

@@ -46,7 +46,14 @@ TINY_FIXTURES = {"tiny_hf_dir", "tiny_cache", "tiny_model_dir", "tiny_plain_dir"
 TOOLCHAIN = ("torch", "transformers", "optimum", "onnx", "gguf", "accelerate")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The real models from the package index (tests/test_real_models.py, `make real-models`) run only when asked
+    # for by their marker: they download and convert gigabytes.
+    if "real_models" not in config.option.markexpr:
+        chosen = [item for item in items if not item.get_closest_marker("real_models")]
+        if len(chosen) != len(items):
+            config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("real_models")])
+            items[:] = chosen
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         if used & REAL_FIXTURES or item.get_closest_marker("integration"):

@@ -233,3 +233,85 @@ def test_a_model_of_another_family_is_refused_with_the_supported_ones(tmp_path: 
     for label in ("Llama", "Qwen2", "Qwen3", "Mistral", "Gemma 2", "Gemma 3", "Phi-3"):
         assert label in message
     assert not (tmp_path / "home" / "models").exists(), "nothing was published"
+
+
+# ---- chat templates and BOS as the families ship them (engine/tokenizer.py) -------------------------------------------
+
+# Gemma's chat template, as its tokenizer_config.json ships it (shortened to its turns): it writes the BOS itself.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _tokenizer(template: str | None, add_bos: bool):
+    from tiny import build_tiny_tokenizer
+
+    raw = build_tiny_tokenizer()
+    return TextTokenizer(raw, template, frozenset({raw.token_to_id("<|im_end|>")}),
+                         {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}, add_bos)
+
+
+def test_a_model_that_asks_for_bos_gets_it_once_on_prompts_and_through_its_template() -> None:
+    from streamgen.engine.tokenizer import ChatMessage
+
+    tok = _tokenizer(GEMMA_TEMPLATE, add_bos=True)
+    bos = tok.bos_token_id
+    assert tok.encode("Hello world")[0] == bos and tok.encode("Hello world")[1] != bos
+    assert tok.encode("<|endoftext|>Hello world").count(bos) == 1, "a prompt that starts with BOS gets no second"
+    chat = tok.render_chat([ChatMessage("user", "Hello world")])
+    assert chat.startswith("<|endoftext|><start_of_turn>user\nHello world<end_of_turn>\n<start_of_turn>model\n")
+    assert tok.encode(chat).count(bos) == 1, "the template wrote the BOS; encoding adds none"
+    assert "BOS (<|endoftext|>)" in tok.template and "sha256" in tok.template
+
+    plain = _tokenizer(tiny_chatml(), add_bos=False)  # ChatML models (the default one) get no BOS
+    assert plain.encode("Hello world")[0] != plain.bos_token_id
+    assert "BOS" not in plain.template
+
+
+def tiny_chatml() -> str:
+    from tiny import CHAT_TEMPLATE
+
+    return CHAT_TEMPLATE
+
+
+def test_templates_render_in_transformers_environment() -> None:
+    """tojson without HTML escaping and with its options, loop controls, strftime_now, raise_exception, the
+    special tokens by name: what transformers' apply_chat_template gives a template."""
+    from streamgen.engine.tokenizer import ChatMessage
+
+    template = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+                "{{ m | tojson }}{{ {'k': [1, 2]} | tojson(indent=1) }}{% break %}{% endfor %}"
+                "{{ eos_token }}{{ strftime_now('%Y') | length }}"
+                "{% if messages | length > 3 %}{{ raise_exception('too many') }}{% endif %}")
+    tok = _tokenizer(template, add_bos=False)
+    text = tok.render_chat([ChatMessage("system", "s"), ChatMessage("user", "<b>é & ü</b>")])
+    assert text == '{"role": "user", "content": "<b>é & ü</b>"}{\n "k": [\n  1,\n  2\n ]\n}<|im_end|>4'
+    with pytest.raises(Exception, match="too many"):
+        tok.render_chat([ChatMessage("user", "x")] * 4)
+
+
+def test_a_model_without_a_template_serves_prompts_and_refuses_messages() -> None:
+    from streamgen.engine.tokenizer import ChatMessage
+    from streamgen.errors import ValidationError
+
+    tok = _tokenizer(None, add_bos=True)
+    assert tok.template.startswith("none:") and "refused" in tok.template
+    with pytest.raises(ValidationError, match="no chat template; send a plain prompt"):
+        tok.render_chat([ChatMessage("user", "Hello")])
+    assert tok.encode("Hello")[0] == tok.bos_token_id
+
+
+def test_the_pull_records_what_transformers_tokenizer_does_with_bos(family) -> None:
+    import json
+
+    _, hf_dir, build = family
+    config = json.loads((build / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is False  # the tiny tokenizer has no BOS post-processor
+    assert config["eos_token"] == "<|im_end|>"
+    from transformers import AutoTokenizer
+
+    text = "Hello world"
+    assert TextTokenizer.from_dir(build).encode(text) == AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]

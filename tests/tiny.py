@@ -161,3 +161,92 @@ def build_tiny_family(out: Path, family: str, *, seed: int = 0, vocab_target: in
     model.save_pretrained(out)
     (out / "streamgen-test.json").write_text(json.dumps({"seed": seed, "family": family}))
     return out
+
+
+# ---- a tiny GGUF file (tests/test_pull.py): `streamgen pull file.gguf` and its `source` build ---------------------------
+
+# Every type the `source` build repacks from a GGUF's own blocks, spread over the tensors so that one packed
+# projection mixes types (q, k and v side by side) and both 16- and 32-long sub-blocks meet in one weight.
+GGUF_TYPES = {"attn_q": "Q4_K", "attn_k": "Q5_0", "attn_v": "Q6_K", "attn_output": "Q4_0", "ffn_gate": "Q5_K",
+              "ffn_up": "Q4_1", "ffn_down": "Q8_0", "output": "Q5_1"}
+
+
+def _random_blocks(kind: str, rows: int, k: int, rng) -> "np.ndarray":
+    """Random but valid blocks of a GGUF type: random levels and sub-block scales, small finite fp16 scales."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    per, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    blocks = rng.integers(0, 256, size=(rows * k // per, size), dtype=np.uint8)
+    scale = lambda n: rng.uniform(0.002, 0.02, (blocks.shape[0], n)).astype(np.float16).view(np.uint8)  # noqa: E731
+    if kind in ("Q4_0", "Q5_0", "Q8_0"):
+        blocks[:, :2] = scale(1)
+    elif kind in ("Q4_1", "Q5_1"):
+        blocks[:, :2] = scale(1)
+        blocks[:, 2:4] = (-rng.uniform(0.0, 0.1, (blocks.shape[0], 1))).astype(np.float16).view(np.uint8)
+    elif kind in ("Q4_K", "Q5_K"):
+        blocks[:, :4] = scale(2)  # d and dmin; the 6-bit scales and mins that follow stay random
+    elif kind == "Q6_K":
+        blocks[:, -2:] = scale(1)
+        blocks[:, -18:-2] = rng.integers(-40, 40, (blocks.shape[0], 16)).astype(np.int8).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def build_tiny_gguf(path: Path, *, seed: int = 0) -> Path:
+    """A tiny Llama as a GGUF file, its weights in every type the `source` build repacks (GGUF_TYPES), with the
+    tiny model's tokenizer and chat template. Rows are 256 long: K-quants need super-blocks of 256."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+
+    rng = np.random.default_rng(seed)
+    tok = build_tiny_tokenizer()
+    vocab = tok.get_vocab_size()
+    hidden, ffn, heads, kv_heads, layers = 256, 512, 4, 2, 2
+    head_dim = hidden // heads
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-gguf")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_file_type(15)
+    ordered = sorted(tok.get_vocab().items(), key=lambda item: item[1])
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([token for token, _ in ordered])
+    writer.add_token_types([TokenType.CONTROL if token in SPECIAL else TokenType.NORMAL for token, _ in ordered])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_bos_token_id(tok.token_to_id("<|im_start|>"))
+    writer.add_eos_token_id(tok.token_to_id("<|im_end|>"))
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    def quantized(name: str, kind: str, rows: int, k: int) -> None:
+        writer.add_tensor(name, _random_blocks(kind, rows, k, rng),
+                          raw_dtype=GGMLQuantizationType[kind])
+
+    def plain(name: str, shape: tuple[int, ...]) -> None:
+        writer.add_tensor(name, (1 + 0.3 * rng.standard_normal(shape)).astype(np.float32))
+
+    quantized("token_embd.weight", "Q8_0", vocab, hidden)
+    plain("output_norm.weight", (hidden,))
+    quantized("output.weight", GGUF_TYPES["output"], vocab, hidden)
+    sizes = {"attn_q": (heads * head_dim, hidden), "attn_k": (kv_heads * head_dim, hidden),
+             "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, heads * head_dim),
+             "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+    for layer in range(layers):
+        plain(f"blk.{layer}.attn_norm.weight", (hidden,))
+        plain(f"blk.{layer}.ffn_norm.weight", (hidden,))
+        for part, (rows, k) in sizes.items():
+            quantized(f"blk.{layer}.{part}.weight", GGUF_TYPES[part], rows, k)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

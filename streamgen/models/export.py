@@ -59,6 +59,11 @@ EXPECTED_LOGS: tuple[tuple[str, str, str], ...] = (
     # The message itself says it is expected, and to ignore it for a tokenizer loaded from a GGUF: our case.
     ("transformers.models.llama.tokenization_llama_fast", r"You are using the default legacy behaviour of the ",
      "the GGUF conversion's tokenizer; fix_gguf_tokenizer replaces its decoder afterwards"),
+    # transformers 4.57.3+ says this of every local directory whose config.json a 4.57.3+ transformers wrote,
+    # whatever its model type (its check is meant for Mistral tokenizers); streamgen serves tokenizer.json with
+    # the tokenizers library, which this flag does not change.
+    ("transformers.tokenization_utils_base", r"The tokenizer you are loading from '.*' with an incorrect regex "
+     r"pattern", "transformers 4.57.6 misreads every directory it saved itself as a Mistral tokenizer"),
     # A tied lm_head and embedding become two initializers (a Gather's and a MatMul's, transposed), which
     # Optimum cannot merge; the graph is right, and quantized builds untie the lm_head anyway (models/graph.py).
     # Optimum logs the header, then one tab-indented record per parameter: those go with it.
@@ -168,20 +173,109 @@ def export_onnx(model: str | Path, out_dir: Path) -> None:
         raise PullError("the model has no fast tokenizer (tokenizer.json); streamgen needs one")
 
 
-def fix_gguf_tokenizer(model_dir: Path) -> str:
-    """Give a GGUF-converted tokenizer a plain ByteLevel decoder.
+def fix_gguf_tokenizer(model_dir: Path, gguf: Path | None = None) -> str | None:
+    """Mend what transformers' GGUF conversion gets wrong in a tokenizer; returns a note, or None if nothing was.
 
-    The converter builds a decoder chain (ByteFallback, Replace, ByteLevel with
-    trimming) meant for sentencepiece vocabularies; for a byte-level vocabulary
-    the plain ByteLevel decoder is the correct one and never strips spaces.
+    - A byte-level vocabulary gets a plain ByteLevel decoder: the converter builds a decoder chain (ByteFallback,
+      Replace, ByteLevel with trimming) meant for sentencepiece vocabularies, which strips the leading space of a
+      lone token; the plain ByteLevel decoder never does.
+    - A SentencePiece vocabulary that the converter made a Unigram model (Gemma's) becomes the BPE model its
+      scores describe: merges ranked by the merged piece's score, which is how llama.cpp tokenizes such a GGUF
+      and how transformers converts Gemma's own tokenizer.model (GemmaConverter). As a Unigram the same
+      vocabulary splits common words into pieces ("capital" as c/ap/it/al). Its user-defined pieces (Gemma's
+      runs of spaces and tabs) and control pieces (<start_of_turn>, ...) become added tokens, matched whole
+      before the model sees the text, as SentencePiece and llama.cpp match them (gguf: the file, for the types).
     """
     from tokenizers import Tokenizer, decoders
 
     path = model_dir / "tokenizer.json"
-    tok = Tokenizer.from_file(str(path))
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(path))
-    return "tokenizer decoder replaced by plain ByteLevel (GGUF conversion adds a trimming chain)"
+    spec = json.loads(path.read_text())
+    if '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer")):
+        tok = Tokenizer.from_file(str(path))
+        tok.decoder = decoders.ByteLevel()
+        tok.save(str(path))
+        return "tokenizer decoder replaced by plain ByteLevel (GGUF conversion adds a trimming chain)"
+    if spec["model"]["type"] == "Unigram":
+        if gguf is not None:
+            spec["added_tokens"] = _gguf_added_tokens(gguf, spec["added_tokens"])
+        # An added token's text is its piece in the vocabulary too, or tokenizers would give it a new id.
+        pieces = spec["model"]["vocab"]
+        for entry in spec["added_tokens"]:
+            pieces[entry["id"]] = [entry["content"], pieces[entry["id"]][1]]
+        spec["model"] = _sentencepiece_bpe(spec["model"])
+        path.write_text(json.dumps(spec, ensure_ascii=False))
+        Tokenizer.from_file(str(path))  # it loads
+        return ("tokenizer: the GGUF's SentencePiece vocabulary as BPE merges ranked by score (the conversion made "
+                "it a Unigram model, which splits words llama.cpp and transformers keep whole)")
+    return None
+
+
+def _gguf_added_tokens(gguf: Path, existing: list[dict]) -> list[dict]:
+    """The GGUF's control tokens (type 3, special) and user-defined tokens (type 4, plain) as tokenizer.json's
+    added tokens, each with its id and its text as the file has it (Gemma's "  " rather than the vocabulary's
+    "▁▁"), beside those the conversion already added."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    by_id = {entry["id"]: entry for entry in existing}
+    for token_id, (text_at, type_at) in enumerate(zip(tokens.data, types.data)):
+        kind = int(types.parts[type_at][0])
+        if kind in (3, 4) and token_id not in by_id:
+            by_id[token_id] = {"id": token_id, "content": bytes(tokens.parts[text_at]).decode("utf-8"),
+                               "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                               "special": kind == 3}
+    return [by_id[i] for i in sorted(by_id)]
+
+
+def _sentencepiece_bpe(unigram: dict) -> dict:
+    """tokenizers' BPE model for a SentencePiece vocabulary given as a Unigram's [piece, score] list."""
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    vocab_scores = [(piece, score) for piece, score in unigram["vocab"]]
+    vocab = {piece: i for i, (piece, _) in enumerate(vocab_scores)}
+    merges = generate_merges(vocab, vocab_scores)
+    unk = unigram.get("unk_id")
+    return {"type": "BPE", "dropout": None, "unk_token": None if unk is None else vocab_scores[unk][0],
+            "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+            "byte_fallback": bool(unigram.get("byte_fallback", True)), "ignore_merges": False,
+            "vocab": vocab, "merges": [[a, b] for a, b in merges]}
+
+
+def gguf_add_bos(gguf: Path) -> bool | None:
+    """The GGUF's own word on a BOS in front of a prompt (tokenizer.ggml.add_bos_token), None if it says nothing."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.parts[field.data[0]][0])
+
+
+# What the serving tokenizer (engine/tokenizer.py) reads of tokenizer_config.json: the special tokens a chat
+# template may name, and whether a plain prompt starts with BOS.
+_TOKENIZER_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def write_tokenizer_config(model_dir: Path, gguf_add_bos: bool | None = None) -> str:
+    """Keep the part of tokenizer_config.json that serving needs, with add_bos_token stated: what transformers'
+    tokenizer does to a plain text (its post-processor puts a BOS in front, or not), except for a GGUF source,
+    whose own tokenizer.ggml.add_bos_token is taken (the converter's post-processor adds a BOS whatever the file
+    says: SmolLM2's would start every prompt with <|im_start|>). Returns a note for the manifest."""
+    from transformers import AutoTokenizer
+
+    path = model_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    kept = {key: config[key] for key in _TOKENIZER_KEYS if config.get(key) is not None}
+    if gguf_add_bos is not None:
+        add_bos, why = gguf_add_bos, "the GGUF's tokenizer.ggml.add_bos_token"
+    else:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ids = tok("Hello")["input_ids"]
+        add_bos, why = tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id], "transformers' tokenizer"
+        if add_bos:
+            kept["bos_token"] = tok.bos_token
+    kept["add_bos_token"] = bool(add_bos)
+    path.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
+    return f"plain prompts {'start with BOS' if add_bos else 'get no BOS'} ({why})"
 
 
 def write_chat_template(model_dir: Path) -> None:
@@ -213,7 +307,8 @@ def save_model(model, model_path: Path) -> None:  # model: onnx.ModelProto
     """Save in one file when it fits protobuf's 2 GB limit, else with external data."""
     import onnx
 
-    external = model.ByteSize() > 1_800_000_000
+    # protobuf cannot even measure a message past 2 GB (ByteSize raises), so the weights are counted instead.
+    external = _weight_bytes(model) > 1_800_000_000
     for stale in model_path.parent.glob(model_path.name + "_data"):
         stale.unlink()
     onnx.save(
@@ -223,3 +318,20 @@ def save_model(model, model_path: Path) -> None:  # model: onnx.ModelProto
         all_tensors_to_one_file=True,
         location=model_path.name + "_data",
     )
+
+
+def _weight_bytes(model) -> int:
+    """The bytes of the model's initializers as stored (raw data, or typed fields), external ones included."""
+    import numpy as np
+    from onnx import helper
+
+    total = 0
+    for init in model.graph.initializer:
+        if init.raw_data:
+            total += len(init.raw_data)
+        elif init.data_location == 1:  # external: its length is recorded
+            total += int(next((e.value for e in init.external_data if e.key == "length"), 0))
+        else:
+            count = int(np.prod(init.dims)) if init.dims else 1
+            total += count * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    return total

