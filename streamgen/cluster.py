@@ -62,6 +62,7 @@ LOOPBACK = "127.0.0.1"
 SET_BY_CLUSTER = ("port", "host", "threads", "replica_id", "forwarded_allow_ips")
 _BALANCE = re.compile(r"^(\s*)balance\s+\S.*$", re.MULTILINE)
 _HEALTH_CHECK = re.compile(r'uvicorn\.access.*"GET /health/(ready|live) HTTP|"GET /health/(ready|live) HTTP.*uvicorn\.access')
+_SERVER_NOTICE = re.compile(r"^Server replicas/(\S+) is (?:DOWN|UP)")
 _STOP_GRACE_MARGIN_S = 15.0  # beyond a replica's --shutdown-grace before it is killed
 
 
@@ -401,8 +402,11 @@ class Cluster:
             return
         message = re.sub(r"^\[(\w+)\]\s*\(\d+\)\s*:\s*", "", line)
         level = {"[ALERT]": "error", "[WARNING]": "warning"}.get(line.split(" ", 1)[0], "info")
+        server = _SERVER_NOTICE.search(message)
         if self._stopping.is_set():
             level = "debug"  # the replicas going down because the cluster stops them
+        elif server and any(r.name == server.group(1) and not r.alive() for r in self.replicas):
+            level = "debug"  # an exited replica: cluster.replica_exited said it once
         getattr(log, level)("haproxy." + ("alert" if level == "error" else "notice"), message=message)
 
     def _haproxy_log(self, child: _Child, line: str) -> None:

@@ -200,6 +200,37 @@ def test_settings_pass_through_and_threads_split() -> None:
     assert [replica_threads(n, cores=8) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
 
 
+class _Proc:
+    def __init__(self, returncode: int | None) -> None:
+        self.returncode = returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+def test_haproxy_lines_are_logged_by_weight() -> None:
+    """Alerts as errors, notices as warnings, except about a replica whose exit the cluster already said (and
+    while it stops them all); the request log at debug level only."""
+    from structlog.testing import capture_logs
+
+    from streamgen.cluster import Cluster, Replica, _Child
+
+    cluster = Cluster(2, [], port=0, haproxy="/bin/true", config=CHECKOUT_CONFIG)
+    cluster.replicas = [Replica("r1", _Proc(None)), Replica("r2", _Proc(-9))]
+    child = _Child("haproxy", _Proc(None))
+    with capture_logs() as logs:
+        cluster._haproxy_notice(child, "[WARNING]  (7) : Server replicas/r1 is DOWN, reason: Layer7 wrong status")
+        cluster._haproxy_notice(child, "[WARNING]  (7) : Server replicas/r2 is DOWN, reason: Layer4 connection problem")
+        cluster._haproxy_notice(child, "[ALERT]    (7) : backend 'replicas' has no server available!")
+        cluster._haproxy_log(child, "127.0.0.1:5 [06/Dec/2026:04:20:22.1] streamgen replicas/r1 0/0/0/1/2 200 359")
+        cluster._stopping.set()
+        cluster._haproxy_notice(child, "[WARNING]  (7) : Server replicas/r1 is DOWN, reason: Layer4 connection problem")
+    assert [(e["log_level"], e["event"]) for e in logs] == [
+        ("warning", "haproxy.notice"), ("debug", "haproxy.notice"), ("error", "haproxy.alert"),
+        ("debug", "haproxy.log"), ("debug", "haproxy.notice")]
+    assert logs[0]["message"] == "Server replicas/r1 is DOWN, reason: Layer7 wrong status"
+
+
 # --- the command, on real processes --------------------------------------------------------------
 
 
@@ -469,6 +500,8 @@ def test_bench_cluster_reports_every_setup_consistently(tiny_hf_dir: Path, tiny_
         assert setup["token_hit_rate"] == run["token_hit_rate"] and setup["requests"] == run["requests"]
     assert set(report["ratios"]) == {"affinity / round robin", "affinity / one replica"}
     kill = report["kill"]
-    assert kill["requests"] == 8 and kill["failed"] == kill["failed_held"] + kill["failed_other"]
+    assert kill["requests"] == 8
+    assert kill["failed"] == kill["failed_held"] + kill["failed_dying"] + kill["failed_other"]
+    assert kill["teardown_ms"] >= 0
     assert 1 <= kill["killed_after_requests"] <= 8
     assert "| affinity | 2 x" in result.stdout and "Targets:" in result.stdout
