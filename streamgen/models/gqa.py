@@ -136,6 +136,32 @@ def layer_window(family: Family, config: Any, layer: int) -> int:
     return int(window)
 
 
+def family_note(model_dir: str | Path) -> str:
+    """What the export did for this model's family, in one line for the manifest."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    family = FAMILIES[config.model_type]
+    windows = [layer_window(family, config, i) for i in range(config.num_hidden_layers)]
+    parts = [f"{family.label}"]
+    if family.projections != ("q_proj", "k_proj", "v_proj"):
+        parts.append("its fused qkv projection")
+    if family.qk_norm:
+        parts.append("q/k RMSNorm per head before the node")
+    if family.query_scale:
+        parts.append(f"queries scaled by {family.query_scale} {getattr(config, family.query_scale)} ** -0.5")
+    if family.softcap and getattr(config, family.softcap, None):
+        parts.append(f"attention soft-cap {getattr(config, family.softcap)}")
+    if any(w > 0 for w in windows):
+        parts.append(f"sliding window {max(windows)} on {sum(w > 0 for w in windows)} of {len(windows)} layers")
+    if family.local_rotary:
+        parts.append("the local layers' own rotary")
+    rope = getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        parts.append(f"{rope.get('rope_type', rope.get('type'))} RoPE")
+    return "family: " + ", ".join(parts)
+
+
 class _GroupQueryAttention(torch.autograd.Function):
     """Traced as one GroupQueryAttention node; the eager maths only give tracing the right shapes.
 
