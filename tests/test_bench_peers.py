@@ -16,7 +16,7 @@ import pytest
 
 from streamgen.bench import llama_server as llama
 from streamgen.bench.peers import measure, workload
-from streamgen.bench.clients import Streamed
+from streamgen.bench.clients import Streamed, decode_rate
 from streamgen.errors import ConfigError
 
 # A stand-in for llama-server: `--version` on stderr, /health 503 for the first two polls then 200, and
@@ -254,7 +254,18 @@ def test_summarize_pools_the_rounds() -> None:
     assert row.ttft_ms["p50"] == 150.0 and row.itl_ms["p50"] == 100.0
     assert len(row.errors) == 1
     # A server that reports no usage is counted by what arrived.
-    assert measure.output_tokens(_streamed(0.0, [0.1, 0.2], None)) == 2
+    assert _streamed(0.0, [0.1, 0.2], None).output_tokens == 2
+
+
+def test_decode_rate_counts_the_servers_tokens_not_the_chunks() -> None:
+    # 11 tokens in 6 chunks (text held back until its characters are whole), the last at 0.5 s,
+    # the final message at 0.6 s: 10 tokens after the first in 0.5 s.
+    held = Streamed(True, 0.0, [0.1, 0.2, 0.3, 0.4, 0.45, 0.5], {"usage": {"completion_tokens": 11}}, ended=0.6)
+    assert decode_rate(held) == pytest.approx(20.0)
+    # No usage reported: the chunks are the tokens, timed to the last one.
+    assert decode_rate(Streamed(True, 0.0, [0.1, 0.2, 0.3], {})) == pytest.approx(10.0)
+    assert decode_rate(Streamed(False, 0.0, [0.1, 0.2, 0.3], {})) is None
+    assert decode_rate(Streamed(True, 0.0, [0.1], {})) is None
 
 
 def _level(server: str, clients: int, tok_s: float, ttft50: float, itl95: float) -> measure.LevelResult:

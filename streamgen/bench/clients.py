@@ -25,6 +25,7 @@ class Streamed:
     stamps: list[float] = field(default_factory=list)  # arrival of each token
     final: dict[str, Any] = field(default_factory=dict)  # the done (or error) message
     text: str = ""  # what arrived, joined (SSE)
+    ended: float = float("nan")  # perf_counter() when the final message arrived
 
     @property
     def tokens(self) -> int:
@@ -43,6 +44,21 @@ class Streamed:
         """Output tokens as the server counted them (usage.completion_tokens of the final message), if it did."""
         usage = self.final.get("usage") or {}
         return usage.get("completion_tokens")
+
+    @property
+    def output_tokens(self) -> int:
+        """The server's count where it gave one: a chunk can carry several tokens, or none (text held back
+        until its characters are whole), so counting chunks is only the fallback."""
+        reported = self.reported_tokens
+        return reported if reported is not None else len(self.stamps)
+
+
+def decode_rate(r: Streamed) -> float | None:
+    """Output tokens after the first over the time from the first token's arrival to the final message's."""
+    if not r.ok or len(r.stamps) < 2:
+        return None
+    end = r.ended if r.ended == r.ended else r.stamps[-1]
+    return (r.output_tokens - 1) / (end - r.stamps[0]) if end > r.stamps[0] else None
 
 
 async def websocket_request(url: str, frame: dict[str, Any]) -> Streamed:
@@ -86,7 +102,8 @@ async def _read_ws(ws, sent: float) -> Streamed:
             if msg["type"] == "token":
                 stamps.append(time.perf_counter())
             elif msg["type"] in ("done", "error"):
-                return Streamed(msg["type"] == "done" and bool(stamps), sent, stamps, msg)
+                return Streamed(msg["type"] == "done" and bool(stamps), sent, stamps, msg,
+                                ended=time.perf_counter())
     except Exception as exc:  # noqa: BLE001 - a benchmark counts any failure as a failed request
         return Streamed(False, sent, stamps, {"type": "error", "message": f"{type(exc).__name__}: {exc}"})
 
@@ -112,7 +129,7 @@ async def sse_request(base_url: str, body: dict[str, Any], path: str = "/v1/chat
                     if not line.startswith("data: "):
                         continue
                     if line == "data: [DONE]":
-                        return Streamed(bool(stamps), sent, stamps, final, "".join(pieces))
+                        return Streamed(bool(stamps), sent, stamps, final, "".join(pieces), time.perf_counter())
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
                         return Streamed(False, sent, stamps, chunk)

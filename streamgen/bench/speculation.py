@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streamgen.bench.clients import Streamed, sse_request
+from streamgen.bench.clients import Streamed, decode_rate, sse_request
 from streamgen.bench.common import LoggedServe, serve_args
 from streamgen.bench.llama_server import LlamaServer, equal_weights_gguf, llama_server_version, resolve_llama_server
 
@@ -101,12 +101,6 @@ async def _clients(url: str, level: int, make) -> tuple[list[tuple[str, Streamed
     start = time.perf_counter()
     results = await asyncio.gather(*(client(i) for i in range(level)))
     return [r for rs in results for r in rs], time.perf_counter() - start
-
-
-def _rate(r: Streamed) -> float | None:
-    if not r.ok or len(r.stamps) < 3:
-        return None
-    return (len(r.stamps) - 1) / (r.stamps[-1] - r.stamps[0])
 
 
 def run_speculation_bench(args) -> int:
@@ -203,9 +197,9 @@ def _measure(contenders: dict[str, tuple[Any, Any]], args) -> list[dict[str, Any
             for name in names:
                 server, make = contenders[name]
                 results, wall = asyncio.run(_clients(server.url, level, make))
-                totals[name].append(sum(len(r.stamps) for _, r in results) / wall)
+                totals[name].append(sum(r.output_tokens for _, r in results if r.ok) / wall)
                 for workload, r in results:
-                    if (rate := _rate(r)) is not None:
+                    if (rate := decode_rate(r)) is not None:
                         rates.setdefault((name, workload), []).append(rate)
                     details = (r.final.get("usage") or {}).get("completion_tokens_details") or {}
                     if name.endswith("speculation on") and details:

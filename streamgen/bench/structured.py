@@ -16,7 +16,7 @@ anyOf, optional fields, $ref; each with a prompt) runs through
 4. Decode rate, constrained against free, at each --levels concurrency:
    the same prompts with the schema, and without it for as many tokens as
    the constrained answer had (end of sequence ignored), in interleaved
-   rounds; tokens after the first over the time they took, per request,
+   rounds; tokens after the first (as the server counted them) over the time they took, per request,
    then the mean; the ratio constrained / free. llama-server gets the
    constrained half too, and the ratio streamgen / llama-server.
 """
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from streamgen.bench.clients import Streamed, sse_request
+from streamgen.bench.clients import Streamed, decode_rate, sse_request
 from streamgen.bench.common import LoggedServe, serve_args
 from streamgen.bench.llama_server import LlamaServer, default_gguf, llama_server_version, resolve_llama_server
 
@@ -68,13 +68,6 @@ def valid(entry: dict[str, Any], text: str) -> bool:
         return True
     except (ValueError, jsonschema.ValidationError):
         return False
-
-
-def decode_rate(r: Streamed) -> float | None:
-    """Tokens after the first over the time they took, at the client."""
-    if not r.ok or len(r.stamps) < 3:
-        return None
-    return (len(r.stamps) - 1) / (r.stamps[-1] - r.stamps[0])
 
 
 async def _all(url: str, bodies: list[dict[str, Any]], concurrency: int) -> list[Streamed]:
@@ -198,7 +191,7 @@ def _decode(servers: dict[str, Any], entries: list[dict[str, Any]], args) -> lis
                 # Free decoding for as many tokens as each constrained answer had.
                 free = asyncio.run(_all(server.url, [
                     request_body(e, constrained=False, temperature=0.0, seed=0, ignore_eos=True,
-                                 max_tokens=max(2, len(c.stamps))) for e, c in zip(chosen, constrained)], level))
+                                 max_tokens=max(2, c.output_tokens)) for e, c in zip(chosen, constrained)], level))
                 rates[f"{name} constrained"] += [r for r in map(decode_rate, constrained) if r]
                 rates[f"{name} free"] += [r for r in map(decode_rate, free) if r]
         row = {"concurrency": level, **{k: round(statistics.mean(v), 1) if v else None for k, v in rates.items()}}

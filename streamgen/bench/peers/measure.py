@@ -67,12 +67,6 @@ async def run_level(target: Target, prompts: Sequence[str], max_tokens: Sequence
     return LevelRun(target.name, clients, round_no, sent, time.perf_counter() - start)
 
 
-def output_tokens(r: Streamed) -> int:
-    """The server's own count when it reports one, else the tokens that arrived."""
-    reported = r.reported_tokens
-    return reported if reported is not None else r.tokens
-
-
 @dataclass(frozen=True, slots=True)
 class LevelResult:
     """A level on a server over all rounds: requests pooled, throughput = all tokens / all wall time."""
@@ -94,8 +88,8 @@ class LevelResult:
 def summarize(runs: Sequence[LevelRun]) -> LevelResult:
     sent = [s for run in runs for s in run.sent]
     ok = [s for s in sent if s.result.ok]
-    tokens = sum(output_tokens(s.result) for s in ok)
-    per_round = [round(sum(output_tokens(s.result) for s in run.sent if s.result.ok) / run.wall_s, 1)
+    tokens = sum(s.result.output_tokens for s in ok)
+    per_round = [round(sum(s.result.output_tokens for s in run.sent if s.result.ok) / run.wall_s, 1)
                  for run in runs]
     errors = [json.dumps(s.result.final)[:300] for s in sent if not s.result.ok][:5]
     return LevelResult(
@@ -160,7 +154,7 @@ def burst_rate(results: Sequence[Streamed]) -> float:
     ok = [r for r in results if r.ok]
     if not ok:
         return 0.0
-    return sum(output_tokens(r) for r in ok) / (max(r.stamps[-1] for r in ok) - min(r.sent for r in results))
+    return sum(r.output_tokens for r in ok) / (max(r.stamps[-1] for r in ok) - min(r.sent for r in results))
 
 
 class OfflineEngine:
