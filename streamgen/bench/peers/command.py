@@ -77,9 +77,9 @@ def run_peers_bench(args) -> int:
         servers.append(streamgen)
         targets = [streamgen_target(streamgen, args.streamgen_transport)]
         if binary is not None:
-            # The same weights on both sides: F32 against the fp32 build, Q4_1 against source (equal_weights_gguf).
+            # The same weights on both sides: F32 against the fp32 build, the model's own GGUF against source (equal_weights_gguf).
             gguf, pairing = ((Path(args.gguf), "given") if args.gguf
-                             else equal_weights_gguf(binary, args.quantize, args.home, Path(tmp.name)))
+                             else equal_weights_gguf(binary, args.quantize, args.home, Path(tmp.name), args.model))
             llama = LlamaServer(binary, gguf, context=args.llama_ctx, parallel=args.llama_parallel,
                                 threads=args.threads)
             servers.append(llama)
