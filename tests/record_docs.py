@@ -134,7 +134,8 @@ async def _protocol_exchange(ws_url: str) -> str:
         {"type": "ping", "id": "p1"},
         {"type": "generate", "id": "r2", "prompt": "Hi", "params": {"top_p": 1.5}},
         {"type": "generate", "id": "r3", "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
-         "tools": [weather], "tool_choice": "required", "params": {"temperature": 0, "max_tokens": 60}},
+         "tools": [weather], "tool_choice": "required", "parallel_tool_calls": False,
+         "params": {"temperature": 0, "max_tokens": 60}},
     ]
     out = []
     async with websockets.connect(ws_url) as ws:
@@ -186,7 +187,7 @@ weather = {"type": "function", "function": {
     "parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
 reply = client.chat.completions.create(
     model="SmolLM2-135M-Instruct", temperature=0, max_tokens=80, tools=[weather], tool_choice="required",
-    messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    parallel_tool_calls=False, messages=[{"role": "user", "content": "What is the weather in Paris?"}])
 choice = reply.choices[0]
 print(choice.finish_reason, [(c.function.name, c.function.arguments) for c in choice.message.tool_calls])
 '''

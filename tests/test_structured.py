@@ -264,6 +264,23 @@ def test_the_websocket_streams_the_same_calls_as_tool_call_messages(real_server,
     assert [joined[i] for i in sorted(joined)] == [a for _, a in expected]
 
 
+def test_an_answer_cut_by_max_tokens_after_its_calls_finishes_with_length(sdk) -> None:
+    """Asked this, the small model calls get_weather again and again while parallel calls are allowed, until
+    max_tokens cuts it: the finish reason says so ("length", as OpenAI gives it), and the complete calls are
+    given, the cut one not. With parallel_tool_calls off the grammar ends the answer after one call."""
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    cut = sdk.chat.completions.create(model=MODEL, messages=ask, max_tokens=80, temperature=0,
+                                      tools=[WEATHER], tool_choice="required")
+    calls = cut.choices[0].message.tool_calls
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 80
+    assert calls and all(json.loads(c.function.arguments)["city"] == "Paris" for c in calls)
+    one = sdk.chat.completions.create(model=MODEL, messages=ask, max_tokens=80, temperature=0, tools=[WEATHER],
+                                      tool_choice="required", parallel_tool_calls=False)
+    assert one.choices[0].finish_reason == "tool_calls" and one.usage.completion_tokens < 80
+    assert [(c.function.name, c.function.arguments) for c in one.choices[0].message.tool_calls] == [
+        (calls[0].function.name, calls[0].function.arguments)]
+
+
 # ---- hostile constraints against a real server (tiny model) ------------------------------------------------------
 
 

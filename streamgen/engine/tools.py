@@ -75,6 +75,13 @@ def new_call_id() -> str:
 # ---- telling the model -------------------------------------------------------------------------------------
 
 
+def finish_reason(reason: str, called: bool) -> str:
+    """A request's finish reason once its text is read back into calls: "tool_calls" when the model called and
+    then ended its answer itself; an answer cut by max_tokens stays "length" even after a complete call, since
+    the call after it may be cut in half (the complete calls are still given), as OpenAI does."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
 def system_prompt(tools: Sequence[Tool]) -> str:
     """The tools and the format, for a template that knows no tools: a system turn of their own."""
     listed = "\n".join(json.dumps(t.as_openai(), ensure_ascii=False) for t in tools)

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
-from streamgen.engine.tools import CallParser, CallPiece, TextPiece
+from streamgen.engine.tools import CallParser, CallPiece, TextPiece, finish_reason
 from streamgen.errors import ValidationError
 from streamgen.server import openai_schema as api
 from streamgen.server.openai_schema import ApiRequest, Tokens
@@ -160,7 +160,7 @@ async def _stream(parsed: ApiRequest, generation: Generation, tokens: Tokens,
             if calls is not None:
                 for piece in calls[choice].feed(ev.tail) + calls[choice].finish():
                     yield event([_piece(choice, piece)])
-                reason = "tool_calls" if calls[choice].calls else reason
+                reason = finish_reason(reason, bool(calls[choice].calls))
             elif ev.tail:
                 yield event([_delta(chat, choice, ev.tail, None)])
             done = {"index": choice, "finish_reason": reason, "logprobs": None}

@@ -24,7 +24,7 @@ from typing import Any
 
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import FinishEvent, FinishReason, TokenEvent
-from streamgen.engine.tools import CallParser, CallPiece, ToolCall
+from streamgen.engine.tools import CallParser, CallPiece, ToolCall, finish_reason as calls_finish_reason
 from streamgen.errors import ERROR_CODES, ValidationError
 from streamgen.server.structured import Structured, parse_structured
 from streamgen.server.spec import RequestSpec, parse_messages, parse_n, parse_prompt, parse_truncate
@@ -258,7 +258,7 @@ def whole_choice(parsed: ApiRequest, index: int, final: FinishEvent, logprobs: l
             if parser.calls:
                 message = {"role": "assistant", "content": parser.content or None,
                            "tool_calls": [tool_call(c) for c in parser.calls]}
-                reason = "tool_calls"
+                reason = calls_finish_reason(reason, True)
         return {"index": index, "message": message,
                 "logprobs": {"content": logprobs} if parsed.spec.params.logprobs else None, "finish_reason": reason}
     return {"index": index, "text": final.text, "logprobs": legacy_logprobs(logprobs, final.text)

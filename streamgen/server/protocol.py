@@ -13,7 +13,7 @@ from typing import Any
 
 from streamgen.engine.params import SamplingParams
 from streamgen.engine.request import ErrorEvent, FinishEvent, TokenEvent
-from streamgen.engine.tools import CallPiece, ToolCall
+from streamgen.engine.tools import CallPiece, ToolCall, finish_reason
 from streamgen.errors import ValidationError
 from streamgen.server.service import Started
 from streamgen.server.spec import RequestSpec, parse_json, parse_messages, parse_prompt, parse_truncate
@@ -197,7 +197,7 @@ class DoneMessage:
         return {
             "type": "done",
             "id": self.request_id,
-            "finish_reason": "tool_calls" if calls else str(event.finish_reason),
+            "finish_reason": finish_reason(str(event.finish_reason), bool(calls)),
             **extra,
             "tail": event.tail,
             "text": event.text,
