@@ -326,8 +326,9 @@ REFUSALS = [  # (what, WebSocket frame, HTTP body, error type): refused at every
 def _refusals(server) -> tuple[dict[str, float], dict[str, int]]:
     """streamgen_requests_total by error type, and the request.rejected log lines by code, so far."""
     text = httpx.get(server.url + "/metrics", timeout=5).text
-    counted = {m.group(1): float(m.group(2)) for m in re.finditer(
-        r'^streamgen_requests_total\{[^}]*error_type="([^"]+)"[^}]*\} (\S+)$', text, flags=re.M)}
+    counted: dict[str, float] = {}  # summed over the other labels (the model, the caller's kind, ...)
+    for m in re.finditer(r'^streamgen_requests_total\{[^}]*error_type="([^"]+)"[^}]*\} (\S+)$', text, flags=re.M):
+        counted[m.group(1)] = counted.get(m.group(1), 0.0) + float(m.group(2))
     logged: dict[str, int] = {}
     for line in server.output().splitlines():
         if "request.rejected" in line and (m := re.search(r'"code": "([a-z_]+)"', line)):

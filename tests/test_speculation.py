@@ -14,14 +14,14 @@ import openai
 import pytest
 import websockets
 
-from streamgen.engine.costs import OnlineLine, OnlineMean, StepCosts
+from streamgen.engine.costs import OnlineLine, StepCosts
 from streamgen.engine.params import SamplingParams, Speculation
 from streamgen.engine.request import GenerationRequest
 from streamgen.engine.sampling import RowSampler
 from streamgen.engine.speculation import propose, verify
 from streamgen.errors import ValidationError
 
-from test_scheduler import FakeRunner, _core, _run
+from test_scheduler import _core
 
 V = 50
 
@@ -67,8 +67,7 @@ def test_the_rejection_rule_keeps_the_sampling_distribution() -> None:
 
 
 def test_a_request_speculates_only_when_a_verification_pass_pays_at_its_claim() -> None:
-    costs = StepCosts(decode=OnlineLine(20.0, 4.0, frozen=True), prefill=OnlineLine(20.0, 2.0, frozen=True),
-                      verified=OnlineMean(2.0, frozen=True))
+    costs = StepCosts(decode=OnlineLine(20.0, 4.0, frozen=True), prefill=OnlineLine(20.0, 2.0, frozen=True))
 
     def asks(i: int) -> GenerationRequest:
         return GenerationRequest(tuple(range(1 + i, 6 + i)), SamplingParams(temperature=0.0, max_tokens=20,
@@ -80,11 +79,11 @@ def test_a_request_speculates_only_when_a_verification_pass_pays_at_its_claim() 
     core.costs = costs
     alone = core.add(asks(0), key=0)
     (claim,) = core.scheduler.schedule(runner.table, costs).claims
-    # Alone: 2 tokens for a 30 ms pass against 1 token for a 24 ms decode share: it pays.
+    # Alone: 3 tokens (TOKENS_PER_PASS) for a 30 ms pass against 1 token for a 24 ms decode share: it pays.
     assert claim.speculate and claim.seq is alone
     crowd = [core.add(asks(i), key=i) for i in range(1, 8)]
     claims = core.scheduler.schedule(runner.table, costs).claims
-    # The eighth decoding row's share of a step is (20 + 4 x 8) / 8 = 6.5 ms: 2 tokens a pass no longer pay.
+    # The eighth decoding row's share of a step is (20 + 4 x 8) / 8 = 6.5 ms: 3 tokens a pass no longer pay.
     assert claims[0].speculate and not claims[-1].speculate and {c.seq for c in claims} == {alone, *crowd}
 
 

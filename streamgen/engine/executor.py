@@ -131,7 +131,6 @@ class StepExecutor:
             out.failed.append(v.seq)
             return
         self.runner.table.truncate(v.slot, past + result.accepted + 1)
-        self.costs.verified.observe(len(result.tokens))
         out.verify.append((start, end, result.accepted))
         out.sampled += [Sampled(v.seq, t, lp, top) for t, lp, top in zip(result.tokens, result.logprobs,
                                                                           result.top_logprobs)]

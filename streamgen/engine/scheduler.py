@@ -59,6 +59,12 @@ from streamgen.engine.speculation import propose
 
 # The least share of a decoding step's time that goes to prompts when the ITL target leaves less.
 PROMPT_FLOOR_SHARE = 0.25
+# The tokens a verification pass is expected to give when deciding whether a request speculates: about what
+# the grounded workloads of `streamgen bench speculation` get (proposals kept and one token more). A constant, not
+# a running mean of recent passes: with one, requests that kept little (stories) turned speculation off for a
+# grounded request that came after them, alone on the server. A request whose proposals are not kept is held
+# back by its own draft budget instead (engine/speculation.py).
+TOKENS_PER_PASS = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +289,7 @@ class Scheduler:
     def _speculates(self, seq: Sequence, costs: StepCosts, rows: int) -> bool:
         """Whether a sequence that asks for speculation gets it: a verification pass of max_draft proposals
         must be expected to give more tokens per millisecond than the sequence's share of a decode step of
-        `rows` rows. Decided once, for the sequence's whole life, so its tokens do not depend on who shares its
+        `rows` rows, a pass giving TOKENS_PER_PASS. Decided once, for the sequence's whole life, so its tokens do not depend on who shares its
         steps later (engine/speculation.py)."""
         spec = seq.request.params.speculation
         if not (self.speculation and spec is not None and spec.on):
@@ -291,7 +297,7 @@ class Scheduler:
         if self.limits.speculation_policy == "always":
             return True
         share_ms = costs.decode(rows) / rows
-        return costs.verified.value * share_ms >= costs.prefill(spec.max_draft + 1)
+        return TOKENS_PER_PASS * share_ms >= costs.prefill(spec.max_draft + 1)
 
     def _chunks(self, prefilling: list[Sequence], slots: dict[Sequence, int], starts: dict[Sequence, int],
                 decode: tuple[DecodeRow, ...], verify: tuple[VerifyPass, ...], costs: StepCosts,
