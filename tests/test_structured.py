@@ -340,7 +340,9 @@ def test_bench_structured_runs_end_to_end_and_reports_consistent_figures(tiny_hf
     assert report["mask"]["steps"] > 0 and 0 <= report["mask"]["p50_ms"] <= report["mask"]["p99_ms"]
     assert set(report["validity"]) == {"streamgen"}
     assert list(report["validity"]["streamgen"]) == ["greedy", "t1-seed0"]
-    assert all(0 <= v["valid"] == v["total"] - len(v["invalid"]) <= 3 for v in report["validity"]["streamgen"].values())
+    for v in report["validity"]["streamgen"].values():
+        assert v["valid"] + len(v["cut"]) + len(v["invalid"]) == v["total"] == 3
+    assert report["validity"]["streamgen"]["greedy"]["cut"], "12 tokens cut the tiny model's answers"
     assert [row["concurrency"] for row in report["decode"]] == [1, 2]
     for row in report["decode"]:
         assert row["constrained_vs_free"] == pytest.approx(row["streamgen constrained"] / row["streamgen free"],

@@ -26,6 +26,7 @@ class Streamed:
     final: dict[str, Any] = field(default_factory=dict)  # the done (or error) message
     text: str = ""  # what arrived, joined (SSE)
     ended: float = float("nan")  # perf_counter() when the final message arrived
+    finish_reason: str | None = None  # as the server gave it (done message, or the SSE choice's)
 
     @property
     def tokens(self) -> int:
@@ -103,7 +104,7 @@ async def _read_ws(ws, sent: float) -> Streamed:
                 stamps.append(time.perf_counter())
             elif msg["type"] in ("done", "error"):
                 return Streamed(msg["type"] == "done" and bool(stamps), sent, stamps, msg,
-                                ended=time.perf_counter())
+                                ended=time.perf_counter(), finish_reason=msg.get("finish_reason"))
     except Exception as exc:  # noqa: BLE001 - a benchmark counts any failure as a failed request
         return Streamed(False, sent, stamps, {"type": "error", "message": f"{type(exc).__name__}: {exc}"})
 
@@ -118,6 +119,7 @@ async def sse_request(base_url: str, body: dict[str, Any], path: str = "/v1/chat
     stamps: list[float] = []
     final: dict[str, Any] = {}
     pieces: list[str] = []
+    reason: str | None = None
     try:
         async with httpx.AsyncClient(timeout=None) as client:
             sent = time.perf_counter()
@@ -129,13 +131,16 @@ async def sse_request(base_url: str, body: dict[str, Any], path: str = "/v1/chat
                     if not line.startswith("data: "):
                         continue
                     if line == "data: [DONE]":
-                        return Streamed(bool(stamps), sent, stamps, final, "".join(pieces), time.perf_counter())
+                        return Streamed(bool(stamps), sent, stamps, final, "".join(pieces), time.perf_counter(),
+                                        reason)
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
                         return Streamed(False, sent, stamps, chunk)
                     if text := "".join(_chunk_text(c) for c in chunk.get("choices", ())):
                         stamps.append(time.perf_counter())
                         pieces.append(text)
+                    reason = next((c["finish_reason"] for c in chunk.get("choices", ()) if c.get("finish_reason")),
+                                  reason)
                     if chunk.get("usage"):
                         final = chunk
         return Streamed(False, sent, stamps, {"error": "the stream ended without [DONE]"})

@@ -33,10 +33,11 @@ from typing import Any
 
 from streamgen.bench.clients import Streamed, sse_request, websocket_request
 from streamgen.bench.common import LoggedServe
-from streamgen.bench.llama_server import LlamaServer, default_gguf, llama_server_version, resolve_llama_server
+from streamgen.bench.llama_server import (LlamaServer, default_gguf, llama_server_version, require_gguf,
+                                          resolve_llama_server)
 from streamgen.bench.peers.workload import LLAMA, llama_body, prompt_words, sized_prompts, streamgen_frame
 from streamgen.errors import ConfigError
-from streamgen.model_files import DEFAULT_MODEL, Build
+from streamgen.model_files import Build
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +103,8 @@ def run_memory_bench(args) -> int:
     except ValueError as exc:
         raise ConfigError(f"--builds: {exc}") from None
     binary = resolve_llama_server(args.llama_server, os.environ)
-    if binary is not None and args.gguf is None and args.model != DEFAULT_MODEL:
-        raise ConfigError(f"llama-server needs a GGUF of {args.model}; give it with --gguf PATH")
+    if binary is not None:
+        require_gguf(args.model, args.gguf)
     directories = {b.label: ensure_model(args.model, b, args.home, graph="gqa") for b in builds}
     tokenizer = TextTokenizer.from_dir(next(iter(directories.values())))
     prompts = sized_prompts(tokenizer.encode, [args.prompt_tokens] * args.requests, prompt_words(), stride=97)

@@ -10,7 +10,8 @@ anyOf, optional fields, $ref; each with a prompt) runs through
    in this process (p50, p99).
 2. Validity: every answer parsed and validated against its schema
    (jsonschema), greedy and sampled (temperature 1, --seeds seeds), on both
-   servers.
+   servers; an answer max_tokens cut (finish_reason "length") is counted
+   apart from a finished one that does not validate.
 3. Mask time per token: the engine in this process decodes the corpus
    greedily with one constrained row per step (p50, p99 of a step's masks).
 4. Decode rate, constrained against free, at each --levels concurrency:
@@ -169,9 +170,13 @@ def _validity(url: str, entries: list[dict[str, Any]], args) -> dict[str, Any]:
         bodies = [request_body(e, constrained=True, temperature=temperature, seed=seed, max_tokens=args.max_tokens)
                   for e in entries]
         results = asyncio.run(_all(url, bodies, max(args.levels)))
-        failed = [e["name"] for e, r in zip(entries, results) if not (r.ok and valid(e, r.text))]
-        out[label] = {"valid": len(entries) - len(failed), "total": len(entries), "invalid": failed}
-        _log(f"  {url}: {label}: {len(entries) - len(failed)}/{len(entries)} valid")
+        failed = [(e["name"], r) for e, r in zip(entries, results) if not (r.ok and valid(e, r.text))]
+        # An answer max_tokens cut is not finished: no grammar can close it (a string or a number with no bound
+        # can go on), so it is counted apart from a finished answer that does not validate.
+        cut = [name for name, r in failed if r.ok and r.finish_reason == "length"]
+        invalid = [name for name, r in failed if name not in cut]
+        out[label] = {"valid": len(entries) - len(failed), "total": len(entries), "cut": cut, "invalid": invalid}
+        _log(f"  {url}: {label}: {len(entries) - len(failed)}/{len(entries)} valid, {len(cut)} cut by max_tokens")
     return out
 
 
@@ -215,10 +220,11 @@ def _print(report: dict[str, Any]) -> None:
     print(f"compile (fresh, this process): p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms "
           f"(target p99 <= {TARGETS['compile_p99_ms']:g} ms: {'met' if c['p99_ms'] <= TARGETS['compile_p99_ms'] else 'not met'})")
     print(f"masks (one constrained row a step, {m['steps']} steps): p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms a token")
-    print("\n| server | run | valid |\n|---|---|---|")
+    print("\n| server | run | valid | cut by max_tokens | finished but invalid |\n|---|---|---|---|---|")
     for name, runs in report["validity"].items():
         for label, v in runs.items():
-            print(f"| {name} | {label} | {v['valid']}/{v['total']} |")
+            print(f"| {name} | {label} | {v['valid']}/{v['total']} | {', '.join(v['cut']) or 0} | "
+                  f"{', '.join(v['invalid']) or 0} |")
     print("\n| concurrency | " + " | ".join(k for k in report["decode"][0] if k != "concurrency") + " |")
     print("|---" * len(report["decode"][0]) + "|")
     for row in report["decode"]:

@@ -18,6 +18,7 @@ from streamgen.bench.llama_server import (
     LlamaServer,
     equal_weights_gguf,
     llama_server_version,
+    require_gguf,
     resolve_llama_server,
 )
 from streamgen.bench.peers.measure import (
@@ -41,18 +42,15 @@ from streamgen.bench.peers.workload import (
     streamgen_target,
 )
 from streamgen.engine.config import ENGINE_DEFAULTS
-from streamgen.errors import ConfigError
 
 
 def run_peers_bench(args) -> int:
     from streamgen.engine.tokenizer import TextTokenizer
-    from streamgen.model_files import DEFAULT_MODEL
     from streamgen.models.pull import ensure_model
 
     binary = resolve_llama_server(args.llama_server, os.environ)
-    if binary is not None and args.gguf is None and args.model != DEFAULT_MODEL:
-        raise ConfigError(f"llama-server needs a GGUF of {args.model}; give it with --gguf PATH (only the default "
-                          f"model, {DEFAULT_MODEL}, has one built in)")
+    if binary is not None:
+        require_gguf(args.model, args.gguf)
     directory = ensure_model(args.model, args.quantize, args.home)
     tokenizer = TextTokenizer.from_dir(directory)
     words = prompt_words()
