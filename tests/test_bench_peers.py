@@ -201,6 +201,12 @@ def test_request_bodies() -> None:
     frame = workload.streamgen_frame("c0-1", "Hello there", 64)
     assert frame == {"type": "generate", "id": "c0-1", "messages": ours["messages"],
                      "params": {"temperature": 0, "max_tokens": 64, "ignore_eos": True}}
+    # A base model (no chat template): the same prompt as plain text, to /v1/completions and the WebSocket's prompt.
+    plain = workload.llama_body("Hello there", 64, cache_prompt=False, chat=False)
+    assert plain["prompt"] == "Hello there" and "messages" not in plain
+    assert {k: v for k, v in plain.items() if k != "cache_prompt"} == workload.streamgen_body("Hello there", 64, False)
+    assert workload.streamgen_frame("c0-1", "Hello there", 64, False)["prompt"] == "Hello there"
+    assert (workload.openai_path(True), workload.openai_path(False)) == ("/v1/chat/completions", "/v1/completions")
 
 
 def test_llama_server_from_the_flag_or_the_environment(tmp_path: Path) -> None:

@@ -55,6 +55,9 @@ def run_peers_bench(args) -> int:
     tokenizer = TextTokenizer.from_dir(directory)
     words = prompt_words()
     prompts = sized_prompts(tokenizer.encode, args.prompt_tokens, words)
+    chat = args.chat = tokenizer.chat_template is not None  # a base model (no template): prompts as plain text
+    if not chat:
+        _log(f"{args.model} has no chat template: prompts go as plain text (/v1/completions, the WebSocket's prompt)")
     cache_on = args.prefix_cache == "on"
     common = [*serve_args(args), "--max-batch", str(args.max_batch), "--max-queued", "256",
               "--max-requests-per-connection", "1", "--rate-limit", "0", "--prefix-cache", args.prefix_cache]
@@ -68,12 +71,13 @@ def run_peers_bench(args) -> int:
         "itl_target_ms": ENGINE_DEFAULTS.itl_target_ms,  # the main streamgen server runs the serving default
         "max_batch": args.max_batch, "max_tokens": args.max_tokens,
         "prompt_tokens": [len(tokenizer.encode(p)) for p in prompts], "streamgen_transport": args.streamgen_transport,
+        "chat": chat,
         "llama_server": None,
     }
     try:
         streamgen = LoggedServe("streamgen", common)
         servers.append(streamgen)
-        targets = [streamgen_target(streamgen, args.streamgen_transport)]
+        targets = [streamgen_target(streamgen, args.streamgen_transport, chat)]
         if binary is not None:
             # The same weights on both sides: F32 against the fp32 build, the model's own GGUF against source (equal_weights_gguf).
             gguf, pairing = ((Path(args.gguf), "given") if args.gguf
@@ -81,7 +85,7 @@ def run_peers_bench(args) -> int:
             llama = LlamaServer(binary, gguf, context=args.llama_ctx, parallel=args.llama_parallel,
                                 threads=args.threads)
             servers.append(llama)
-            targets.append(llama_target(llama, cache_on))
+            targets.append(llama_target(llama, cache_on, chat))
             config["llama_server"] = {"binary": str(binary), "version": llama_server_version(binary),
                                       "gguf": gguf.name, "pairing": pairing,
                                       "command": " ".join(llama.command[1:])}
@@ -125,7 +129,7 @@ def _sweep(common: Sequence[str], prompts: Sequence[str], args) -> list[LevelRes
     try:
         for server in servers:
             server.wait_ready()
-        targets = [Target(s.name, streamgen_target(s, args.streamgen_transport).send, "") for s in servers]
+        targets = [Target(s.name, streamgen_target(s, args.streamgen_transport, args.chat).send, "") for s in servers]
         for target in targets:
             asyncio.run(target.send("warm", prompts[0], min(args.max_tokens)))
         _log(f"ITL target sweep at {level} clients: {', '.join(t.name for t in targets)}")
@@ -155,16 +159,17 @@ def _levels(targets: Sequence[Target], prompts: Sequence[str], args) -> list[Lev
 def _together(engine: OfflineEngine, streamgen: ServeProcess, llama: LlamaServer | None, tokenizer, words,
               args) -> Together:
     prompts = sized_prompts(tokenizer.encode, [args.together_prompt_tokens] * args.together, words, stride=31)
-    requests = engine.requests(prompts, args.together_tokens)
+    requests = engine.requests(prompts, args.together_tokens, args.chat)
     result = Together(args.together, args.together_tokens, [len(r.prompt_ids) for r in requests], [], [], [])
     transport = args.streamgen_transport
     streamgen_url = streamgen.ws_url if transport == "websocket" else streamgen.url
     _log("warming up the engine: every decode width once ...")
     engine.warm_up()
     engine.run(requests)
-    asyncio.run(burst(STREAMGEN, streamgen_url, prompts, args.together_tokens, transport, False))
+    asyncio.run(burst(STREAMGEN, streamgen_url, prompts, args.together_tokens, transport, False, args.chat))
     if llama is not None:
-        asyncio.run(burst(LLAMA, llama.url, prompts, args.together_tokens, transport, args.prefix_cache == "on"))
+        asyncio.run(burst(LLAMA, llama.url, prompts, args.together_tokens, transport, args.prefix_cache == "on",
+                          args.chat))
     for round_no in range(args.rounds):
         contenders = ["engine", STREAMGEN] + ([LLAMA] if llama is not None else [])
         for who in contenders if round_no % 2 == 0 else contenders[::-1]:
@@ -172,7 +177,8 @@ def _together(engine: OfflineEngine, streamgen: ServeProcess, llama: LlamaServer
                 result.engine_tok_s.append(round(engine.run(requests), 1))
                 continue
             url = streamgen_url if who == STREAMGEN else llama.url  # type: ignore[union-attr]
-            sent = asyncio.run(burst(who, url, prompts, args.together_tokens, transport, args.prefix_cache == "on"))
+            sent = asyncio.run(burst(who, url, prompts, args.together_tokens, transport, args.prefix_cache == "on",
+                                     args.chat))
             result.failed += sum(not r.ok for r in sent)
             (result.server_tok_s if who == STREAMGEN else result.llama_tok_s).append(round(burst_rate(sent), 1))
         _log(f"  together, round {round_no + 1}/{args.rounds}: engine {result.engine_tok_s[-1]:.1f}, streamgen "

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from streamgen.bench.clients import Streamed, percentiles, sse_request, websocket_together
-from streamgen.bench.peers.workload import LLAMA, STREAMGEN, Target, llama_body, streamgen_body, together_frames
+from streamgen.bench.peers.workload import (LLAMA, STREAMGEN, Target, llama_body, openai_path, streamgen_body,
+                                           together_frames)
 
 # (level, measure, direction, target): streamgen / llama-server, as the issue states them.
 TARGETS = (
@@ -170,14 +171,15 @@ class OfflineEngine:
         self.slots = slots
         self.prefix_cache = prefix_cache
 
-    def requests(self, prompts: Sequence[str], tokens: int) -> list:
+    def requests(self, prompts: Sequence[str], tokens: int, chat: bool = True) -> list:
         from streamgen.engine.params import SamplingParams
         from streamgen.engine.request import prepare_request
         from streamgen.engine.tokenizer import ChatMessage
 
         params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
         return [prepare_request(self.model.tokenizer, self.model.context_length, params,
-                                messages=[ChatMessage("user", p)]) for p in prompts]
+                                **({"messages": [ChatMessage("user", p)]} if chat else {"prompt": p}))
+                for p in prompts]
 
     def run(self, requests: Sequence) -> float:
         """Aggregate tokens/s: every token / (last token - start)."""
@@ -206,9 +208,9 @@ class OfflineEngine:
 
 
 async def burst(target_name: str, url_or_ws: str, prompts: Sequence[str], tokens: int, transport: str,
-                 cache_prompt: bool) -> list[Streamed]:
+                 cache_prompt: bool, chat: bool = True) -> list[Streamed]:
     if target_name == STREAMGEN and transport == "websocket":
-        return await websocket_together(url_or_ws, together_frames(prompts, tokens))
-    bodies = ([streamgen_body(p, tokens) for p in prompts] if target_name == STREAMGEN
-              else [llama_body(p, tokens, cache_prompt) for p in prompts])
-    return list(await asyncio.gather(*(sse_request(url_or_ws, b) for b in bodies)))
+        return await websocket_together(url_or_ws, together_frames(prompts, tokens, chat))
+    bodies = ([streamgen_body(p, tokens, chat) for p in prompts] if target_name == STREAMGEN
+              else [llama_body(p, tokens, cache_prompt, chat) for p in prompts])
+    return list(await asyncio.gather(*(sse_request(url_or_ws, b, openai_path(chat)) for b in bodies)))

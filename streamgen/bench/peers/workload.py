@@ -33,23 +33,31 @@ def prompt_words() -> list[str]:
     return " ".join(load_texts() * 4).split()
 
 
-def streamgen_frame(rid: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+def _text(prompt: str, chat: bool) -> dict[str, Any]:
+    """The prompt as a user's chat message, or as plain text for a model with no chat template (a base model)."""
+    return {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+
+
+def openai_path(chat: bool) -> str:
+    return "/v1/chat/completions" if chat else "/v1/completions"
+
+
+def streamgen_frame(rid: str, prompt: str, max_tokens: int, chat: bool = True) -> dict[str, Any]:
     """The WebSocket generate frame for one request of the workload."""
-    return {"type": "generate", "id": rid, "messages": [{"role": "user", "content": prompt}],
+    return {"type": "generate", "id": rid, **_text(prompt, chat),
             "params": {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}}
 
 
-def streamgen_body(prompt: str, max_tokens: int) -> dict[str, Any]:
-    """The /v1/chat/completions body for one request of the workload (streamgen's OpenAI API)."""
-    return {"model": "bench", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": max_tokens, "ignore_eos": True}
+def streamgen_body(prompt: str, max_tokens: int, chat: bool = True) -> dict[str, Any]:
+    """The OpenAI body (for openai_path(chat)) of one request of the workload."""
+    return {"model": "bench", **_text(prompt, chat), "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
 
 
-def llama_body(prompt: str, max_tokens: int, cache_prompt: bool) -> dict[str, Any]:
-    """The /v1/chat/completions body for llama-server: greedy, end of sequence ignored, and its own
+def llama_body(prompt: str, max_tokens: int, cache_prompt: bool, chat: bool = True) -> dict[str, Any]:
+    """The OpenAI body (for openai_path(chat)) for llama-server: greedy, end of sequence ignored, and its own
     per-request switch for prompt caching (on by default in llama-server, so always sent)."""
-    return {"model": "bench", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": max_tokens, "ignore_eos": True, "cache_prompt": cache_prompt}
+    return {"model": "bench", **_text(prompt, chat), "temperature": 0, "max_tokens": max_tokens,
+            "ignore_eos": True, "cache_prompt": cache_prompt}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,18 +69,19 @@ class Target:
     transport: str
 
 
-def streamgen_target(server: ServeProcess, transport: str) -> Target:
+def streamgen_target(server: ServeProcess, transport: str, chat: bool = True) -> Target:
     if transport == "websocket":
-        return Target(STREAMGEN, lambda rid, p, n: websocket_request(server.ws_url, streamgen_frame(rid, p, n)),
+        return Target(STREAMGEN, lambda rid, p, n: websocket_request(server.ws_url, streamgen_frame(rid, p, n, chat)),
                       "WebSocket /v1/ws")
-    return Target(STREAMGEN, lambda rid, p, n: sse_request(server.url, streamgen_body(p, n)),
-                  "SSE /v1/chat/completions")
+    return Target(STREAMGEN, lambda rid, p, n: sse_request(server.url, streamgen_body(p, n, chat), openai_path(chat)),
+                  f"SSE {openai_path(chat)}")
 
 
-def llama_target(server: LlamaServer, cache_prompt: bool) -> Target:
-    return Target(LLAMA, lambda rid, p, n: sse_request(server.url, llama_body(p, n, cache_prompt)),
-                  "SSE /v1/chat/completions")
+def llama_target(server: LlamaServer, cache_prompt: bool, chat: bool = True) -> Target:
+    return Target(LLAMA, lambda rid, p, n: sse_request(server.url, llama_body(p, n, cache_prompt, chat),
+                                                       openai_path(chat)),
+                  f"SSE {openai_path(chat)}")
 
 
-def together_frames(prompts: Sequence[str], tokens: int) -> list[dict[str, Any]]:
-    return [streamgen_frame(f"t{i}", p, tokens) for i, p in enumerate(prompts)]
+def together_frames(prompts: Sequence[str], tokens: int, chat: bool = True) -> list[dict[str, Any]]:
+    return [streamgen_frame(f"t{i}", p, tokens, chat) for i, p in enumerate(prompts)]
