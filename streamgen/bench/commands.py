@@ -31,6 +31,7 @@ BENCHES = {
     "structured": "streamgen.bench.structured:run_structured_bench",
     "speculation": "streamgen.bench.speculation:run_speculation_bench",
     "cluster": "streamgen.bench.cluster:run_cluster_bench",
+    "step": "streamgen.bench.step:run_step_bench",
 }
 
 
@@ -225,6 +226,17 @@ def add_bench_commands(sub, add_log_level) -> None:
                      help="llama-server's modes, one server each: off and any of ngram-simple, ngram-map-k, "
                           "ngram-mod, ngram-cache (default off,ngram-simple,ngram-mod)")
     _add_llama_server(bsp)
+
+    bst = bench(bsub, "step", "where a decode step's time goes (ONNX Runtime's profile), against llama-server's "
+                               "per-token time on the same weights",
+                "Times streamgen's decode step at --batch rows in this process (SlotRunner.decode: the ONNX Runtime "
+                "run, its IOBinding and the logits copy), then profiles the same steps with ONNX Runtime's profiler: "
+                "the run's time inside the session, the kernels' time by operator, and what lies outside each. "
+                "With a llama-server, its own per-token decode time on the GGUF of the same weights (F32 against "
+                "--quantize none), in the same interleaved rounds.", quantize=serving, rounds=3, tokens=True,
+                peer=True)
+    bst.add_argument("--batch", type=int, default=1, help="rows in each decode step (default 1)")
+    _add_llama_server(bst)
 
     bk = bench(bsub, "cluster", "replicas behind HAProxy: affinity vs round robin, and one replica vs several",
                "Starts `streamgen cluster` setups one after the other, each afresh in every round (order reversed "
