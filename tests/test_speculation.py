@@ -83,8 +83,19 @@ def test_a_request_speculates_only_when_a_verification_pass_pays_at_its_claim() 
     assert claim.speculate and claim.seq is alone
     crowd = [core.add(asks(i), key=i) for i in range(1, 8)]
     claims = core.scheduler.schedule(runner.table, costs).claims
-    # The eighth decoding row's share of a step is (20 + 4 x 8) / 8 = 6.5 ms: 3 tokens a pass no longer pay.
-    assert claims[0].speculate and not claims[-1].speculate and {c.seq for c in claims} == {alone, *crowd}
+    # Eight arriving together will decode together: a row's share of a step is (20 + 4 x 8) / 8 = 6.5 ms, and
+    # 3 tokens a pass no longer pay, for the first of the burst as much as for the last.
+    assert {c.seq for c in claims} == {alone, *crowd} and not any(c.speculate for c in claims)
+    # One more beside a single decoding row: a share of (20 + 4 x 2) / 2 = 14 ms, so a 30 ms pass pays.
+    core2, runner2 = _core(slots=8, budget=256)
+    runner2.supports_speculation = True
+    core2.scheduler.speculation = True
+    core2.costs = costs
+    first = core2.add(asks(0), key=0)
+    core2.step()
+    second = core2.add(asks(1), key=1)
+    (claim,) = core2.scheduler.schedule(runner2.table, costs).claims
+    assert claim.seq is second and claim.speculate and first.status.name == "DECODING"
 
 
 def test_speculation_is_validated() -> None:

@@ -236,8 +236,11 @@ class Scheduler:
         trial = table.copy() if admitted or (self.reuse and prefilling) else table  # claims and copies are tried on a copy
 
         claims = []
+        # The rows a new sequence will decode beside: every running sequence and every waiting one (this step's
+        # claims among them), not only those claimed before it, or the first of a burst would speculate alone.
+        load = len(self.running) + len(self.waiting)
         for seq in admitted:
-            claim = self._claim(trial, seq, costs, shares, len(decoding) + len(claims) + 1)
+            claim = self._claim(trial, seq, costs, shares, load)
             claims.append(claim)
             slots[seq], starts[seq] = claim.slot, claim.keep
         copies = []
