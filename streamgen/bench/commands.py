@@ -216,8 +216,8 @@ def add_bench_commands(sub, add_log_level) -> None:
                 "Sends grounded workloads (copy, summarise, extract, rewrite and fix code, quote an earlier turn) "
                 "and an open-ended story, greedy, to `streamgen serve` with speculation on and off per request, and, "
                 "when given one, to llama.cpp's `llama-server` once per --llama-spec mode on the GGUF of the same "
-                "weights (F32 against --quantize none, the model's own GGUF against source); interleaved rounds; decode rate per "
-                "workload, aggregate tokens/s, the share of proposals kept, and the ratios.", quantize=serving,
+                "weights (F32 against --quantize none, the model's own GGUF against source); interleaved rounds; "
+                "decode rate per workload, aggregate tokens/s, the share of proposals kept, and the ratios.", quantize=serving,
                 rounds=2, peer=True)
     bsp.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16],
                      help="comma-separated client counts (default 1,4,16)")
@@ -290,8 +290,9 @@ def _add_llama_server(p: argparse.ArgumentParser) -> None:
     """The peer, llama.cpp's llama-server, for the benchmarks that run one beside streamgen."""
     p.add_argument("--llama-server", default=None,
                    help="llama-server binary (default $STREAMGEN_LLAMA_SERVER; neither: streamgen runs alone)")
-    p.add_argument("--gguf", default=None, help="GGUF for llama-server (default: the same weights as the streamgen build: the "
-                   "model's own GGUF file (Q4_1 for the default model, Q4_K_M for the packaged ones) for source and the "
-                   "quantized builds, its F32 requantization for none; a model that is not from a GGUF needs one)")
+    p.add_argument("--gguf", default=None,
+                   help="GGUF for llama-server (default: the same weights as the streamgen build: the model's own GGUF "
+                        "file (Q4_1 for the default model, Q4_K_M for the packaged ones) for source and the quantized "
+                        "builds, its F32 requantization for none; a model that is not from a GGUF needs one)")
     p.add_argument("--llama-ctx", type=int, default=32768, help="llama-server's -c, shared by its slots (default 32768)")
     p.add_argument("--llama-parallel", type=int, default=16, help="llama-server's -np slots (default 16)")

@@ -292,8 +292,8 @@ class Scheduler:
     def _speculates(self, seq: Sequence, costs: StepCosts, rows: int) -> bool:
         """Whether a sequence that asks for speculation gets it: a verification pass of max_draft proposals
         must be expected to give more tokens per millisecond than the sequence's share of a decode step of
-        `rows` rows, a pass giving TOKENS_PER_PASS. Decided once, for the sequence's whole life, so its tokens do not depend on who shares its
-        steps later (engine/speculation.py)."""
+        `rows` rows, a pass giving TOKENS_PER_PASS. Decided once, for the sequence's whole life, so its tokens
+        do not depend on who shares its steps later (engine/speculation.py)."""
         spec = seq.request.params.speculation
         if not (self.speculation and spec is not None and spec.on):
             return False

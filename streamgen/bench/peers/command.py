@@ -79,7 +79,8 @@ def run_peers_bench(args) -> int:
         servers.append(streamgen)
         targets = [streamgen_target(streamgen, args.streamgen_transport, chat)]
         if binary is not None:
-            # The same weights on both sides: F32 against the fp32 build, the model's own GGUF against source (equal_weights_gguf).
+            # The same weights on both sides (equal_weights_gguf): F32 against the fp32 build, the model's own
+            # GGUF against source.
             gguf, pairing = ((Path(args.gguf), "given") if args.gguf
                              else equal_weights_gguf(binary, args.quantize, args.home, Path(tmp.name), args.model))
             llama = LlamaServer(binary, gguf, context=args.llama_ctx, parallel=args.llama_parallel,
