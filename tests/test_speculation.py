@@ -96,6 +96,10 @@ def test_a_request_speculates_only_when_a_verification_pass_pays_at_its_claim() 
     second = core2.add(asks(1), key=1)
     (claim,) = core2.scheduler.schedule(runner2.table, costs).claims
     assert claim.seq is second and claim.speculate and first.status.name == "DECODING"
+    # Alone now, but eight rows decoded together lately: it will most likely have them beside it again.
+    costs.rows.value = 8.0
+    (claim,) = core2.scheduler.schedule(runner2.table, costs).claims
+    assert claim.seq is second and not claim.speculate
 
 
 def test_speculation_is_validated() -> None:

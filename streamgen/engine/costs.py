@@ -59,6 +59,16 @@ class OnlineLine:
 
 
 @dataclass(slots=True)
+class OnlineMean:
+    """An exponentially weighted mean of recent samples, from a prior."""
+
+    value: float
+
+    def observe(self, x: float) -> None:
+        self.value += _DECAY * (x - self.value)
+
+
+@dataclass(slots=True)
 class StepCosts:
     """Milliseconds for the parts of a step; priors from `streamgen bench cache --costs-only` on the default
     fp32 build (2-core AVX2 CPU, 2026-11-28, docs/costs.json: a decode step 22 ms at 1 row and 81 ms at 16, a
@@ -67,6 +77,8 @@ class StepCosts:
     decode: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=19.0, slope=3.6))  # n = rows in the step
     prefill: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=21.7, slope=1.8))  # n = prompt tokens
     copy: OnlineLine = field(default_factory=lambda: OnlineLine(intercept=0.05, slope=0.007))  # n = tokens copied
+    # Rows decoding a step, lately: the load a sequence starting now will most likely decode beside.
+    rows: OnlineMean = field(default_factory=lambda: OnlineMean(0.0))
 
     def decode_row_ms(self) -> float:
         """What one more row adds to a decode step."""

@@ -113,6 +113,8 @@ class StepExecutor:
             out.sampling = (start, time.perf_counter())
         for v in plan.verify:
             self._verify(v, out)
+        if plan.decode or plan.verify:
+            self.costs.rows.observe(len(plan.decode) + len(plan.verify))
         out.ended = time.perf_counter()
         return out
 

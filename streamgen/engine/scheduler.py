@@ -237,8 +237,10 @@ class Scheduler:
 
         claims = []
         # The rows a new sequence will decode beside: every running sequence and every waiting one (this step's
-        # claims among them), not only those claimed before it, or the first of a burst would speculate alone.
-        load = len(self.running) + len(self.waiting)
+        # claims among them), not only those claimed before it, or the first of a burst would speculate alone;
+        # and as many as lately decoded together, since a sequence that starts alone between the requests of
+        # busy clients soon has them beside it again (its decision holds for its whole life).
+        load = max(len(self.running) + len(self.waiting), costs.rows.value)
         for seq in admitted:
             claim = self._claim(trial, seq, costs, shares, load)
             claims.append(claim)
@@ -278,7 +280,7 @@ class Scheduler:
             return []
         return list(self.waiting)[:free_slots]
 
-    def _claim(self, trial: SlotTable, seq: Sequence, costs: StepCosts, shares: bool, rows: int) -> SlotClaim:
+    def _claim(self, trial: SlotTable, seq: Sequence, costs: StepCosts, shares: bool, rows: float) -> SlotClaim:
         """The slot a new sequence takes, tried on the trial table so the next claim of this step sees it; and
         whether it speculates, with `rows` decoding once it does."""
         choice = choose_slot(trial, seq.prompt_array, seq.namespace, seq.max_tokens, costs, self.reuse,
@@ -289,7 +291,7 @@ class Scheduler:
         trial.claim(choice.slot, seq.namespace, keep=choice.keep)
         return SlotClaim(seq, choice.slot, choice.keep, choice.move_to, self._speculates(seq, costs, rows))
 
-    def _speculates(self, seq: Sequence, costs: StepCosts, rows: int) -> bool:
+    def _speculates(self, seq: Sequence, costs: StepCosts, rows: float) -> bool:
         """Whether a sequence that asks for speculation gets it: a verification pass of max_draft proposals
         must be expected to give more tokens per millisecond than the sequence's share of a decode step of
         `rows` rows, a pass giving TOKENS_PER_PASS. Decided once, for the sequence's whole life, so its tokens
