@@ -44,10 +44,9 @@ def build_tiny_tokenizer(vocab_target: int = 512):
     return tok
 
 
-def build_tiny_llama(out: Path, *, seed: int = 0, vocab_target: int = 512) -> Path:
-    """Write a Hugging Face model directory (weights, config, tokenizer) to out."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def _save_tiny_tokenizer(out: Path, vocab_target: int):
+    """The tiny tokenizer with its special tokens and chat template, saved into out (created); returned."""
+    from transformers import PreTrainedTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer(vocab_target)
@@ -57,6 +56,15 @@ def build_tiny_llama(out: Path, *, seed: int = 0, vocab_target: int = 512) -> Pa
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
+    return tok
+
+
+def build_tiny_llama(out: Path, *, seed: int = 0, vocab_target: int = 512) -> Path:
+    """Write a Hugging Face model directory (weights, config, tokenizer) to out."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _save_tiny_tokenizer(out, vocab_target)
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -140,16 +148,9 @@ FAMILIES = ("llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
 def build_tiny_family(out: Path, family: str, *, seed: int = 0, vocab_target: int = 512) -> Path:
     """A tiny random checkpoint of one family with the tiny model's tokenizer: a Hugging Face directory."""
     import torch
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tiny_tokenizer(vocab_target)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out)
+    tok = _save_tiny_tokenizer(out, vocab_target)
     config = _family_config(family)
     config.vocab_size = tok.get_vocab_size()
     torch.manual_seed(seed)

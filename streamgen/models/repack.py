@@ -136,26 +136,7 @@ def repack_exact(model: onnx.ModelProto, bits: int, accuracy_level: int) -> list
             continue
         grid = as_bits(grid, max(bits, grid.bits))
         k, n = weight.shape
-        x, out, base = node.input[0], node.output[0], node.name or out
-        graph.initializer.extend([
-            numpy_helper.from_array(pack(grid.levels, grid.bits), f"{weight_name}_Q{grid.bits}"),
-            numpy_helper.from_array(grid.scales, f"{weight_name}_scales"),
-        ])
-        product = out if grid.offsets is None else f"{base}/exact_q"
-        new_nodes.append(helper.make_node(
-            "MatMulNBits", [x, f"{weight_name}_Q{grid.bits}", f"{weight_name}_scales"], [product],
-            name=f"{base}_Q{grid.bits}", domain="com.microsoft",
-            K=k, N=n, bits=grid.bits, block_size=BLOCK, accuracy_level=accuracy_level,
-        ))
-        if grid.offsets is not None:
-            if x not in block_sums:
-                new_nodes.extend(_block_sum_nodes(graph, x, k, block_sums))
-            offsets = f"{weight_name}_offsets"
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(grid.offsets.T), offsets))
-            new_nodes.append(helper.make_node("MatMul", [block_sums[x], offsets], [f"{base}/exact_offset"],
-                                              name=f"{base}/ExactOffset"))
-            new_nodes.append(helper.make_node("Add", [product, f"{base}/exact_offset"], [out],
-                                              name=f"{base}/ExactAdd"))
+        new_nodes += _exact_matmul(graph, node, weight_name, grid, k, n, BLOCK, accuracy_level, block_sums)
         dropped.add(weight_name)
         counts[(grid.source, grid.bits)] = counts.get((grid.source, grid.bits), 0) + 1
 
@@ -170,6 +151,31 @@ def repack_exact(model: onnx.ModelProto, bits: int, accuracy_level: int) -> list
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return [f"{count} {source} weight(s) repacked exactly as {b}-bit MatMulNBits (no re-quantization)"
             for (source, b), count in sorted(counts.items())]
+
+
+def _exact_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight_name: str, grid, k: int, n: int,
+                  block: int, accuracy_level: int, block_sums: dict) -> list[onnx.NodeProto]:
+    """The nodes that replace a MatMul by its weight's levels: MatMulNBits over the packed levels and scales and,
+    for a grid with per-block offsets (which MatMulNBits cannot hold exactly), the offsets times the input's
+    block sums added to its product. The levels' initializers are added to the graph."""
+    x, out, base = node.input[0], node.output[0], node.name or node.output[0]
+    q_name, s_name = f"{weight_name}_Q{grid.bits}", f"{weight_name}_scales"
+    graph.initializer.extend([numpy_helper.from_array(pack(grid.levels, grid.bits), q_name),
+                              numpy_helper.from_array(grid.scales, s_name)])
+    product = out if grid.offsets is None else f"{base}/exact_q"
+    nodes = [helper.make_node("MatMulNBits", [x, q_name, s_name], [product], name=f"{base}_Q{grid.bits}",
+                              domain="com.microsoft", K=k, N=n, bits=grid.bits, block_size=block,
+                              accuracy_level=accuracy_level)]
+    if grid.offsets is not None:
+        key = x if block == BLOCK else (x, block)
+        if key not in block_sums:
+            nodes += _block_sum_nodes(graph, x, k, block_sums, block)
+        offsets = f"{weight_name}_offsets"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(grid.offsets.T), offsets))
+        nodes.append(helper.make_node("MatMul", [block_sums[key], offsets], [f"{base}/exact_offset"],
+                                      name=f"{base}/ExactOffset"))
+        nodes.append(helper.make_node("Add", [product, f"{base}/exact_offset"], [out], name=f"{base}/ExactAdd"))
+    return nodes
 
 
 def _block_sum_nodes(graph: onnx.GraphProto, x: str, k: int, block_sums: dict, block: int = BLOCK
@@ -231,7 +237,7 @@ def gguf_levels(kind: str, raw: np.ndarray, rows: int, k: int) -> GGUFLevels:
     from gguf import quants
 
     codec = getattr(quants, kind)
-    size, per = codec.type_size, codec.block_size
+    size = codec.type_size
     blocks = np.ascontiguousarray(raw).reshape(-1, size).copy()  # [rows * K / per, size]
     one = np.array([1.0], np.float16).view(np.uint8)
     zero = np.zeros(2, np.uint8)
@@ -346,25 +352,7 @@ def repack_gguf(model: onnx.ModelProto, gguf_path, accuracy_level: int) -> tuple
             continue
         k, n = weight.shape
         grid, kinds = _gather(index, found, weight)
-        x, out, base = node.input[0], node.output[0], node.name or node.output[0]
-        q_name, s_name = f"{weight_name}_Q{grid.bits}", f"{weight_name}_scales"
-        graph.initializer.extend([numpy_helper.from_array(pack(grid.levels, grid.bits), q_name),
-                                  numpy_helper.from_array(grid.scales, s_name)])
-        product = out if grid.offsets is None else f"{base}/exact_q"
-        new_nodes.append(helper.make_node(
-            "MatMulNBits", [x, q_name, s_name], [product], name=f"{base}_Q{grid.bits}", domain="com.microsoft",
-            K=k, N=n, bits=grid.bits, block_size=grid.block, accuracy_level=accuracy_level,
-        ))
-        if grid.offsets is not None:
-            key = x if grid.block == BLOCK else (x, grid.block)
-            if key not in block_sums:
-                new_nodes.extend(_block_sum_nodes(graph, x, k, block_sums, grid.block))
-            offsets = f"{weight_name}_offsets"
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(grid.offsets.T), offsets))
-            new_nodes.append(helper.make_node("MatMul", [block_sums[key], offsets], [f"{base}/exact_offset"],
-                                              name=f"{base}/ExactOffset"))
-            new_nodes.append(helper.make_node("Add", [product, f"{base}/exact_offset"], [out],
-                                              name=f"{base}/ExactAdd"))
+        new_nodes += _exact_matmul(graph, node, weight_name, grid, k, n, grid.block, accuracy_level, block_sums)
         dropped.add(weight_name)
         label = "+".join(kinds)
         counts[(label, grid.bits, grid.block)] = counts.get((label, grid.bits, grid.block), 0) + 1
