@@ -124,6 +124,14 @@ def require_gguf(model: str, gguf: str | None, from_gguf: bool | None = None) ->
                           "llama-server: give one with --gguf PATH")
 
 
+def peer_gguf(binary: Path, args, into: Path) -> tuple[Path, str]:
+    """The file a benchmark's llama-server serves and its pairing's name: --gguf when given, else the same
+    weights as the streamgen build (equal_weights_gguf)."""
+    if args.gguf:
+        return Path(args.gguf), "given"
+    return equal_weights_gguf(binary, args.quantize, args.home, into, args.model)
+
+
 def equal_weights_gguf(binary: Path, quantization: str, home: str | None, into: Path,
                        model: str | None = None) -> tuple[Path, str]:
     """The llama-server file that holds what streamgen's build holds, and its pairing's name.

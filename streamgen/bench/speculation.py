@@ -40,7 +40,7 @@ from typing import Any
 
 from streamgen.bench.clients import Streamed, decode_rate, sse_request
 from streamgen.bench.common import LoggedServe, serve_args
-from streamgen.bench.llama_server import LlamaServer, equal_weights_gguf, llama_server_version, resolve_llama_server
+from streamgen.bench.llama_server import LlamaServer, llama_server_version, peer_gguf, resolve_llama_server
 
 MAX_TOKENS = 160
 SPEC_ON = {"type": "prompt_lookup", "max_draft": 8, "ngram": [2, 4]}
@@ -123,7 +123,7 @@ def run_speculation_bench(args) -> int:
         contenders["streamgen, speculation off"] = (streamgen, lambda m: body(m, SPEC_OFF))
         contenders["streamgen, speculation on"] = (streamgen, lambda m: body(m, SPEC_ON))
         if binary is not None:
-            gguf, pairing = equal_weights_gguf(binary, args.quantize, args.home, Path(tmp.name), args.model)
+            gguf, pairing = peer_gguf(binary, args, Path(tmp.name))
             report["llama_server"] = {"binary": str(binary), "version": llama_server_version(binary),
                                       "gguf": gguf.name, "pairing": pairing, "modes": args.llama_spec}
             for mode in args.llama_spec:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from streamgen.bench.llama_server import LlamaServer, equal_weights_gguf, llama_server_version, resolve_llama_server
+from streamgen.bench.llama_server import LlamaServer, llama_server_version, peer_gguf, resolve_llama_server
 
 PROMPT = "The lighthouse keeper climbed the narrow stairs every evening at dusk and lit the great lamp."
 
@@ -62,8 +62,7 @@ def run_step_bench(args) -> int:
     llama = None
     try:
         if binary is not None:
-            gguf, pairing = ((Path(args.gguf), "given") if args.gguf
-                             else equal_weights_gguf(binary, args.quantize, args.home, Path(tmp.name), args.model))
+            gguf, pairing = peer_gguf(binary, args, Path(tmp.name))
             llama = LlamaServer(binary, gguf, context=args.llama_ctx, parallel=args.llama_parallel,
                                 threads=args.threads)
             report["llama_server"] = {"version": llama_server_version(binary), "gguf": gguf.name,

@@ -38,7 +38,7 @@ import numpy as np
 
 from streamgen.bench.clients import Streamed, decode_rate, sse_request
 from streamgen.bench.common import LoggedServe, serve_args
-from streamgen.bench.llama_server import LlamaServer, equal_weights_gguf, llama_server_version, resolve_llama_server
+from streamgen.bench.llama_server import LlamaServer, llama_server_version, peer_gguf, resolve_llama_server
 
 STREAMGEN, LLAMA = "streamgen", "llama-server"
 TARGETS = {"validity": 1.0, "constrained_vs_free": 0.95, "compile_p99_ms": 50.0, "vs_llama": 1.0}
@@ -102,8 +102,7 @@ def run_structured_bench(args) -> int:
                                                        "--rate-limit", "0", "--max-queued", "512",
                                                        "--max-message-bytes", "262144"])
         if binary is not None:
-            gguf, pairing = ((Path(args.gguf), "given") if args.gguf
-                             else equal_weights_gguf(binary, args.quantize, args.home, Path(tmp.name), args.model))
+            gguf, pairing = peer_gguf(binary, args, Path(tmp.name))
             servers[LLAMA] = LlamaServer(binary, gguf, context=args.llama_ctx, parallel=args.llama_parallel,
                                          threads=args.threads)
             report["llama_server"] = {"binary": str(binary), "version": llama_server_version(binary),

@@ -142,15 +142,22 @@ def repack_exact(model: onnx.ModelProto, bits: int, accuracy_level: int) -> list
 
     if not counts:
         return []
+    _replace_nodes(model, new_nodes, dropped)
+    return [f"{count} {source} weight(s) repacked exactly as {b}-bit MatMulNBits (no re-quantization)"
+            for (source, b), count in sorted(counts.items())]
+
+
+def _replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], dropped: set[str]) -> None:
+    """The graph's nodes become `nodes`, the replaced weights' initializers go, and the com.microsoft domain
+    (MatMulNBits) is imported."""
+    graph = model.graph
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(nodes)
     kept = [init for init in graph.initializer if init.name not in dropped]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return [f"{count} {source} weight(s) repacked exactly as {b}-bit MatMulNBits (no re-quantization)"
-            for (source, b), count in sorted(counts.items())]
 
 
 def _exact_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight_name: str, grid, k: int, n: int,
@@ -357,13 +364,7 @@ def repack_gguf(model: onnx.ModelProto, gguf_path, accuracy_level: int) -> tuple
         label = "+".join(kinds)
         counts[(label, grid.bits, grid.block)] = counts.get((label, grid.bits, grid.block), 0) + 1
     if counts:
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        kept = [init for init in graph.initializer if init.name not in dropped]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        if not any(op.domain == "com.microsoft" for op in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        _replace_nodes(model, new_nodes, dropped)
     notes = [f"{count} {label} weight(s) repacked exactly from the GGUF's blocks as {bits}-bit MatMulNBits, blocks "
              f"of {block} (no re-quantization)" for (label, bits, block), count in sorted(counts.items())]
     return notes, left

@@ -16,8 +16,8 @@ from streamgen.bench.common import LoggedServe, ServeProcess, serve_args
 from streamgen.bench.llama_server import (
     LLAMA_SERVER_ENV,
     LlamaServer,
-    equal_weights_gguf,
     llama_server_version,
+    peer_gguf,
     require_gguf,
     resolve_llama_server,
 )
@@ -81,8 +81,7 @@ def run_peers_bench(args) -> int:
         if binary is not None:
             # The same weights on both sides (equal_weights_gguf): F32 against the fp32 build, the model's own
             # GGUF against source.
-            gguf, pairing = ((Path(args.gguf), "given") if args.gguf
-                             else equal_weights_gguf(binary, args.quantize, args.home, Path(tmp.name), args.model))
+            gguf, pairing = peer_gguf(binary, args, Path(tmp.name))
             llama = LlamaServer(binary, gguf, context=args.llama_ctx, parallel=args.llama_parallel,
                                 threads=args.threads)
             servers.append(llama)
