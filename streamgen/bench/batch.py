@@ -153,7 +153,7 @@ async def _websocket(url: str, bodies: list[dict[str, Any]], clients: int) -> tu
 def run_websocket(server: ServeProcess, bodies: list[dict[str, Any]], clients: int) -> Run:
     results, wall = asyncio.run(_websocket(server.ws_url, bodies, clients))
     ok = [r for r in results if r.ok]
-    tokens = sum((r.final.get("usage") or {}).get("completion_tokens", r.tokens) for r in ok)
+    tokens = sum(r.output_tokens for r in ok)
     return Run("websocket", len(results), len(results) - len(ok), tokens, wall, cost_per_million(ok))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +59,7 @@ def decode_rate(r: Streamed) -> float | None:
     """Output tokens after the first over the time from the first token's arrival to the final message's."""
     if not r.ok or len(r.stamps) < 2:
         return None
-    end = r.ended if r.ended == r.ended else r.stamps[-1]
+    end = r.stamps[-1] if math.isnan(r.ended) else r.ended
     return (r.output_tokens - 1) / (end - r.stamps[0]) if end > r.stamps[0] else None
 
 

@@ -108,18 +108,18 @@ def default_gguf(home: str | None, into: Path, model: str | None = None) -> Path
     from streamgen.models.sources import resolve_source
 
     source = resolve_source(model or DEFAULT_MODEL)
-    require_gguf(source.name, None, source.is_gguf)
+    require_gguf(source.name, None)
     cache = CacheLayout(streamgen_home(home))
     cache.downloads.mkdir(parents=True, exist_ok=True)
     return fetch_gguf(source, cache, into, StageProgress(0, sys.stderr), staged=False)
 
 
-def require_gguf(model: str, gguf: str | None, from_gguf: bool | None = None) -> None:
+def require_gguf(model: str, gguf: str | None) -> None:
     """Refuse, before anything long starts, a llama-server run with no file to give it: a model that does not
     come from a GGUF file and no --gguf."""
     from streamgen.models.sources import resolve_source
 
-    if gguf is None and not (from_gguf if from_gguf is not None else resolve_source(model).is_gguf):
+    if gguf is None and not resolve_source(model).is_gguf:
         raise ConfigError(f"{model} does not come from a GGUF file, so there is none of the same weights for "
                           "llama-server: give one with --gguf PATH")
 

@@ -86,7 +86,7 @@ def _measure(name: str, pid: int, send, prompts: list[str], tokens: int, details
     wall = time.perf_counter() - start
     row = MemoryRow(name, round(idle, 1), round(process_mib(pid, "VmRSS"), 1), round(process_mib(pid, "VmHWM"), 1),
                     len(results), sum(not r.ok for r in results),
-                    sum(r.reported_tokens or r.tokens for r in results if r.ok), round(wall, 1), details())
+                    sum(r.output_tokens for r in results if r.ok), round(wall, 1), details())
     _log(f"{name}: after {row.after_mib:.0f} MiB, peak {row.peak_mib:.0f} MiB, {row.tokens_per_s:.1f} tok/s, "
          f"{row.failed} failed")
     return row

@@ -28,6 +28,7 @@ are computed once per input and shared by the MatMuls that read it (gate/up).
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,10 +116,7 @@ def repack_exact(model: onnx.ModelProto, bits: int, accuracy_level: int) -> list
     """
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
+    users = _input_uses(graph)
     block_sums: dict[str, str] = {}  # MatMul input -> its block-sum tensor, made once
     new_nodes: list[onnx.NodeProto] = []
     dropped: set[str] = set()
@@ -145,6 +143,11 @@ def repack_exact(model: onnx.ModelProto, bits: int, accuracy_level: int) -> list
     _replace_nodes(model, new_nodes, dropped)
     return [f"{count} {source} weight(s) repacked exactly as {b}-bit MatMulNBits (no re-quantization)"
             for (source, b), count in sorted(counts.items())]
+
+
+def _input_uses(graph: onnx.GraphProto) -> collections.Counter[str]:
+    """How many node inputs name each tensor: a weight is replaced only where one MatMul alone reads it."""
+    return collections.Counter(name for node in graph.node for name in node.input)
 
 
 def _replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], dropped: set[str]) -> None:
@@ -336,10 +339,7 @@ def repack_gguf(model: onnx.ModelProto, gguf_path, accuracy_level: int) -> tuple
     kind of weight and the number of MatMul weights found in no quantized tensor (they stay fp32)."""
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
+    users = _input_uses(graph)
     index = GGUFIndex(gguf_path)
     block_sums: dict = {}
     new_nodes: list[onnx.NodeProto] = []
